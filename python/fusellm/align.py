@@ -1,0 +1,317 @@
+"""Token alignment: re-express a source ("blend") model's top-K distributions on the target
+("base") model's tokens and vocabulary.
+
+Two pairings of base positions with blend positions:
+
+- ``method="mined"``: MinED dynamic time warping over the raw token strings, bit-identical to the
+  reference FuseLLM pipeline (Levenshtein over code points after stripping each side's marker,
+  ties diag > up > left). Quadratic in the worst case, pruned exactly to the cells near the path.
+- ``method="offsets"``: both sides tokenized the same text and carry character offsets; a base
+  position takes a distribution only where a blend token ends at the same character offset (both
+  then predict the same continuation). Linear time, no string heuristics.
+
+Two policies:
+
+- ``compat="fusellm"`` reproduces the reference rows exactly (spec section 6): duplicates keep
+  the first (highest) logit and an unmatched position gets a one-hot row on the CURRENT base
+  token, although the position predicts the next one.
+- the default fixes the reference's defects: duplicates are merged by summing probabilities
+  (logsumexp of logits, exact at temperature 1), unmatched positions get a one-hot row on the NEXT
+  base token (``fallback="next"``; the last position is masked) or are masked
+  (``fallback="mask"``).
+
+In both, top-K ids that have no token string (padded vocabularies: model width > tokenizer length)
+are dropped and counted in :attr:`AlignedRow.num_unknown`.
+
+Rows are padded to K columns: ids with ``-1``, logits with ``-inf`` (probability zero under a
+softmax over the row). Every row is sorted by descending logit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _native
+from .errors import InputError, InputTypeError
+
+if TYPE_CHECKING:
+    from .vocab import VocabMap
+
+__all__ = [
+    "EMPTY",
+    "FALLBACK",
+    "MASKED",
+    "MATCHED",
+    "AlignedRow",
+    "Aligner",
+    "align_batch",
+    "mined_base_to_blend",
+]
+
+#: The row holds the source distribution.
+MATCHED = 0
+#: The position was matched but none of its top-K tokens exists in the base vocabulary.
+EMPTY = 1
+#: The row is a one-hot fallback (current token with ``compat="fusellm"``, next token by default).
+FALLBACK = 2
+#: The position has no target.
+MASKED = 3
+
+Method = Literal["mined", "offsets"]
+VocabMode = Literal["hard", "soft"]
+Fallback = Literal["next", "mask"]
+
+_INT32 = np.iinfo(np.int32)
+
+
+@dataclass(frozen=True)
+class AlignedRow:
+    """One aligned sequence, on the base side.
+
+    Attributes:
+        ids: ``int32 [L_base, K]`` base token ids, ``-1`` padded.
+        logits: ``float32 [L_base, K]`` matching logits, ``-inf`` padded, descending per row.
+        status: ``uint8 [L_base]`` :data:`MATCHED`, :data:`EMPTY`, :data:`FALLBACK` or
+            :data:`MASKED` per position.
+        num_unknown: top-K entries dropped because the blend id has no token string.
+        num_unmapped: top-K entries dropped because their string is not a base token.
+    """
+
+    ids: npt.NDArray[np.int32]
+    logits: npt.NDArray[np.float32]
+    status: npt.NDArray[np.uint8]
+    num_unknown: int
+    num_unmapped: int
+
+    def counts(self) -> dict[str, int]:
+        """Positions per status, plus the dropped top-K entries."""
+        c = np.bincount(self.status, minlength=4)
+        return {
+            "matched": int(c[MATCHED]),
+            "empty": int(c[EMPTY]),
+            "fallback": int(c[FALLBACK]),
+            "masked": int(c[MASKED]),
+            "unknown_ids": self.num_unknown,
+            "unmapped_ids": self.num_unmapped,
+        }
+
+
+def _as_int32(x: Any, name: str, ndim: int) -> npt.NDArray[np.int32]:
+    a = np.asarray(x)
+    if a.dtype == np.int32 and a.ndim == ndim and a.flags.c_contiguous:
+        return a
+    if a.ndim != ndim:
+        raise InputTypeError(f"{name} must have {ndim} dimension(s), got shape {a.shape}")
+    if a.size == 0 and a.dtype.kind not in "iub":
+        a = a.astype(np.int64)
+    if a.dtype.kind not in "iub":
+        raise InputTypeError(f"{name} must hold integers, got dtype {a.dtype}")
+    if a.size and (int(a.min()) < _INT32.min or int(a.max()) > _INT32.max):
+        bad = int(a.min()) if int(a.min()) < _INT32.min else int(a.max())
+        raise InputError(f"{name} holds id {bad}, outside the int32 range")
+    return np.ascontiguousarray(a, dtype=np.int32)
+
+
+def _as_float32(x: Any, name: str) -> npt.NDArray[np.float32]:
+    a = np.asarray(x)
+    if a.ndim != 2:
+        raise InputTypeError(f"{name} must have 2 dimensions [L, K], got shape {a.shape}")
+    if a.dtype.kind != "f":
+        raise InputTypeError(f"{name} must hold floating-point logits, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _as_offsets(x: Any, name: str) -> npt.NDArray[np.int64]:
+    a = np.asarray(x)
+    if a.ndim != 2 or a.shape[1] != 2:
+        raise InputTypeError(f"{name} must have shape [L, 2], got shape {a.shape}")
+    if a.size and a.dtype.kind not in "iu":
+        raise InputTypeError(f"{name} must hold integer character offsets, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def _as_list(x: Any, name: str) -> list[Any]:
+    if isinstance(x, np.ndarray) or not isinstance(x, Sequence) or isinstance(x, str):
+        raise InputTypeError(f"{name} must be a list with one array per sequence, got {type(x)}")
+    return list(x)
+
+
+def _vocab_list(vocab: Any, name: str) -> list[str | None]:
+    if isinstance(vocab, Mapping):
+        raise InputTypeError(
+            f"{name} must list the string of every id in id order (use fusellm.tokenizer_vocab "
+            "for a tokenizer), got a mapping"
+        )
+    out = list(vocab)
+    for i, s in enumerate(out):
+        if s is not None and not isinstance(s, str):
+            raise InputTypeError(f"{name}[{i}] must be a str or None, got {type(s).__name__}")
+    return out
+
+
+class Aligner:
+    """Aligns one source (blend) tokenizer's outputs onto the target (base) tokenizer.
+
+    Args:
+        base_vocab: the string of every base token id, in id order (``None`` for ids without
+            one, as in padded vocabularies).
+        blend_vocab: the same for the blend tokenizer.
+        base_marker: the base tokenizer's word-boundary marker (``"▁"`` or ``"Ġ"``).
+        blend_marker: the blend tokenizer's marker.
+        vocab_map: marker-swapped blend string -> base string, used by ``vocab="soft"``: a dict
+            (the reference pipeline's JSON mapping) or a :class:`fusellm.VocabMap`.
+        compat: ``"fusellm"`` for the reference pipeline's exact rows, ``None`` for the improved
+            defaults (see the module docstring).
+        fallback: without ``compat``: ``"next"`` (one-hot on the next base token) or ``"mask"``.
+    """
+
+    def __init__(
+        self,
+        base_vocab: Sequence[str | None],
+        blend_vocab: Sequence[str | None],
+        *,
+        base_marker: str,
+        blend_marker: str,
+        vocab_map: Mapping[str, str] | VocabMap | None = None,
+        compat: Literal["fusellm"] | None = None,
+        fallback: Fallback = "next",
+    ) -> None:
+        if compat not in (None, "fusellm"):
+            raise InputError(f'compat must be None or "fusellm", got {compat!r}')
+        if fallback not in ("next", "mask"):
+            raise InputError(f'fallback must be "next" or "mask", got {fallback!r}')
+        pairs: list[tuple[str, str]] | None = None
+        if vocab_map is not None:
+            mapping = vocab_map.to_dict() if hasattr(vocab_map, "to_dict") else vocab_map
+            if not isinstance(mapping, Mapping):
+                raise InputTypeError(
+                    f"vocab_map must be a dict or a VocabMap, got {type(vocab_map).__name__}"
+                )
+            pairs = list(mapping.items())
+        self._native = _native.Aligner(
+            _vocab_list(base_vocab, "base_vocab"),
+            _vocab_list(blend_vocab, "blend_vocab"),
+            base_marker,
+            blend_marker,
+            pairs,
+            compat == "fusellm",
+            "current" if compat == "fusellm" else fallback,
+        )
+        self.base_marker = base_marker
+        self.blend_marker = blend_marker
+        self.compat = compat
+        self.fallback: str = self._native.fallback
+
+    @property
+    def base_vocab_size(self) -> int:
+        return self._native.base_vocab_size
+
+    @property
+    def blend_vocab_size(self) -> int:
+        return self._native.blend_vocab_size
+
+    def targets(self, vocab: VocabMode = "hard") -> npt.NDArray[np.int32]:
+        """The base id each blend id's top-K entry maps to (``-1``: dropped) in ``vocab`` mode."""
+        return self._native.targets(vocab)
+
+    def align_batch(
+        self,
+        base_ids: Sequence[Any],
+        blend_ids: Sequence[Any],
+        blend_topk_ids: Sequence[Any],
+        blend_topk_logits: Sequence[Any],
+        *,
+        method: Method = "mined",
+        vocab: VocabMode = "hard",
+        base_offsets: Sequence[Any] | None = None,
+        blend_offsets: Sequence[Any] | None = None,
+        num_threads: int | None = None,
+    ) -> list[AlignedRow]:
+        """Aligns a batch of sequence pairs; one :class:`AlignedRow` per pair, in order.
+
+        Args:
+            base_ids: per sequence, the base token ids (1-D integer array).
+            blend_ids: per sequence, the blend token ids of the same text.
+            blend_topk_ids: per sequence, ``[len(blend_ids[i]), K]`` top-K ids of the blend model.
+            blend_topk_logits: per sequence, the matching ``[len(blend_ids[i]), K]`` logits
+                (any float dtype; NaN is an error). Rows are read in descending logit order.
+            method: ``"mined"`` (reference MinED DTW) or ``"offsets"`` (shared end offsets).
+            vocab: ``"hard"`` (exact strings) or ``"soft"`` (through ``vocab_map``).
+            base_offsets: per sequence, ``[L_base, 2]`` character spans (``"offsets"`` only).
+            blend_offsets: per sequence, ``[L_blend, 2]`` character spans of the same text.
+            num_threads: worker threads (default: ``FUSELLM_NUM_THREADS`` or all cores). The
+                result does not depend on it. The interpreter is released during the work.
+        """
+        if num_threads is not None and (
+            isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
+        ):
+            raise InputError(f"num_threads must be a positive int or None, got {num_threads!r}")
+        b_ids = [_as_int32(x, f"base_ids[{i}]", 1) for i, x in enumerate(_as_list(base_ids, "base_ids"))]
+        x_ids = [
+            _as_int32(x, f"blend_ids[{i}]", 1) for i, x in enumerate(_as_list(blend_ids, "blend_ids"))
+        ]
+        t_ids = [
+            _as_int32(x, f"blend_topk_ids[{i}]", 2)
+            for i, x in enumerate(_as_list(blend_topk_ids, "blend_topk_ids"))
+        ]
+        t_logits = [
+            _as_float32(x, f"blend_topk_logits[{i}]")
+            for i, x in enumerate(_as_list(blend_topk_logits, "blend_topk_logits"))
+        ]
+        b_off = (
+            None
+            if base_offsets is None
+            else [
+                _as_offsets(x, f"base_offsets[{i}]")
+                for i, x in enumerate(_as_list(base_offsets, "base_offsets"))
+            ]
+        )
+        x_off = (
+            None
+            if blend_offsets is None
+            else [
+                _as_offsets(x, f"blend_offsets[{i}]")
+                for i, x in enumerate(_as_list(blend_offsets, "blend_offsets"))
+            ]
+        )
+        raw = self._native.align_batch(
+            b_ids, x_ids, t_ids, t_logits, b_off, x_off, method, vocab, num_threads
+        )
+        return [AlignedRow(*r) for r in raw]
+
+
+def align_batch(
+    aligner: Aligner,
+    base_ids: Sequence[Any],
+    blend_ids: Sequence[Any],
+    blend_topk_ids: Sequence[Any],
+    blend_topk_logits: Sequence[Any],
+    **kwargs: Any,
+) -> list[AlignedRow]:
+    """Function form of :meth:`Aligner.align_batch`."""
+    if not isinstance(aligner, Aligner):
+        raise InputTypeError(f"aligner must be a fusellm.Aligner, got {type(aligner).__name__}")
+    return aligner.align_batch(base_ids, blend_ids, blend_topk_ids, blend_topk_logits, **kwargs)
+
+
+def mined_base_to_blend(
+    base_tokens: Sequence[str],
+    blend_tokens: Sequence[str],
+    *,
+    base_marker: str,
+    blend_marker: str,
+) -> list[list[int]]:
+    """MinED alignment of two token-string sequences (reference semantics, spec section 4).
+
+    Returns ``base_to_blend``: for every base position, the ascending blend positions paired with
+    it. Both sequences must be non-empty.
+    """
+    for name, toks in (("base_tokens", base_tokens), ("blend_tokens", blend_tokens)):
+        if isinstance(toks, str) or not all(isinstance(t, str) for t in toks):
+            raise InputTypeError(f"{name} must be a sequence of token strings")
+    return _native.mined_base_to_blend(list(base_tokens), list(blend_tokens), base_marker, blend_marker)

@@ -1,0 +1,44 @@
+"""Helpers that read what the aligner needs from a tokenizer: its vocabulary strings and marker."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from .errors import InputError
+
+__all__ = ["SPIECE_MARKER", "BYTE_LEVEL_MARKER", "tokenizer_marker", "tokenizer_vocab"]
+
+#: Word-boundary marker of SentencePiece (Llama family) vocabularies.
+SPIECE_MARKER = "▁"
+#: Word-boundary marker of byte-level BPE vocabularies (GPT-2, NeoX, Qwen, DeepSeek).
+BYTE_LEVEL_MARKER = "Ġ"
+
+
+def tokenizer_vocab(tokenizer: Any) -> list[str | None]:
+    """The raw string of every id of a Hugging Face tokenizer, in id order.
+
+    Covers ``len(tokenizer)`` ids (added tokens included). Ids without a string are ``None``.
+    """
+    n = len(tokenizer)
+    toks = tokenizer.convert_ids_to_tokens(list(range(n)))
+    return [t if isinstance(t, str) else None for t in toks]
+
+
+def tokenizer_marker(tokenizer_or_vocab: Any) -> str:
+    """Detects the word-boundary marker (``"▁"`` or ``"Ġ"``) from the vocabulary strings."""
+    vocab = (
+        tokenizer_or_vocab
+        if isinstance(tokenizer_or_vocab, list)
+        else tokenizer_vocab(tokenizer_or_vocab)
+    )
+    counts: Counter[str] = Counter()
+    for s in vocab:
+        if s:
+            if s.startswith(SPIECE_MARKER):
+                counts[SPIECE_MARKER] += 1
+            elif s.startswith(BYTE_LEVEL_MARKER):
+                counts[BYTE_LEVEL_MARKER] += 1
+    if not counts:
+        raise InputError("cannot detect the word-boundary marker: no token starts with ▁ or Ġ")
+    return counts.most_common(1)[0][0]

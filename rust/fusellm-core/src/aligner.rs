@@ -1,0 +1,538 @@
+//! Re-expression of a blend (source) model's top-K distributions on the base (target) tokens.
+//!
+//! For every base position the aligner decides which blend position, if any, predicts the same
+//! continuation, then walks that position's top-K (highest logit first) and maps each blend id to a
+//! base id through the token strings (blend marker swapped for the base marker; in `Soft` mode
+//! then through the vocabulary map). Two policies:
+//!
+//! - `compat` (the reference pipeline, spec section 6): MinED pairing, a position is used only if
+//!   it is paired with exactly one blend token whose string equals the base token (or maps to it),
+//!   duplicates keep the first (highest) logit, unmatched positions get a one-hot row on the
+//!   CURRENT base token.
+//! - default: the same pairing rules (or offset pairing), duplicates merged by summing their
+//!   probabilities (logsumexp of logits; exact at temperature 1), unmatched positions get a one-hot
+//!   row on the NEXT base token (what position `t` actually predicts) or are masked.
+//!
+//! In both, top-K ids that have no token string (padded vocabularies) are dropped and counted.
+//! Per-position work is a few table look-ups per top-K entry: the string-to-id work is done once per
+//! vocabulary when the aligner is built.
+
+use crate::dtw::{mined_dtw, strip_marker, Interned};
+use crate::error::{Error, Result, Side};
+use crate::offsets::{match_ends, validate_offsets, NO_MATCH};
+use rustc_hash::FxHashMap;
+
+/// "No id" in the per-vocabulary tables.
+pub const NONE: u32 = u32::MAX;
+
+/// Position status codes in [`SeqOutput::status`].
+pub mod status {
+    /// The row holds the source distribution.
+    pub const MATCHED: u8 = 0;
+    /// The position was matched but no top-K entry exists in the base vocabulary (hard mode).
+    pub const EMPTY: u8 = 1;
+    /// The row is a one-hot fallback (current token in compat mode, next token by default).
+    pub const FALLBACK: u8 = 2;
+    /// The position has no target (masked fallback, or next-token fallback at the last position).
+    pub const MASKED: u8 = 3;
+}
+
+/// A vocabulary: the string of every id (`None` where an id has no string).
+#[derive(Debug, Clone)]
+pub struct Vocab {
+    strings: Vec<Option<String>>,
+    index: FxHashMap<String, u32>,
+    canon: Vec<u32>,
+}
+
+impl Vocab {
+    /// Builds the string index; where two ids share a string, the lowest id represents it.
+    pub fn new(strings: Vec<Option<String>>) -> Result<Self> {
+        if strings.len() >= NONE as usize {
+            return Err(Error::Value(format!(
+                "vocabulary of {} entries is too large",
+                strings.len()
+            )));
+        }
+        let mut index: FxHashMap<String, u32> = FxHashMap::default();
+        index.reserve(strings.len());
+        let mut canon = vec![NONE; strings.len()];
+        for (id, s) in strings.iter().enumerate() {
+            if let Some(s) = s {
+                let c = *index.entry(s.clone()).or_insert(id as u32);
+                canon[id] = c;
+            }
+        }
+        Ok(Vocab {
+            strings,
+            index,
+            canon,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.strings.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.strings.is_empty()
+    }
+
+    /// The string of `id`, if the id exists and has one.
+    pub fn get(&self, id: usize) -> Option<&str> {
+        self.strings.get(id).and_then(|s| s.as_deref())
+    }
+
+    /// The lowest id whose string is `s`.
+    pub fn id_of(&self, s: &str) -> Option<u32> {
+        self.index.get(s).copied()
+    }
+
+    /// All strings, in id order.
+    pub fn strings(&self) -> &[Option<String>] {
+        &self.strings
+    }
+}
+
+/// How base positions are paired with blend positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// MinED dynamic time warping over token strings (the reference).
+    Mined,
+    /// Equal end offsets in the shared text.
+    Offsets,
+}
+
+/// How blend token strings become base tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VocabMode {
+    /// Exact string match (marker swapped) only ("EM").
+    Hard,
+    /// Exact match, else through the vocabulary map ("MinED").
+    Soft,
+}
+
+/// What a base position without a source distribution receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// One-hot on the current base token (the reference, a known defect).
+    Current,
+    /// One-hot on the next base token; the last position is masked.
+    Next,
+    /// No target at all.
+    Mask,
+}
+
+/// One sequence pair to align. Flat arrays, row-major.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqInput<'a> {
+    pub base_ids: &'a [i32],
+    pub blend_ids: &'a [i32],
+    /// `[blend_ids.len(), k]` top-K ids of the blend model.
+    pub topk_ids: &'a [i32],
+    /// `[blend_ids.len(), k]` matching logits.
+    pub topk_logits: &'a [f32],
+    pub k: usize,
+    /// `[base_ids.len(), 2]` character spans (offsets method only).
+    pub base_offsets: Option<&'a [i64]>,
+    /// `[blend_ids.len(), 2]` character spans (offsets method only).
+    pub blend_offsets: Option<&'a [i64]>,
+}
+
+/// The base-side rows of one sequence: `ids`/`logits` are `[L_base, k]`, padded with `-1` and
+/// `-inf`, each row sorted by descending logit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeqOutput {
+    pub ids: Vec<i32>,
+    pub logits: Vec<f32>,
+    pub status: Vec<u8>,
+    pub k: usize,
+    /// Top-K entries dropped because the blend id has no token string.
+    pub num_unknown: u64,
+    /// Top-K entries dropped because their string is not a base token (after mapping).
+    pub num_unmapped: u64,
+}
+
+/// The aligner of one (base, blend) tokenizer pair.
+#[derive(Debug, Clone)]
+pub struct Aligner {
+    base: Vocab,
+    blend: Vocab,
+    base_marker: String,
+    blend_marker: String,
+    blend_byte_level: bool,
+    compat: bool,
+    fallback: Fallback,
+    /// swapped blend string -> base id of its mapped string (NONE if that is not a base token)
+    map: FxHashMap<String, u32>,
+    hard_target: Vec<u32>,
+    map_target: Vec<u32>,
+    soft_target: Vec<u32>,
+    base_stripped: Vec<Vec<char>>,
+    blend_stripped: Vec<Vec<char>>,
+}
+
+impl Aligner {
+    /// Builds the per-vocabulary tables.
+    ///
+    /// `vocab_map` maps marker-swapped blend strings to base strings (the reference's mapping
+    /// file); `compat` selects the reference behaviour, which forces the current-token fallback.
+    pub fn new(
+        base: Vocab,
+        blend: Vocab,
+        base_marker: &str,
+        blend_marker: &str,
+        vocab_map: Option<Vec<(String, String)>>,
+        compat: bool,
+        fallback: Fallback,
+    ) -> Result<Self> {
+        for (name, marker) in [("base_marker", base_marker), ("blend_marker", blend_marker)] {
+            if marker.is_empty() {
+                return Err(Error::Value(format!(
+                    "{name} is empty; use the tokenizer's word-boundary marker (\"▁\" or \"Ġ\")"
+                )));
+            }
+        }
+        if base.is_empty() || blend.is_empty() {
+            return Err(Error::Value(format!(
+                "vocabularies must not be empty (base {}, blend {})",
+                base.len(),
+                blend.len()
+            )));
+        }
+        let swap = |s: &str| s.replace(blend_marker, base_marker);
+        let mut map: FxHashMap<String, u32> = FxHashMap::default();
+        if let Some(pairs) = vocab_map {
+            map.reserve(pairs.len());
+            for (k, v) in pairs {
+                let target = base.id_of(&v).unwrap_or(NONE);
+                map.insert(k, target);
+            }
+        }
+        let nb = blend.len();
+        let mut hard_target = vec![NONE; nb];
+        let mut map_target = vec![NONE; nb];
+        let mut soft_target = vec![NONE; nb];
+        for id in 0..nb {
+            if let Some(s) = blend.get(id) {
+                let t = swap(s);
+                hard_target[id] = base.id_of(&t).unwrap_or(NONE);
+                match map.get(&t) {
+                    Some(&target) => {
+                        map_target[id] = target;
+                        soft_target[id] = target;
+                    }
+                    None => soft_target[id] = hard_target[id],
+                }
+            }
+        }
+        let strip_all = |v: &Vocab, marker: &str| -> Vec<Vec<char>> {
+            v.strings()
+                .iter()
+                .map(|s| s.as_deref().map_or_else(Vec::new, |s| strip_marker(s, marker)))
+                .collect()
+        };
+        Ok(Aligner {
+            base_stripped: strip_all(&base, base_marker),
+            blend_stripped: strip_all(&blend, blend_marker),
+            base,
+            blend,
+            base_marker: base_marker.to_string(),
+            blend_marker: blend_marker.to_string(),
+            blend_byte_level: blend_marker == "Ġ",
+            compat,
+            fallback: if compat { Fallback::Current } else { fallback },
+            map,
+            hard_target,
+            map_target,
+            soft_target,
+        })
+    }
+
+    pub fn base_vocab(&self) -> &Vocab {
+        &self.base
+    }
+
+    pub fn blend_vocab(&self) -> &Vocab {
+        &self.blend
+    }
+
+    pub fn compat(&self) -> bool {
+        self.compat
+    }
+
+    pub fn fallback(&self) -> Fallback {
+        self.fallback
+    }
+
+    /// Base id (lowest id of its string) each blend id maps to in `mode`, `NONE` if none.
+    pub fn targets(&self, mode: VocabMode) -> &[u32] {
+        match mode {
+            VocabMode::Hard => &self.hard_target,
+            VocabMode::Soft => &self.soft_target,
+        }
+    }
+
+    /// Checks one sequence; `seq` numbers it in error messages.
+    pub fn validate(&self, seq: usize, inp: &SeqInput, method: Method) -> Result<()> {
+        let (m, n) = (inp.base_ids.len(), inp.blend_ids.len());
+        if m == 0 {
+            return Err(Error::EmptySequence {
+                seq,
+                side: Side::Base,
+            });
+        }
+        if n == 0 {
+            return Err(Error::EmptySequence {
+                seq,
+                side: Side::Blend,
+            });
+        }
+        if inp.k == 0 {
+            return Err(Error::Shape(format!(
+                "sequence {seq}: top-K arrays have K = 0 columns; K must be at least 1"
+            )));
+        }
+        if inp.topk_ids.len() != n * inp.k || inp.topk_logits.len() != n * inp.k {
+            return Err(Error::Shape(format!(
+                "sequence {seq}: top-K ids have {} values and logits {}, but the blend sequence \
+                 has {n} tokens x K = {} (expected {})",
+                inp.topk_ids.len(),
+                inp.topk_logits.len(),
+                inp.k,
+                n * inp.k
+            )));
+        }
+        check_ids(seq, Side::Base, inp.base_ids, &self.base)?;
+        check_ids(seq, Side::Blend, inp.blend_ids, &self.blend)?;
+        for (flat, &id) in inp.topk_ids.iter().enumerate() {
+            if id < 0 {
+                return Err(Error::Value(format!(
+                    "sequence {seq}: blend top-K id {id} at position {}, rank {} is negative",
+                    flat / inp.k,
+                    flat % inp.k
+                )));
+            }
+        }
+        if let Some(flat) = inp.topk_logits.iter().position(|v| v.is_nan()) {
+            return Err(Error::NanLogit {
+                seq,
+                pos: flat / inp.k,
+                rank: flat % inp.k,
+            });
+        }
+        // MinED ignores offsets if they are given.
+        if method == Method::Offsets {
+            {
+                if self.compat {
+                    return Err(Error::Value(
+                        "compat=\"fusellm\" reproduces the reference MinED pipeline; use \
+                         method=\"mined\" with it"
+                            .to_string(),
+                    ));
+                }
+                let (Some(bo), Some(lo)) = (inp.base_offsets, inp.blend_offsets) else {
+                    return Err(Error::Value(format!(
+                        "sequence {seq}: method=\"offsets\" needs base_offsets and blend_offsets"
+                    )));
+                };
+                validate_offsets(bo, &format!("sequence {seq}: base_offsets"))?;
+                validate_offsets(lo, &format!("sequence {seq}: blend_offsets"))?;
+                if bo.len() != 2 * m || lo.len() != 2 * n {
+                    return Err(Error::Shape(format!(
+                        "sequence {seq}: offsets have {} base and {} blend rows, but the sequences \
+                         have {m} base and {n} blend tokens",
+                        bo.len() / 2,
+                        lo.len() / 2
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Base-to-blend pairing: for each base position the single paired blend position whose
+    /// distribution may be used, or `NO_MATCH`; `exact` tells whether the pairing already implies
+    /// a match (offsets) or still needs the token-string check (MinED).
+    fn pair(&self, inp: &SeqInput, method: Method) -> Result<(Vec<u32>, bool)> {
+        match method {
+            Method::Offsets => Ok((
+                match_ends(
+                    inp.base_offsets.unwrap_or_default(),
+                    inp.blend_offsets.unwrap_or_default(),
+                ),
+                true,
+            )),
+            Method::Mined => {
+                let x = intern_ids(inp.blend_ids, &self.blend_stripped);
+                let y = intern_ids(inp.base_ids, &self.base_stripped);
+                let al = mined_dtw(&x, &y)?;
+                let single = (0..inp.base_ids.len())
+                    .map(|j| match al.for_base(j) {
+                        [one] => *one,
+                        _ => NO_MATCH,
+                    })
+                    .collect();
+                Ok((single, false))
+            }
+        }
+    }
+
+    /// Whether base position `i` (id `base_id`) may take blend token `blend_id`'s distribution
+    /// (spec section 6, including the byte-level first-token rule).
+    fn tokens_match(&self, i: usize, base_id: u32, blend_id: u32, mode: VocabMode) -> bool {
+        let canon = self.base.canon[base_id as usize];
+        if i == 0 && self.blend_byte_level {
+            let b = self.base.get(base_id as usize).unwrap_or_default();
+            let s = self.blend.get(blend_id as usize).unwrap_or_default();
+            let mut t = s.replace(&self.blend_marker, &self.base_marker);
+            if b.starts_with(&self.base_marker) && !t.starts_with(&self.base_marker) {
+                t.insert_str(0, &self.base_marker);
+                return b == t || (mode == VocabMode::Soft && self.map.get(&t) == Some(&canon));
+            }
+        }
+        self.hard_target[blend_id as usize] == canon
+            || (mode == VocabMode::Soft && self.map_target[blend_id as usize] == canon)
+    }
+
+    /// Aligns one validated sequence.
+    pub fn align_one(&self, inp: &SeqInput, method: Method, mode: VocabMode) -> Result<SeqOutput> {
+        let (m, k) = (inp.base_ids.len(), inp.k);
+        let (pairing, exact) = self.pair(inp, method)?;
+        let targets = self.targets(mode);
+        let mut out = SeqOutput {
+            ids: vec![-1; m * k],
+            logits: vec![f32::NEG_INFINITY; m * k],
+            status: vec![status::MASKED; m],
+            k,
+            num_unknown: 0,
+            num_unmapped: 0,
+        };
+        let mut order: Vec<usize> = (0..k).collect();
+        for i in 0..m {
+            let base_id = inp.base_ids[i] as u32;
+            let j = pairing[i];
+            let matched = j != NO_MATCH
+                && (exact || self.tokens_match(i, base_id, inp.blend_ids[j as usize] as u32, mode));
+            let row_ids = &mut out.ids[i * k..(i + 1) * k];
+            let row_logits = &mut out.logits[i * k..(i + 1) * k];
+            if matched {
+                let j = j as usize;
+                let src_ids = &inp.topk_ids[j * k..(j + 1) * k];
+                let src_logits = &inp.topk_logits[j * k..(j + 1) * k];
+                descending_order(src_logits, &mut order);
+                let mut len = 0usize;
+                let mut merged = false;
+                for &r in &order {
+                    let id = src_ids[r] as usize;
+                    if self.blend.get(id).is_none() {
+                        out.num_unknown += 1;
+                        continue;
+                    }
+                    let target = targets[id];
+                    if target == NONE {
+                        out.num_unmapped += 1;
+                        continue;
+                    }
+                    let target = target as i32;
+                    let logit = src_logits[r];
+                    match row_ids[..len].iter().position(|&x| x == target) {
+                        Some(p) => {
+                            if !self.compat {
+                                row_logits[p] = logaddexp(row_logits[p], logit);
+                                merged = true;
+                            }
+                        }
+                        None => {
+                            row_ids[len] = target;
+                            row_logits[len] = logit;
+                            len += 1;
+                        }
+                    }
+                }
+                if merged {
+                    sort_row(&mut row_ids[..len], &mut row_logits[..len]);
+                }
+                out.status[i] = if len > 0 {
+                    status::MATCHED
+                } else {
+                    status::EMPTY
+                };
+            } else {
+                let target = match self.fallback {
+                    Fallback::Current => Some(base_id),
+                    Fallback::Next => inp.base_ids.get(i + 1).map(|&x| x as u32),
+                    Fallback::Mask => None,
+                };
+                if let Some(t) = target {
+                    row_ids[0] = t as i32;
+                    row_logits[0] = 1.0;
+                    out.status[i] = status::FALLBACK;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn check_ids(seq: usize, side: Side, ids: &[i32], vocab: &Vocab) -> Result<()> {
+    for (pos, &id) in ids.iter().enumerate() {
+        if id < 0 || vocab.get(id as usize).is_none() {
+            return Err(Error::UnknownId {
+                seq,
+                side,
+                pos,
+                id: i64::from(id),
+                vocab_size: vocab.len(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Interns a sequence of vocabulary ids (validated) against per-id stripped strings.
+fn intern_ids<'a>(ids: &[i32], stripped: &'a [Vec<char>]) -> Interned<'a> {
+    let mut local: FxHashMap<i32, u32> = FxHashMap::default();
+    let mut out = Interned {
+        ids: Vec::with_capacity(ids.len()),
+        strings: Vec::new(),
+    };
+    for &id in ids {
+        let next = out.strings.len() as u32;
+        let l = *local.entry(id).or_insert_with(|| {
+            out.strings.push(stripped[id as usize].as_slice());
+            next
+        });
+        out.ids.push(l);
+    }
+    out
+}
+
+/// Stable descending order of a top-K row (the identity for already sorted rows).
+fn descending_order(logits: &[f32], order: &mut [usize]) {
+    for (r, o) in order.iter_mut().enumerate() {
+        *o = r;
+    }
+    if logits.windows(2).any(|w| w[0] < w[1]) {
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    }
+}
+
+/// Stable sort of a row by descending logit.
+fn sort_row(ids: &mut [i32], logits: &mut [f32]) {
+    let mut pairs: Vec<(i32, f32)> = ids.iter().copied().zip(logits.iter().copied()).collect();
+    pairs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for (slot, (id, l)) in pairs.into_iter().enumerate() {
+        ids[slot] = id;
+        logits[slot] = l;
+    }
+}
+
+/// `ln(exp(a) + exp(b))` without overflow.
+fn logaddexp(a: f32, b: f32) -> f32 {
+    let (hi, lo) = if a >= b { (a, b) } else { (b, a) };
+    if lo == f32::NEG_INFINITY {
+        return hi;
+    }
+    hi + (lo - hi).exp().ln_1p()
+}

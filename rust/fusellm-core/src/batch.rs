@@ -1,0 +1,87 @@
+//! Batch execution: rayon thread pools that survive `fork()`, and the batch entry points.
+//!
+//! Pools are cached per (process id, thread count). A child created by `fork()` after a pool
+//! started inherits the pool's bookkeeping but none of its threads; using it would deadlock (the
+//! classic `datasets.map(num_proc>1)` / DataLoader-worker hang). When the process id changes, the
+//! stale pools are leaked on purpose (their threads do not exist, so they cannot be joined) and
+//! fresh ones are built. Results never depend on the number of threads.
+
+use crate::aligner::{Aligner, Method, SeqInput, SeqOutput, VocabMode};
+use crate::error::Result;
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+type PoolCache = Vec<(u32, usize, Arc<rayon::ThreadPool>)>;
+static POOLS: Mutex<PoolCache> = Mutex::new(Vec::new());
+
+/// Thread count used when none is given: `FUSELLM_NUM_THREADS`, else `RAYON_NUM_THREADS`, else
+/// the available cores.
+pub fn default_num_threads() -> usize {
+    for var in ["FUSELLM_NUM_THREADS", "RAYON_NUM_THREADS"] {
+        if let Some(n) = std::env::var(var)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&n| n > 0)
+        {
+            return n;
+        }
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn pool(num_threads: usize) -> Option<Arc<rayon::ThreadPool>> {
+    let pid = std::process::id();
+    let mut cache = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    if cache.iter().any(|(p, _, _)| *p != pid) {
+        // Forked: these pools' threads live in the parent only.
+        let stale = std::mem::take(&mut *cache);
+        std::mem::forget(stale);
+    }
+    if let Some((_, _, p)) = cache.iter().find(|(_, n, _)| *n == num_threads) {
+        return Some(Arc::clone(p));
+    }
+    let p = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(num_threads)
+            .thread_name(|i| format!("fusellm-{i}"))
+            .build()
+            .ok()?,
+    );
+    cache.push((pid, num_threads, Arc::clone(&p)));
+    Some(p)
+}
+
+/// Runs `f(i)` for `i in 0..len` on `num_threads` threads (default: [`default_num_threads`]),
+/// returning the results in order. One thread runs inline, without a pool.
+pub fn par_map<T, F>(len: usize, num_threads: Option<usize>, f: F) -> Vec<T>
+where
+    T: Send,
+    F: Fn(usize) -> T + Sync + Send,
+{
+    let n = num_threads.unwrap_or_else(default_num_threads).max(1);
+    if n == 1 || len <= 1 {
+        return (0..len).map(f).collect();
+    }
+    match pool(n) {
+        Some(p) => p.install(|| (0..len).into_par_iter().map(&f).collect()),
+        None => (0..len).map(f).collect(),
+    }
+}
+
+/// Validates and aligns a batch; the error of the lowest failing sequence wins.
+pub fn align_batch(
+    aligner: &Aligner,
+    inputs: &[SeqInput],
+    method: Method,
+    mode: VocabMode,
+    num_threads: Option<usize>,
+) -> Result<Vec<SeqOutput>> {
+    for (seq, inp) in inputs.iter().enumerate() {
+        aligner.validate(seq, inp, method)?;
+    }
+    par_map(inputs.len(), num_threads, |i| {
+        aligner.align_one(&inputs[i], method, mode)
+    })
+    .into_iter()
+    .collect()
+}

@@ -1,0 +1,59 @@
+//! The one error type of the core. Every variant names the offending value, so the bindings can
+//! turn it into a Python exception whose message a user can act on. Bad input is always an
+//! `Err`, never a panic.
+
+use thiserror::Error;
+
+/// Which side of an alignment a value belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Base,
+    Blend,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Base => "base",
+            Side::Blend => "blend",
+        })
+    }
+}
+
+/// Errors of the core kernels.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum Error {
+    /// A value had the wrong type or shape: the message says which and why.
+    #[error("{0}")]
+    Shape(String),
+    /// A value was out of its domain: the message names it.
+    #[error("{0}")]
+    Value(String),
+    /// An empty sequence where at least one token is needed.
+    #[error("sequence {seq}: the {side} sequence is empty (at least one token is needed)")]
+    EmptySequence { seq: usize, side: Side },
+    /// A token id that the vocabulary has no string for.
+    #[error(
+        "sequence {seq}: {side} token id {id} at position {pos} is outside the {side} vocabulary \
+         (size {vocab_size}) or has no token string"
+    )]
+    UnknownId {
+        seq: usize,
+        side: Side,
+        pos: usize,
+        id: i64,
+        vocab_size: usize,
+    },
+    /// A NaN logit in a top-K row.
+    #[error("sequence {seq}: blend top-K logit at position {pos}, rank {rank} is NaN")]
+    NanLogit { seq: usize, pos: usize, rank: usize },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// True when the error is about types and shapes (Python `TypeError`/`ValueError` split).
+    pub fn is_shape(&self) -> bool {
+        matches!(self, Error::Shape(_))
+    }
+}

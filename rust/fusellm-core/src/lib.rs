@@ -1,0 +1,20 @@
+//! fusellm-core: the CPU kernels of FuseLLM knowledge fusion, in pure Rust.
+//!
+//! - [`levenshtein`]: edit distance over code points (bit-parallel).
+//! - [`dtw`]: exact, pruned MinED dynamic time warping between token sequences.
+//! - [`offsets`]: linear-time alignment by shared end offsets.
+//! - [`aligner`]: re-expression of top-K distributions on the target's tokens and vocabulary.
+//! - [`batch`]: fork-safe rayon pools and batch entry points.
+//!
+//! No Python here: the bindings live in `fusellm-py`.
+
+pub mod aligner;
+pub mod batch;
+pub mod dtw;
+pub mod error;
+pub mod levenshtein;
+pub mod offsets;
+
+pub use aligner::{Aligner, Fallback, Method, SeqInput, SeqOutput, VocabMode, Vocab};
+pub use dtw::{mined_base_to_blend, Alignment};
+pub use error::{Error, Result, Side};

@@ -1,0 +1,256 @@
+//! Thin PyO3 bindings of `fusellm-core` (module `fusellm._native`).
+//!
+//! Only conversion lives here: numpy arrays in (borrowed, no copy), the interpreter detached around
+//! every core call, results moved into numpy arrays, core errors mapped to the Python exception
+//! hierarchy of `fusellm.errors`. The user-facing API, its defaults and its dtype coercions are in
+//! `python/fusellm/`.
+
+use fusellm_core as core;
+use numpy::{
+    IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
+    PyUntypedArrayMethods,
+};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyType;
+
+/// Maps a core error to `fusellm.errors.InputError` (a `ValueError`).
+fn to_py(err: core::Error) -> PyErr {
+    Python::attach(|py| {
+        let cls = py
+            .import("fusellm.errors")
+            .and_then(|m| m.getattr("InputError"))
+            .ok()
+            .and_then(|c| c.cast_into::<PyType>().ok());
+        match cls {
+            Some(cls) => PyErr::from_type(cls, err.to_string()),
+            None => PyValueError::new_err(err.to_string()),
+        }
+    })
+}
+
+fn parse<T: Copy>(what: &str, value: &str, options: &[(&str, T)]) -> PyResult<T> {
+    options
+        .iter()
+        .find(|(name, _)| *name == value)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+            PyValueError::new_err(format!("{what} must be one of {names:?}, got {value:?}"))
+        })
+}
+
+/// MinED base-to-blend alignment of two token-string sequences.
+#[pyfunction]
+#[pyo3(signature = (base_tokens, blend_tokens, base_marker, blend_marker))]
+fn mined_base_to_blend(
+    py: Python<'_>,
+    base_tokens: Vec<String>,
+    blend_tokens: Vec<String>,
+    base_marker: &str,
+    blend_marker: &str,
+) -> PyResult<Vec<Vec<u32>>> {
+    py.detach(|| {
+        let base: Vec<&str> = base_tokens.iter().map(String::as_str).collect();
+        let blend: Vec<&str> = blend_tokens.iter().map(String::as_str).collect();
+        core::mined_base_to_blend(&base, &blend, base_marker, blend_marker).map(|a| a.to_lists())
+    })
+    .map_err(to_py)
+}
+
+/// The native aligner of one tokenizer pair (see `fusellm.Aligner`).
+#[pyclass(frozen, module = "fusellm._native", name = "Aligner")]
+struct Aligner {
+    inner: core::Aligner,
+}
+
+type AlignedRow<'py> = (
+    Bound<'py, PyArray2<i32>>,
+    Bound<'py, PyArray2<f32>>,
+    Bound<'py, PyArray1<u8>>,
+    u64,
+    u64,
+);
+
+#[pymethods]
+impl Aligner {
+    #[new]
+    #[pyo3(signature = (base_vocab, blend_vocab, base_marker, blend_marker, vocab_map, compat, fallback))]
+    fn new(
+        py: Python<'_>,
+        base_vocab: Vec<Option<String>>,
+        blend_vocab: Vec<Option<String>>,
+        base_marker: &str,
+        blend_marker: &str,
+        vocab_map: Option<Vec<(String, String)>>,
+        compat: bool,
+        fallback: &str,
+    ) -> PyResult<Self> {
+        let fallback = parse(
+            "fallback",
+            fallback,
+            &[
+                ("current", core::Fallback::Current),
+                ("next", core::Fallback::Next),
+                ("mask", core::Fallback::Mask),
+            ],
+        )?;
+        let inner = py
+            .detach(|| {
+                let base = core::Vocab::new(base_vocab)?;
+                let blend = core::Vocab::new(blend_vocab)?;
+                core::Aligner::new(
+                    base,
+                    blend,
+                    base_marker,
+                    blend_marker,
+                    vocab_map,
+                    compat,
+                    fallback,
+                )
+            })
+            .map_err(to_py)?;
+        Ok(Aligner { inner })
+    }
+
+    #[getter]
+    fn base_vocab_size(&self) -> usize {
+        self.inner.base_vocab().len()
+    }
+
+    #[getter]
+    fn blend_vocab_size(&self) -> usize {
+        self.inner.blend_vocab().len()
+    }
+
+    #[getter]
+    fn compat(&self) -> bool {
+        self.inner.compat()
+    }
+
+    #[getter]
+    fn fallback(&self) -> &'static str {
+        match self.inner.fallback() {
+            core::Fallback::Current => "current",
+            core::Fallback::Next => "next",
+            core::Fallback::Mask => "mask",
+        }
+    }
+
+    /// Base id each blend id maps to (`-1`: none) in `vocab` mode ("hard" or "soft").
+    fn targets<'py>(&self, py: Python<'py>, vocab: &str) -> PyResult<Bound<'py, PyArray1<i32>>> {
+        let mode = parse_vocab(vocab)?;
+        let out: Vec<i32> = self
+            .inner
+            .targets(mode)
+            .iter()
+            .map(|&t| if t == core::aligner::NONE { -1 } else { t as i32 })
+            .collect();
+        Ok(out.into_pyarray(py))
+    }
+
+    #[pyo3(signature = (base_ids, blend_ids, topk_ids, topk_logits, base_offsets, blend_offsets, method, vocab, num_threads))]
+    #[allow(clippy::too_many_arguments)]
+    fn align_batch<'py>(
+        &self,
+        py: Python<'py>,
+        base_ids: Vec<PyReadonlyArray1<'py, i32>>,
+        blend_ids: Vec<PyReadonlyArray1<'py, i32>>,
+        topk_ids: Vec<PyReadonlyArray2<'py, i32>>,
+        topk_logits: Vec<PyReadonlyArray2<'py, f32>>,
+        base_offsets: Option<Vec<PyReadonlyArray2<'py, i64>>>,
+        blend_offsets: Option<Vec<PyReadonlyArray2<'py, i64>>>,
+        method: &str,
+        vocab: &str,
+        num_threads: Option<usize>,
+    ) -> PyResult<Vec<AlignedRow<'py>>> {
+        let method = parse(
+            "method",
+            method,
+            &[
+                ("mined", core::Method::Mined),
+                ("offsets", core::Method::Offsets),
+            ],
+        )?;
+        let mode = parse_vocab(vocab)?;
+        let n = base_ids.len();
+        let counts = [
+            ("blend_ids", blend_ids.len()),
+            ("blend_topk_ids", topk_ids.len()),
+            ("blend_topk_logits", topk_logits.len()),
+            ("base_offsets", base_offsets.as_ref().map_or(n, Vec::len)),
+            ("blend_offsets", blend_offsets.as_ref().map_or(n, Vec::len)),
+        ];
+        for (name, len) in counts {
+            if len != n {
+                return Err(PyValueError::new_err(format!(
+                    "{name} has {len} sequences but base_ids has {n}"
+                )));
+            }
+        }
+        let mut inputs = Vec::with_capacity(n);
+        for i in 0..n {
+            let (ti, tl) = (&topk_ids[i], &topk_logits[i]);
+            if ti.shape() != tl.shape() {
+                return Err(PyValueError::new_err(format!(
+                    "sequence {i}: blend_topk_ids has shape {:?} but blend_topk_logits has {:?}",
+                    ti.shape(),
+                    tl.shape()
+                )));
+            }
+            inputs.push(core::SeqInput {
+                base_ids: slice(base_ids[i].as_slice(), i, "base_ids")?,
+                blend_ids: slice(blend_ids[i].as_slice(), i, "blend_ids")?,
+                topk_ids: slice(ti.as_slice(), i, "blend_topk_ids")?,
+                topk_logits: slice(tl.as_slice(), i, "blend_topk_logits")?,
+                k: ti.shape()[1],
+                base_offsets: match &base_offsets {
+                    Some(v) => Some(slice(v[i].as_slice(), i, "base_offsets")?),
+                    None => None,
+                },
+                blend_offsets: match &blend_offsets {
+                    Some(v) => Some(slice(v[i].as_slice(), i, "blend_offsets")?),
+                    None => None,
+                },
+            });
+        }
+        let inner = &self.inner;
+        let outputs = py
+            .detach(|| core::batch::align_batch(inner, &inputs, method, mode, num_threads))
+            .map_err(to_py)?;
+        outputs
+            .into_iter()
+            .map(|o| {
+                let rows = o.status.len();
+                Ok((
+                    o.ids.into_pyarray(py).reshape([rows, o.k])?,
+                    o.logits.into_pyarray(py).reshape([rows, o.k])?,
+                    o.status.into_pyarray(py),
+                    o.num_unknown,
+                    o.num_unmapped,
+                ))
+            })
+            .collect()
+    }
+}
+
+fn slice<'a, T>(r: Result<&'a [T], numpy::AsSliceError>, seq: usize, what: &str) -> PyResult<&'a [T]> {
+    r.map_err(|_| PyTypeError::new_err(format!("sequence {seq}: {what} must be C-contiguous")))
+}
+
+fn parse_vocab(vocab: &str) -> PyResult<core::VocabMode> {
+    parse(
+        "vocab",
+        vocab,
+        &[("hard", core::VocabMode::Hard), ("soft", core::VocabMode::Soft)],
+    )
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("_debug", cfg!(debug_assertions))?;
+    m.add_function(wrap_pyfunction!(mined_base_to_blend, m)?)?;
+    m.add_class::<Aligner>()?;
+    Ok(())
+}
