@@ -67,6 +67,8 @@ VocabMode = Literal["hard", "soft"]
 Fallback = Literal["next", "mask"]
 
 _INT32 = np.iinfo(np.int32)
+#: Largest accepted ``num_threads``.
+MAX_THREADS = 1024
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,9 @@ def _as_float32(x: Any, name: str) -> npt.NDArray[np.float32]:
         raise InputTypeError(f"{name} must have 2 dimensions [L, K], got shape {a.shape}")
     if a.dtype.kind != "f":
         raise InputTypeError(f"{name} must hold floating-point logits, got dtype {a.dtype}")
-    return np.ascontiguousarray(a, dtype=np.float32)
+    # Values beyond the float32 range become +-inf, as intended; no overflow warning.
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(a, dtype=np.float32)
 
 
 def _as_offsets(x: Any, name: str) -> npt.NDArray[np.int64]:
@@ -132,6 +136,8 @@ def _as_offsets(x: Any, name: str) -> npt.NDArray[np.int64]:
         raise InputTypeError(f"{name} must have shape [L, 2], got shape {a.shape}")
     if a.size and a.dtype.kind not in "iu":
         raise InputTypeError(f"{name} must hold integer character offsets, got dtype {a.dtype}")
+    if a.size and a.dtype.kind == "u" and int(a.max()) > np.iinfo(np.int64).max:
+        raise InputError(f"{name} holds offset {int(a.max())}, beyond the int64 range")
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
@@ -183,6 +189,9 @@ class Aligner:
     ) -> None:
         if compat not in (None, "fusellm"):
             raise InputError(f'compat must be None or "fusellm", got {compat!r}')
+        for name, marker in (("base_marker", base_marker), ("blend_marker", blend_marker)):
+            if not isinstance(marker, str):
+                raise InputTypeError(f"{name} must be a str, got {type(marker).__name__}")
         if fallback not in ("next", "mask"):
             raise InputError(f'fallback must be "next" or "mask", got {fallback!r}')
         pairs: list[tuple[str, str]] | None = None
@@ -193,6 +202,12 @@ class Aligner:
                     f"vocab_map must be a dict or a VocabMap, got {type(vocab_map).__name__}"
                 )
             pairs = list(mapping.items())
+            for k, v in pairs:
+                if not isinstance(k, str) or not isinstance(v, str):
+                    raise InputTypeError(
+                        f"vocab_map must map str to str, got {k!r} -> {v!r} "
+                        f"({type(k).__name__} -> {type(v).__name__})"
+                    )
         self._native = _native.Aligner(
             _vocab_list(base_vocab, "base_vocab"),
             _vocab_list(blend_vocab, "blend_vocab"),
@@ -248,9 +263,13 @@ class Aligner:
                 result does not depend on it. The interpreter is released during the work.
         """
         if num_threads is not None and (
-            isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
+            isinstance(num_threads, bool)
+            or not isinstance(num_threads, int)
+            or not 1 <= num_threads <= MAX_THREADS
         ):
-            raise InputError(f"num_threads must be a positive int or None, got {num_threads!r}")
+            raise InputError(
+                f"num_threads must be an int in [1, {MAX_THREADS}] or None, got {num_threads!r}"
+            )
         b_ids = [_as_int32(x, f"base_ids[{i}]", 1) for i, x in enumerate(_as_list(base_ids, "base_ids"))]
         x_ids = [
             _as_int32(x, f"blend_ids[{i}]", 1) for i, x in enumerate(_as_list(blend_ids, "blend_ids"))

@@ -17,7 +17,7 @@
 //! Per-position work is a few table look-ups per top-K entry: the string-to-id work is done once per
 //! vocabulary when the aligner is built.
 
-use crate::dtw::{mined_dtw, strip_marker, Interned};
+use crate::dtw::{mined_dtw, strip_marker, surface_len, Interned};
 use crate::error::{Error, Result, Side};
 use crate::offsets::{match_ends, validate_offsets, NO_MATCH};
 use rustc_hash::FxHashMap;
@@ -170,6 +170,8 @@ pub struct Aligner {
     soft_target: Vec<u32>,
     base_stripped: Vec<Vec<char>>,
     blend_stripped: Vec<Vec<char>>,
+    base_guide: Vec<u32>,
+    blend_guide: Vec<u32>,
 }
 
 impl Aligner {
@@ -232,9 +234,17 @@ impl Aligner {
                 .map(|s| s.as_deref().map_or_else(Vec::new, |s| strip_marker(s, marker)))
                 .collect()
         };
+        let guide_all = |v: &Vocab, marker: &str| -> Vec<u32> {
+            v.strings()
+                .iter()
+                .map(|s| s.as_deref().map_or(0, |s| surface_len(s, marker)))
+                .collect()
+        };
         Ok(Aligner {
             base_stripped: strip_all(&base, base_marker),
             blend_stripped: strip_all(&blend, blend_marker),
+            base_guide: guide_all(&base, base_marker),
+            blend_guide: guide_all(&blend, blend_marker),
             base,
             blend,
             base_marker: base_marker.to_string(),
@@ -364,8 +374,8 @@ impl Aligner {
                 true,
             )),
             Method::Mined => {
-                let x = intern_ids(inp.blend_ids, &self.blend_stripped);
-                let y = intern_ids(inp.base_ids, &self.base_stripped);
+                let x = intern_ids(inp.blend_ids, &self.blend_stripped, &self.blend_guide);
+                let y = intern_ids(inp.base_ids, &self.base_stripped, &self.base_guide);
                 let al = mined_dtw(&x, &y)?;
                 let single = (0..inp.base_ids.len())
                     .map(|j| match al.for_base(j) {
@@ -491,11 +501,12 @@ fn check_ids(seq: usize, side: Side, ids: &[i32], vocab: &Vocab) -> Result<()> {
 }
 
 /// Interns a sequence of vocabulary ids (validated) against per-id stripped strings.
-fn intern_ids<'a>(ids: &[i32], stripped: &'a [Vec<char>]) -> Interned<'a> {
+fn intern_ids<'a>(ids: &[i32], stripped: &'a [Vec<char>], guide: &[u32]) -> Interned<'a> {
     let mut local: FxHashMap<i32, u32> = FxHashMap::default();
     let mut out = Interned {
         ids: Vec::with_capacity(ids.len()),
         strings: Vec::new(),
+        guide: ids.iter().map(|&id| guide[id as usize]).collect(),
     };
     for &id in ids {
         let next = out.strings.len() as u32;
@@ -514,14 +525,19 @@ fn descending_order(logits: &[f32], order: &mut [usize]) {
         *o = r;
     }
     if logits.windows(2).any(|w| w[0] < w[1]) {
-        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        // NaN was rejected by validation; -0.0 and 0.0 compare equal and keep their order.
+        order.sort_by(|&a, &b| {
+            logits[b]
+                .partial_cmp(&logits[a])
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
     }
 }
 
 /// Stable sort of a row by descending logit.
 fn sort_row(ids: &mut [i32], logits: &mut [f32]) {
     let mut pairs: Vec<(i32, f32)> = ids.iter().copied().zip(logits.iter().copied()).collect();
-    pairs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    pairs.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
     for (slot, (id, l)) in pairs.into_iter().enumerate() {
         ids[slot] = id;
         logits[slot] = l;
@@ -531,7 +547,7 @@ fn sort_row(ids: &mut [i32], logits: &mut [f32]) {
 /// `ln(exp(a) + exp(b))` without overflow.
 fn logaddexp(a: f32, b: f32) -> f32 {
     let (hi, lo) = if a >= b { (a, b) } else { (b, a) };
-    if lo == f32::NEG_INFINITY {
+    if lo == f32::NEG_INFINITY || hi == f32::INFINITY {
         return hi;
     }
     hi + (lo - hi).exp().ln_1p()

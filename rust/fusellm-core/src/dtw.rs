@@ -27,7 +27,7 @@
 //! sequences `U` is loose and the cost approaches the full `O(n * m)` matrix (still exact).
 
 use crate::error::{Error, Result};
-use crate::levenshtein::levenshtein;
+use crate::levenshtein::{levenshtein, Encoded, PatternSet};
 use rustc_hash::FxHashMap;
 
 const INF: u32 = u32::MAX;
@@ -62,26 +62,53 @@ impl Alignment {
     }
 }
 
-/// A token sequence as indices into a table of distinct (already marker-stripped) strings.
+/// A token sequence as indices into a table of distinct (already marker-stripped) strings, plus
+/// a per-position "guide" length (the token's surface length in bytes, roughly) used only to find
+/// an upper bound; it never changes the result.
 #[derive(Debug, Clone, Default)]
 pub struct Interned<'a> {
     pub ids: Vec<u32>,
     pub strings: Vec<&'a [char]>,
+    pub guide: Vec<u32>,
 }
 
 /// Strips every occurrence of `marker` and splits into code points.
 pub fn strip_marker(token: &str, marker: &str) -> Vec<char> {
-    if marker.is_empty() {
-        token.chars().collect()
-    } else {
-        token.replace(marker, "").chars().collect()
+    let mut one = marker.chars();
+    match (one.next(), one.next()) {
+        (None, _) => token.chars().collect(),
+        (Some(m), None) => token.chars().filter(|&c| c != m).collect(),
+        _ => token.replace(marker, "").chars().collect(),
     }
 }
 
-/// Interns plain strings (after marker stripping); `storage` owns the stripped strings.
-pub fn intern_strings<'s>(stripped: &'s [Vec<char>]) -> Interned<'s> {
+/// Approximate number of text bytes a token stands for: byte-level (`Ġ`) vocabularies spell one
+/// byte per character; SentencePiece (`▁`) spells `<0xHH>` for one byte and `▁` for a space.
+pub fn surface_len(token: &str, marker: &str) -> u32 {
+    match marker {
+        "Ġ" => token.chars().count() as u32,
+        "▁" => {
+            let b = token.as_bytes();
+            if b.len() == 6 && token.starts_with("<0x") && b[5] == b'>' {
+                1
+            } else {
+                token
+                    .chars()
+                    .map(|c| if c == '▁' { 1 } else { c.len_utf8() as u32 })
+                    .sum()
+            }
+        }
+        _ => token.chars().count() as u32,
+    }
+}
+
+/// Interns plain strings (after marker stripping); `guide` gives each position's guide length.
+pub fn intern_strings<'s>(stripped: &'s [Vec<char>], guide: Vec<u32>) -> Interned<'s> {
     let mut seen: FxHashMap<&'s [char], u32> = FxHashMap::default();
-    let mut out = Interned::default();
+    let mut out = Interned {
+        guide,
+        ..Interned::default()
+    };
     for s in stripped {
         let next = out.strings.len() as u32;
         let id = *seen.entry(s.as_slice()).or_insert_with(|| {
@@ -97,6 +124,9 @@ pub fn intern_strings<'s>(stripped: &'s [Vec<char>]) -> Interned<'s> {
 struct Costs<'a> {
     xs: &'a [&'a [char]],
     ys: &'a [&'a [char]],
+    xkey: Vec<Key>,
+    ykey: Vec<Key>,
+    fast: Option<(PatternSet<'a>, Vec<Encoded>)>,
     dense: Vec<u16>, // distance + 1; 0 = not computed yet
     sparse: FxHashMap<(u32, u32), u32>,
     use_dense: bool,
@@ -109,6 +139,9 @@ impl<'a> Costs<'a> {
         Costs {
             xs,
             ys,
+            xkey: xs.iter().map(|s| Key::new(s)).collect(),
+            ykey: ys.iter().map(|s| Key::new(s)).collect(),
+            fast: PatternSet::new(ys, xs, 1 << 21),
             dense: if use_dense {
                 vec![0; cells as usize]
             } else {
@@ -116,6 +149,18 @@ impl<'a> Costs<'a> {
             },
             sparse: FxHashMap::default(),
             use_dense,
+        }
+    }
+
+    /// The distance if it is below `limit`; otherwise some value `>= limit` (a lower bound,
+    /// which spares the exact computation).
+    #[inline]
+    fn get_below(&mut self, x: u32, y: u32, limit: u32) -> u32 {
+        let lb = self.xkey[x as usize].lower(&self.ykey[y as usize]);
+        if lb >= limit {
+            lb
+        } else {
+            self.get(x, y)
         }
     }
 
@@ -127,18 +172,44 @@ impl<'a> Costs<'a> {
             if v != 0 {
                 return u32::from(v) - 1;
             }
-            let d = levenshtein(self.xs[x as usize], self.ys[y as usize]);
-            if d < u32::from(u16::MAX) {
-                self.dense[k] = (d + 1) as u16;
-            }
-            d
+            self.fill(k, x, y)
         } else {
-            let (xs, ys) = (self.xs, self.ys);
-            *self
-                .sparse
-                .entry((x, y))
-                .or_insert_with(|| levenshtein(xs[x as usize], ys[y as usize]))
+            if let Some(&d) = self.sparse.get(&(x, y)) {
+                return d;
+            }
+            let d = self.compute(x, y);
+            self.sparse.insert((x, y), d);
+            d
         }
+    }
+
+    #[inline]
+    fn compute(&self, x: u32, y: u32) -> u32 {
+        distance(&self.fast, self.xs, self.ys, x, y)
+    }
+
+    #[cold]
+    fn fill(&mut self, k: usize, x: u32, y: u32) -> u32 {
+        let d = self.compute(x, y);
+        if d < u32::from(u16::MAX) {
+            self.dense[k] = (d + 1) as u16;
+        }
+        d
+    }
+}
+
+#[inline]
+fn distance(
+    fast: &Option<(PatternSet, Vec<Encoded>)>,
+    xs: &[&[char]],
+    ys: &[&[char]],
+    x: u32,
+    y: u32,
+) -> u32 {
+    let text = xs[x as usize];
+    match fast {
+        Some((set, enc)) => set.distance(y as usize, x as usize, text, &enc[x as usize]),
+        None => levenshtein(text, ys[y as usize]),
     }
 }
 
@@ -162,33 +233,302 @@ impl Band {
     }
 }
 
-/// Cost of a valid warping path that follows cumulative character counts.
-fn offset_path_cost(x: &Interned, y: &Interned, costs: &mut Costs) -> u64 {
+/// A valid warping path that follows the cumulative guide lengths of both sides (it stays near
+/// the optimum when both sequences tokenize the same text), as the column range it visits in
+/// each row.
+fn guide_path(x: &Interned, y: &Interned) -> Vec<(u32, u32)> {
     let (n, m) = (x.ids.len(), y.ids.len());
     let (mut i, mut j) = (0usize, 0usize);
-    let mut ax = x.strings[x.ids[0] as usize].len();
-    let mut by = y.strings[y.ids[0] as usize].len();
-    let mut total = u64::from(costs.get(x.ids[0], y.ids[0]));
+    let mut ax = u64::from(x.guide[0]);
+    let mut by = u64::from(y.guide[0]);
+    let mut rows = vec![(0u32, 0u32); n];
+    // Move to whichever neighbour keeps the two cumulative lengths closest (ties: diagonal),
+    // which tolerates a constant shift such as SentencePiece's dummy prefix space.
     while i + 1 < n || j + 1 < m {
-        let step_i = j + 1 == m || (i + 1 < n && ax <= by);
-        let step_j = i + 1 == n || (j + 1 < m && by <= ax);
+        let gx = x.guide.get(i + 1).map(|&g| ax + u64::from(g));
+        let gy = y.guide.get(j + 1).map(|&g| by + u64::from(g));
+        let (step_i, step_j) = match (gx, gy) {
+            (Some(nx), Some(ny)) => {
+                let d_diag = nx.abs_diff(ny);
+                let d_up = nx.abs_diff(by);
+                let d_left = ax.abs_diff(ny);
+                if d_diag <= d_up && d_diag <= d_left {
+                    (true, true)
+                } else {
+                    (d_up <= d_left, d_up > d_left)
+                }
+            }
+            (Some(_), None) => (true, false),
+            _ => (false, true),
+        };
         if step_i {
             i += 1;
-            ax += x.strings[x.ids[i] as usize].len();
+            ax += u64::from(x.guide[i]);
+            rows[i] = (j as u32, j as u32);
         }
         if step_j {
             j += 1;
-            by += y.strings[y.ids[j] as usize].len();
+            by += u64::from(y.guide[j]);
         }
-        total += u64::from(costs.get(x.ids[i], y.ids[j]));
+        rows[i].1 = j as u32;
     }
-    total
+    rows
+}
+
+/// Half-width of the band around the guide path searched for an upper bound.
+const GUIDE_BAND: u32 = 8;
+
+/// Cost of the best warping path inside a band of [`GUIDE_BAND`] columns around the guide path:
+/// a valid path, hence an upper bound on the optimum, and usually equal to it.
+fn banded_cost(x: &Interned, y: &Interned, costs: &mut Costs) -> u64 {
+    let m = y.ids.len();
+    let rows = guide_path(x, y);
+    let mut prev: Vec<u64> = Vec::new();
+    let mut cur: Vec<u64> = Vec::new();
+    let (mut plo, mut phi) = (0usize, 0usize); // previous row's columns, exclusive end
+    for (i, &(glo, ghi)) in rows.iter().enumerate() {
+        let lo = glo.saturating_sub(GUIDE_BAND) as usize;
+        let hi = ((ghi + GUIDE_BAND) as usize + 1).min(m);
+        // Keep the band monotone so the guide path's own cells are always inside.
+        let lo = if i == 0 { 0 } else { lo.max(plo).min(glo as usize) };
+        cur.clear();
+        for j in lo..hi {
+            let up = if i > 0 && j >= plo && j < phi { prev[j - plo] } else { u64::MAX };
+            let diag = if i > 0 && j > plo && j - 1 < phi { prev[j - 1 - plo] } else { u64::MAX };
+            let left = if j > lo { cur[j - 1 - lo] } else { u64::MAX };
+            let best = if i == 0 && j == 0 { 0 } else { up.min(diag).min(left) };
+            let v = if best == u64::MAX {
+                u64::MAX
+            } else {
+                best + u64::from(costs.get(x.ids[i], y.ids[j]))
+            };
+            cur.push(v);
+        }
+        std::mem::swap(&mut prev, &mut cur);
+        plo = lo;
+        phi = hi;
+    }
+    debug_assert_eq!(phi, m);
+    prev[m - 1 - plo]
+}
+
+/// Length and character signature of a string, for a cheap lower bound of edit distances.
+#[derive(Clone, Copy)]
+struct Key {
+    len: u32,
+    sig: u64,
+}
+
+impl Key {
+    fn new(s: &[char]) -> Self {
+        let sig = s.iter().fold(0u64, |acc, &c| {
+            acc | 1u64 << ((u32::from(c).wrapping_mul(0x9E37_79B1)) >> 26)
+        });
+        Key {
+            len: s.len() as u32,
+            sig,
+        }
+    }
+
+    /// A lower bound of the edit distance: the length difference, and the number of signature
+    /// bits (each standing for at least one distinct character) that one string has and the
+    /// other lacks, since every occurrence of such a character needs its own edit.
+    #[inline]
+    fn lower(&self, other: &Key) -> u32 {
+        let a = (self.sig & !other.sig).count_ones();
+        let b = (other.sig & !self.sig).count_ones();
+        self.len.abs_diff(other.len).max(a).max(b)
+    }
+}
+
+/// Lower bounds on the cost of the rest of a path: `rows[i]` sums, over blend positions `>= i`,
+/// the smallest distance of that token to any base token of the sequence (every later row is
+/// visited at least once); `cols[j]` likewise over base positions. `rows[n] = cols[m] = 0`.
+struct SuffixBounds {
+    rows: Vec<u32>,
+    cols: Vec<u32>,
+}
+
+/// Smallest distance from each distinct string of `a` to any distinct string of `b`, through
+/// `cost(ai, bi)`; 0 for strings that `b` holds exactly. Candidates are tried in order of length
+/// difference, which is a lower bound of the distance, so most of the row is never computed.
+fn nearest(
+    a: &[&[char]],
+    b: &[&[char]],
+    mut cost: impl FnMut(u32, u32, u32) -> u32,
+) -> Vec<u32> {
+    let exact: rustc_hash::FxHashSet<&[char]> = b.iter().copied().collect();
+    let mut by_len: Vec<(u32, u32)> = b
+        .iter()
+        .enumerate()
+        .map(|(k, s)| (s.len() as u32, k as u32))
+        .collect();
+    by_len.sort_unstable();
+    a.iter()
+        .enumerate()
+        .map(|(ai, s)| {
+            if exact.contains(s) {
+                return 0;
+            }
+            let la = s.len() as u32;
+            let mut best = u32::MAX;
+            // Walk outwards from the first candidate of length >= la.
+            let mid = by_len.partition_point(|&(l, _)| l < la);
+            let (mut lo, mut hi) = (mid, mid);
+            loop {
+                let dl = (lo > 0).then(|| la - by_len[lo - 1].0);
+                let dh = (hi < by_len.len()).then(|| by_len[hi].0 - la);
+                let (d, k) = match (dl, dh) {
+                    (Some(dl), Some(dh)) if dl <= dh => {
+                        lo -= 1;
+                        (dl, by_len[lo].1)
+                    }
+                    (_, Some(dh)) => {
+                        hi += 1;
+                        (dh, by_len[hi - 1].1)
+                    }
+                    (Some(dl), None) => {
+                        lo -= 1;
+                        (dl, by_len[lo].1)
+                    }
+                    (None, None) => break,
+                };
+                if d >= best {
+                    break;
+                }
+                best = best.min(cost(ai as u32, k, best));
+                if best <= 1 {
+                    break; // no exact match exists, so 1 is the floor
+                }
+            }
+            best
+        })
+        .collect()
+}
+
+impl SuffixBounds {
+    fn new(x: &Interned, y: &Interned, costs: &mut Costs) -> Self {
+        let xmin = nearest(&x.strings, &y.strings, |a, b, lim| costs.get_below(a, b, lim));
+        let ymin = nearest(&y.strings, &x.strings, |b, a, lim| costs.get_below(a, b, lim));
+        let suffix = |ids: &[u32], mins: &[u32]| -> Vec<u32> {
+            let mut out = vec![0u32; ids.len() + 1];
+            for k in (0..ids.len()).rev() {
+                out[k] = out[k + 1].saturating_add(mins[ids[k] as usize]);
+            }
+            out
+        };
+        SuffixBounds {
+            rows: suffix(&x.ids, &xmin),
+            cols: suffix(&y.ids, &ymin),
+        }
+    }
+
+    fn zero(n: usize, m: usize) -> Self {
+        SuffixBounds {
+            rows: vec![0; n + 1],
+            cols: vec![0; m + 1],
+        }
+    }
+}
+
+/// Costs of one blend string against base strings: a row of the dense table, or the sparse map.
+enum RowCosts<'r, 'a> {
+    Dense {
+        row: &'r mut [u16],
+        fast: &'r Option<(PatternSet<'a>, Vec<Encoded>)>,
+        xs: &'a [&'a [char]],
+        ys: &'a [&'a [char]],
+        xkey: Key,
+        ykey: &'r [Key],
+        x: u32,
+    },
+    Sparse(&'r mut Costs<'a>, u32),
+}
+
+impl RowCosts<'_, '_> {
+    #[inline(always)]
+    fn get(&mut self, y: u32) -> u32 {
+        self.get_below(y, u32::MAX)
+    }
+
+    /// As [`Costs::get_below`]: a cached distance, else the out-of-line miss path.
+    #[inline(always)]
+    fn get_below(&mut self, y: u32, limit: u32) -> u32 {
+        if let RowCosts::Dense { row, .. } = self {
+            let v = row[y as usize];
+            if v != 0 {
+                return u32::from(v) - 1;
+            }
+        }
+        self.miss(y, limit)
+    }
+
+    /// The distance, computed (and cached) unless a lower bound shows it is `>= limit`.
+    #[cold]
+    #[inline(never)]
+    fn miss(&mut self, y: u32, limit: u32) -> u32 {
+        match self {
+            RowCosts::Dense {
+                row,
+                fast,
+                xs,
+                ys,
+                xkey,
+                ykey,
+                x,
+            } => {
+                let lb = xkey.lower(&ykey[y as usize]);
+                if lb >= limit {
+                    return lb;
+                }
+                let d = distance(fast, xs, ys, *x, y);
+                if d < u32::from(u16::MAX) {
+                    row[y as usize] = (d + 1) as u16;
+                }
+                d
+            }
+            RowCosts::Sparse(costs, x) => costs.get_below(*x, y, limit),
+        }
+    }
+}
+
+impl<'a> Costs<'a> {
+    fn row_costs(&mut self, x: u32) -> RowCosts<'_, 'a> {
+        if self.use_dense {
+            let ny = self.ys.len();
+            RowCosts::Dense {
+                row: &mut self.dense[x as usize * ny..(x as usize + 1) * ny],
+                fast: &self.fast,
+                xs: self.xs,
+                ys: self.ys,
+                xkey: self.xkey[x as usize],
+                ykey: &self.ykey,
+                x,
+            }
+        } else {
+            RowCosts::Sparse(self, x)
+        }
+    }
 }
 
 /// Forward DP keeping only cells with `D <= bound`. Returns `None` if some row has no such cell
 /// (impossible when `bound` is the cost of a valid path).
-fn pruned_forward(x: &Interned, y: &Interned, costs: &mut Costs, bound: u32) -> Option<Band> {
+///
+/// A cell's cost is looked up (and its distance computed) only if the cell can still be finite:
+/// its best predecessor plus the length difference of the two strings (a lower bound on their
+/// distance) must not exceed `bound`.
+fn pruned_forward(
+    x: &Interned,
+    y: &Interned,
+    costs: &mut Costs,
+    bound: u32,
+    suffix: &SuffixBounds,
+) -> Option<Band> {
     let (n, m) = (x.ids.len(), y.ids.len());
+    let ylen: Vec<u32> = y.ids.iter().map(|&s| y.strings[s as usize].len() as u32).collect();
+    // A cell (i, j) is kept iff D + max(rows[i + 1], cols[j + 1]) <= bound, i.e. D < limit.
+    let limit = |lb: u32| (bound + 1).saturating_sub(lb);
+    let col_limit: Vec<u32> = suffix.cols[1..].iter().map(|&lb| limit(lb)).collect();
     let mut band = Band {
         lo: Vec::with_capacity(n),
         start: Vec::with_capacity(n + 1),
@@ -197,15 +537,18 @@ fn pruned_forward(x: &Interned, y: &Interned, costs: &mut Costs, bound: u32) -> 
     band.start.push(0);
     let mut cur: Vec<u32> = Vec::new();
     // Row 0: only left moves from (0, 0).
-    let xi = x.ids[0];
-    let mut acc = 0u32;
-    for &yj in &y.ids {
-        let v = acc.saturating_add(costs.get(xi, yj));
-        if v > bound {
-            break;
+    {
+        let mut rc = costs.row_costs(x.ids[0]);
+        let row_limit = limit(suffix.rows[1]);
+        let mut acc = 0u32;
+        for (&yj, &cl) in y.ids.iter().zip(&col_limit) {
+            let v = acc.saturating_add(rc.get(yj));
+            if v >= row_limit.min(cl) {
+                break;
+            }
+            cur.push(v);
+            acc = v;
         }
-        cur.push(v);
-        acc = v;
     }
     if cur.is_empty() {
         return None;
@@ -217,35 +560,56 @@ fn pruned_forward(x: &Interned, y: &Interned, costs: &mut Costs, bound: u32) -> 
     for i in 1..n {
         let xi = x.ids[i];
         let plo = band.lo[i - 1] as usize;
-        let (ps, pe) = (band.start[i - 1], band.start[i]);
-        let phi = plo + (pe - ps); // exclusive
+        let prev = &band.vals[band.start[i - 1]..band.start[i]];
+        let phi = plo + prev.len(); // exclusive
+        let lx = x.strings[xi as usize].len() as u32;
+        let mut rc = costs.row_costs(xi);
+        let row_limit = limit(suffix.rows[i + 1]);
         cur.clear();
+        cur.resize(phi - plo, INF);
+        // Columns plo..phi: up and diag from the previous row, left from this one.
         let mut left = INF;
-        let mut j = plo;
-        while j < m {
-            let up = if j < phi { band.vals[ps + j - plo] } else { INF };
-            let diag = if j > plo && j - 1 < phi {
-                band.vals[ps + j - 1 - plo]
-            } else {
-                INF
-            };
+        let mut diag = INF;
+        for ((((cell, &up), &yj), &ly), &cl) in cur
+            .iter_mut()
+            .zip(prev)
+            .zip(&y.ids[plo..phi])
+            .zip(&ylen[plo..phi])
+            .zip(&col_limit[plo..phi])
+        {
             let best = up.min(diag).min(left);
-            let v = if best == INF {
+            diag = up;
+            let lim = row_limit.min(cl);
+            // |len x - len y| <= distance, and best == INF saturates, so the lookup is skipped
+            // for every cell that cannot be kept.
+            left = if best.saturating_add(lx.abs_diff(ly)) >= lim {
                 INF
             } else {
-                let v = best.saturating_add(costs.get(xi, y.ids[j]));
-                if v > bound {
+                let v = best + rc.get_below(yj, lim - best);
+                if v >= lim {
                     INF
                 } else {
                     v
                 }
             };
+            *cell = left;
+        }
+        // Columns phi..m: diag once (from the previous row's last cell), then left only.
+        let mut j = phi;
+        while j < m {
+            let best = diag.min(left);
+            diag = INF;
+            let lim = row_limit.min(col_limit[j]);
+            if best >= lim {
+                break;
+            }
+            let v = best + rc.get_below(y.ids[j], lim - best);
+            if v >= lim {
+                break;
+            }
             cur.push(v);
             left = v;
             j += 1;
-            if j > phi && v == INF {
-                break;
-            }
         }
         let first = cur.iter().position(|&v| v != INF)?;
         let last = cur.iter().rposition(|&v| v != INF)?;
@@ -314,11 +678,12 @@ pub fn mined_dtw(x: &Interned, y: &Interned) -> Result<Alignment> {
         )));
     }
     let mut costs = Costs::new(&x.strings, &y.strings);
-    let bound = offset_path_cost(x, y, &mut costs).min(u64::from(INF - 1)) as u32;
-    let band = match pruned_forward(x, y, &mut costs, bound) {
+    let bound = banded_cost(x, y, &mut costs).min(u64::from(INF - 1)) as u32;
+    let suffix = SuffixBounds::new(x, y, &mut costs);
+    let band = match pruned_forward(x, y, &mut costs, bound, &suffix) {
         Some(band) => band,
         // Unreachable for a valid bound; an unpruned pass keeps the result exact regardless.
-        None => pruned_forward(x, y, &mut costs, INF - 1).ok_or_else(|| {
+        None => pruned_forward(x, y, &mut costs, INF - 1, &SuffixBounds::zero(n, m)).ok_or_else(|| {
             Error::Value("MinED alignment: path costs overflow 32 bits".to_string())
         })?,
     };
@@ -332,15 +697,15 @@ pub fn mined_base_to_blend(
     base_marker: &str,
     blend_marker: &str,
 ) -> Result<Alignment> {
-    let xs: Vec<Vec<char>> = blend_tokens
-        .iter()
-        .map(|t| strip_marker(t, blend_marker))
-        .collect();
-    let ys: Vec<Vec<char>> = base_tokens
-        .iter()
-        .map(|t| strip_marker(t, base_marker))
-        .collect();
-    mined_dtw(&intern_strings(&xs), &intern_strings(&ys))
+    let prepare = |tokens: &[&str], marker: &str| -> (Vec<Vec<char>>, Vec<u32>) {
+        tokens
+            .iter()
+            .map(|t| (strip_marker(t, marker), surface_len(t, marker)))
+            .unzip()
+    };
+    let (xs, xg) = prepare(blend_tokens, blend_marker);
+    let (ys, yg) = prepare(base_tokens, base_marker);
+    mined_dtw(&intern_strings(&xs, xg), &intern_strings(&ys, yg))
 }
 
 /// The unpruned reference definition, for tests and benchmarks.
@@ -415,6 +780,13 @@ mod tests {
         assert!(mined_base_to_blend(&["a"], &[], "▁", "Ġ").is_err());
     }
 
+    fn prepared_owned(tokens: &[String], marker: &str) -> (Vec<Vec<char>>, Vec<u32>) {
+        tokens
+            .iter()
+            .map(|t| (strip_marker(t, marker), surface_len(t, marker)))
+            .unzip()
+    }
+
     fn token() -> impl Strategy<Value = String> {
         prop_oneof![
             "[ab▁Ġ]{0,3}",
@@ -431,9 +803,9 @@ mod tests {
             base in prop::collection::vec(token(), 1..40),
             blend in prop::collection::vec(token(), 1..40),
         ) {
-            let xs: Vec<Vec<char>> = blend.iter().map(|t| strip_marker(t, "Ġ")).collect();
-            let ys: Vec<Vec<char>> = base.iter().map(|t| strip_marker(t, "▁")).collect();
-            let (x, y) = (intern_strings(&xs), intern_strings(&ys));
+            let (xs, xg) = prepared_owned(&blend, "Ġ");
+            let (ys, yg) = prepared_owned(&base, "▁");
+            let (x, y) = (intern_strings(&xs, xg), intern_strings(&ys, yg));
             prop_assert_eq!(mined_dtw(&x, &y).unwrap(), mined_dtw_full(&x, &y).unwrap());
         }
 
@@ -458,9 +830,9 @@ mod tests {
             };
             let blend = seg(&cuts_a, "Ġ");
             let base = seg(&cuts_b, "▁");
-            let xs: Vec<Vec<char>> = blend.iter().map(|t| strip_marker(t, "Ġ")).collect();
-            let ys: Vec<Vec<char>> = base.iter().map(|t| strip_marker(t, "▁")).collect();
-            let (x, y) = (intern_strings(&xs), intern_strings(&ys));
+            let (xs, xg) = prepared_owned(&blend, "Ġ");
+            let (ys, yg) = prepared_owned(&base, "▁");
+            let (x, y) = (intern_strings(&xs, xg), intern_strings(&ys, yg));
             prop_assert_eq!(mined_dtw(&x, &y).unwrap(), mined_dtw_full(&x, &y).unwrap());
         }
     }

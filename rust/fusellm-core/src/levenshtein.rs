@@ -47,6 +47,134 @@ fn trim_common<'a>(mut a: &'a [char], mut b: &'a [char]) -> (&'a [char], &'a [ch
     (&a[..a.len() - suffix], &b[..b.len() - suffix])
 }
 
+/// Distances between every string of one set ("patterns") and every string of another ("texts").
+///
+/// Characters are renumbered into a dense local alphabet once, and every string of at most 64
+/// code points, on both sides, gets its match-mask table (`alphabet` words) once. A distance then
+/// runs the bit-parallel recurrence over the shorter of the two strings, one table load and about
+/// a dozen word operations per character. Strings longer than 64 code points on both sides use
+/// [`levenshtein`]. Built only when the tables stay small (see [`PatternSet::new`]).
+pub struct PatternSet<'a> {
+    patterns: &'a [&'a [char]],
+    alphabet: usize,
+    peq: Vec<u64>,
+    text_peq: Vec<u64>,
+    pattern_codes: Vec<Encoded>,
+}
+
+/// A string encoded in the alphabet of a [`PatternSet`].
+pub type Encoded = Vec<u16>;
+
+impl<'a> PatternSet<'a> {
+    /// Builds the tables for `patterns` and `texts`; also returns the encoded texts. `None` if the
+    /// tables would exceed `max_words` 64-bit words or the alphabet exceeds 65,535 characters.
+    pub fn new(
+        patterns: &'a [&'a [char]],
+        texts: &[&[char]],
+        max_words: usize,
+    ) -> Option<(Self, Vec<Encoded>)> {
+        let mut ids: rustc_hash::FxHashMap<char, u16> = rustc_hash::FxHashMap::default();
+        let encode = |s: &[char], ids: &mut rustc_hash::FxHashMap<char, u16>| -> Option<Encoded> {
+            s.iter()
+                .map(|c| {
+                    let next = ids.len();
+                    if next >= usize::from(u16::MAX) && !ids.contains_key(c) {
+                        return None;
+                    }
+                    Some(*ids.entry(*c).or_insert(next as u16))
+                })
+                .collect()
+        };
+        let pattern_codes: Vec<Encoded> = patterns
+            .iter()
+            .map(|p| encode(p, &mut ids))
+            .collect::<Option<_>>()?;
+        let texts: Vec<Encoded> = texts
+            .iter()
+            .map(|t| encode(t, &mut ids))
+            .collect::<Option<_>>()?;
+        let alphabet = ids.len().max(1);
+        if alphabet.checked_mul(patterns.len() + texts.len())? > max_words {
+            return None;
+        }
+        let tables = |strings: &[Encoded]| -> Vec<u64> {
+            let mut peq = vec![0u64; alphabet * strings.len()];
+            for (p, codes) in strings.iter().enumerate() {
+                if codes.len() <= 64 {
+                    let row = &mut peq[p * alphabet..(p + 1) * alphabet];
+                    for (i, &c) in codes.iter().enumerate() {
+                        row[usize::from(c)] |= 1u64 << i;
+                    }
+                }
+            }
+            peq
+        };
+        let peq = tables(&pattern_codes);
+        let text_peq = tables(&texts);
+        Some((
+            PatternSet {
+                patterns,
+                alphabet,
+                peq,
+                text_peq,
+                pattern_codes,
+            },
+            texts,
+        ))
+    }
+
+    /// Edit distance between pattern `p` and text `t`, given as code points and encoded (the
+    /// `t`-th string returned by [`PatternSet::new`]).
+    #[inline]
+    pub fn distance(&self, p: usize, t: usize, text: &[char], encoded: &[u16]) -> u32 {
+        let pattern = self.patterns[p];
+        let (m, n) = (pattern.len(), text.len());
+        if m == 0 || n == 0 {
+            return m.max(n) as u32;
+        }
+        // Run over the shorter string, with the longer one's match masks.
+        let (table, len, codes) = if n <= m && m <= 64 {
+            (&self.peq[p * self.alphabet..(p + 1) * self.alphabet], m, encoded)
+        } else if n <= 64 {
+            (
+                &self.text_peq[t * self.alphabet..(t + 1) * self.alphabet],
+                n,
+                self.pattern_codes[p].as_slice(),
+            )
+        } else if m <= 64 {
+            (&self.peq[p * self.alphabet..(p + 1) * self.alphabet], m, encoded)
+        } else {
+            return levenshtein(pattern, text);
+        };
+        bit_parallel(table, len, codes)
+    }
+}
+
+/// Myers / Hyyrö recurrence: distance between a string of `len` (1..=64) code points, given by its
+/// match-mask `table`, and the string `codes`.
+#[inline]
+fn bit_parallel(table: &[u64], len: usize, codes: &[u16]) -> u32 {
+    // Bits above `len` hold garbage, but carries only move upwards, so the bit that is read
+    // (`last`) never depends on them: no masking needed.
+    let last: u64 = 1u64 << (len - 1);
+    let (mut pv, mut mv) = (u64::MAX, 0u64);
+    let mut score = len as u32;
+    for &c in codes {
+        let eq = table.get(usize::from(c)).copied().unwrap_or(0);
+        let xv = eq | mv;
+        let xh = ((eq & pv).wrapping_add(pv) ^ pv) | eq;
+        let ph = mv | !(xh | pv);
+        let mh = pv & xh;
+        score += u32::from(ph & last != 0);
+        score -= u32::from(mh & last != 0);
+        let ph = (ph << 1) | 1;
+        let mh = mh << 1;
+        pv = mh | !(xv | ph);
+        mv = ph & xv;
+    }
+    score
+}
+
 /// Myers / Hyyrö bit-vector edit distance; `pattern.len()` must be in 1..=64.
 fn myers64(pattern: &[char], text: &[char]) -> u32 {
     let m = pattern.len();
@@ -138,6 +266,23 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn pattern_set_equals_dp(
+            pats in prop::collection::vec("[abcé▁Ġ]{0,70}", 1..6),
+            texts in prop::collection::vec("[abcdé▁]{0,70}", 1..6),
+        ) {
+            let pc: Vec<Vec<char>> = pats.iter().map(|s| chars(s)).collect();
+            let tc: Vec<Vec<char>> = texts.iter().map(|s| chars(s)).collect();
+            let pr: Vec<&[char]> = pc.iter().map(Vec::as_slice).collect();
+            let tr: Vec<&[char]> = tc.iter().map(Vec::as_slice).collect();
+            let (set, enc) = PatternSet::new(&pr, &tr, 1 << 20).unwrap();
+            for (p, pat) in pc.iter().enumerate() {
+                for (t, text) in tc.iter().enumerate() {
+                    prop_assert_eq!(set.distance(p, t, text, &enc[t]), classic(pat, text));
+                }
+            }
+        }
+
         #[test]
         fn bit_parallel_equals_dp(a in "[abcé▁Ġ]{0,70}", b in "[abcé▁Ġ]{0,70}") {
             let (ca, cb) = (chars(&a), chars(&b));

@@ -14,7 +14,9 @@ pub mod dtw;
 pub mod error;
 pub mod levenshtein;
 pub mod offsets;
+pub mod vocab_map;
 
 pub use aligner::{Aligner, Fallback, Method, SeqInput, SeqOutput, VocabMode, Vocab};
 pub use dtw::{mined_base_to_blend, Alignment};
 pub use error::{Error, Result, Side};
+pub use vocab_map::{build_vocab_map, MapMethod, NearestIndex, VocabMapping};

@@ -14,19 +14,34 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyType;
 
-/// Maps a core error to `fusellm.errors.InputError` (a `ValueError`).
-fn to_py(err: core::Error) -> PyErr {
+/// An exception of the `fusellm.errors` hierarchy (`InputError` is a `ValueError`,
+/// `InputTypeError` a `TypeError`); the builtin base class if that module cannot be imported.
+fn fusellm_error(class: &str, msg: String) -> PyErr {
     Python::attach(|py| {
         let cls = py
             .import("fusellm.errors")
-            .and_then(|m| m.getattr("InputError"))
+            .and_then(|m| m.getattr(class))
             .ok()
             .and_then(|c| c.cast_into::<PyType>().ok());
         match cls {
-            Some(cls) => PyErr::from_type(cls, err.to_string()),
-            None => PyValueError::new_err(err.to_string()),
+            Some(cls) => PyErr::from_type(cls, msg),
+            None if class == "InputTypeError" => PyTypeError::new_err(msg),
+            None => PyValueError::new_err(msg),
         }
     })
+}
+
+fn input_error(msg: String) -> PyErr {
+    fusellm_error("InputError", msg)
+}
+
+fn type_error(msg: String) -> PyErr {
+    fusellm_error("InputTypeError", msg)
+}
+
+/// Maps a core error to `fusellm.errors.InputError`.
+fn to_py(err: core::Error) -> PyErr {
+    input_error(err.to_string())
 }
 
 fn parse<T: Copy>(what: &str, value: &str, options: &[(&str, T)]) -> PyResult<T> {
@@ -36,7 +51,7 @@ fn parse<T: Copy>(what: &str, value: &str, options: &[(&str, T)]) -> PyResult<T>
         .map(|(_, v)| *v)
         .ok_or_else(|| {
             let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
-            PyValueError::new_err(format!("{what} must be one of {names:?}, got {value:?}"))
+            input_error(format!("{what} must be one of {names:?}, got {value:?}"))
         })
 }
 
@@ -183,7 +198,7 @@ impl Aligner {
         ];
         for (name, len) in counts {
             if len != n {
-                return Err(PyValueError::new_err(format!(
+                return Err(input_error(format!(
                     "{name} has {len} sequences but base_ids has {n}"
                 )));
             }
@@ -192,7 +207,7 @@ impl Aligner {
         for i in 0..n {
             let (ti, tl) = (&topk_ids[i], &topk_logits[i]);
             if ti.shape() != tl.shape() {
-                return Err(PyValueError::new_err(format!(
+                return Err(input_error(format!(
                     "sequence {i}: blend_topk_ids has shape {:?} but blend_topk_logits has {:?}",
                     ti.shape(),
                     tl.shape()
@@ -235,7 +250,7 @@ impl Aligner {
 }
 
 fn slice<'a, T>(r: Result<&'a [T], numpy::AsSliceError>, seq: usize, what: &str) -> PyResult<&'a [T]> {
-    r.map_err(|_| PyTypeError::new_err(format!("sequence {seq}: {what} must be C-contiguous")))
+    r.map_err(|_| type_error(format!("sequence {seq}: {what} must be C-contiguous")))
 }
 
 fn parse_vocab(vocab: &str) -> PyResult<core::VocabMode> {
