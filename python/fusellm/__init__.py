@@ -6,6 +6,8 @@ extension ``fusellm._native``; this package is the Python API around it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from . import _native
 from .align import (
     EMPTY,
@@ -20,7 +22,33 @@ from .align import (
 from .errors import FuseLLMError, InputError, InputTypeError, StaleArtifactError
 from .tokenization import tokenizer_marker, tokenizer_vocab
 
+if TYPE_CHECKING:
+    from .fuse import FusionCollator, build_packed_dataset, fusion_loss
+    from .train import FusionConfig, FusionTrainer, run_train
+
 __version__: str = _native.__version__
+
+# Training needs torch: import it only when one of these names is used.
+_LAZY = {
+    "FusionCollator": "fuse",
+    "FusionConfig": "train",
+    "FusionTrainer": "train",
+    "build_packed_dataset": "fuse",
+    "fusion_loss": "fuse",
+    "run_train": "train",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fusellm' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "EMPTY",
@@ -30,12 +58,18 @@ __all__ = [
     "AlignedRow",
     "Aligner",
     "FuseLLMError",
+    "FusionCollator",
+    "FusionConfig",
+    "FusionTrainer",
     "InputError",
     "InputTypeError",
     "StaleArtifactError",
     "__version__",
     "align_batch",
+    "build_packed_dataset",
+    "fusion_loss",
     "mined_base_to_blend",
+    "run_train",
     "tokenizer_marker",
     "tokenizer_vocab",
 ]

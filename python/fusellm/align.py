@@ -270,9 +270,12 @@ class Aligner:
             raise InputError(
                 f"num_threads must be an int in [1, {MAX_THREADS}] or None, got {num_threads!r}"
             )
-        b_ids = [_as_int32(x, f"base_ids[{i}]", 1) for i, x in enumerate(_as_list(base_ids, "base_ids"))]
+        b_ids = [
+            _as_int32(x, f"base_ids[{i}]", 1) for i, x in enumerate(_as_list(base_ids, "base_ids"))
+        ]
         x_ids = [
-            _as_int32(x, f"blend_ids[{i}]", 1) for i, x in enumerate(_as_list(blend_ids, "blend_ids"))
+            _as_int32(x, f"blend_ids[{i}]", 1)
+            for i, x in enumerate(_as_list(blend_ids, "blend_ids"))
         ]
         t_ids = [
             _as_int32(x, f"blend_topk_ids[{i}]", 2)
@@ -333,4 +336,6 @@ def mined_base_to_blend(
     for name, toks in (("base_tokens", base_tokens), ("blend_tokens", blend_tokens)):
         if isinstance(toks, str) or not all(isinstance(t, str) for t in toks):
             raise InputTypeError(f"{name} must be a sequence of token strings")
-    return _native.mined_base_to_blend(list(base_tokens), list(blend_tokens), base_marker, blend_marker)
+    return _native.mined_base_to_blend(
+        list(base_tokens), list(blend_tokens), base_marker, blend_marker
+    )

@@ -15,7 +15,7 @@ SAMPLE_TEXTS: tuple[str, ...] = (
     "match, it asks each source model what it expects the next token to be, and teaches a "
     "target model to agree with the best of those predictions.",
     "The hard part is bookkeeping. Two tokenizers rarely cut a sentence in the same places: one "
-    "writes \"un\" + \"believ\" + \"able\", the other \"unbel\" + \"ievable\". Before a "
+    'writes "un" + "believ" + "able", the other "unbel" + "ievable". Before a '
     "distribution can be moved from one model to another, every position on one side must be "
     "paired with the position on the other side that predicts the same continuation.",
     "In 1850 the survey counted 3,417 households, 12 mills and 1 railway station; by 1900 the "

@@ -7,7 +7,7 @@ from typing import Any
 
 from .errors import InputError
 
-__all__ = ["SPIECE_MARKER", "BYTE_LEVEL_MARKER", "tokenizer_marker", "tokenizer_vocab"]
+__all__ = ["BYTE_LEVEL_MARKER", "SPIECE_MARKER", "tokenizer_marker", "tokenizer_vocab"]
 
 #: Word-boundary marker of SentencePiece (Llama family) vocabularies.
 SPIECE_MARKER = "▁"

@@ -1,1 +1,175 @@
-fn main() {}
+//! Criterion benchmarks of the alignment kernels on synthetic but realistic token sequences:
+//! one English-like text cut two ways (SentencePiece-style `▁` pieces against byte-level `Ġ`
+//! pieces, different word splits, newlines spelled `<0x0A>` against `Ċ`).
+//!
+//! `cargo bench -p fusellm-core --bench align`
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use fusellm_core::dtw::{intern_strings, mined_dtw, mined_dtw_full, strip_marker, surface_len};
+use fusellm_core::levenshtein::levenshtein;
+use fusellm_core::offsets::match_ends;
+use std::hint::black_box;
+
+const WORDS: &[&str] = &[
+    "the",
+    "of",
+    "and",
+    "fusion",
+    "model",
+    "token",
+    "alignment",
+    "language",
+    "distribution",
+    "knowledge",
+    "training",
+    "a",
+    "to",
+    "in",
+    "is",
+    "that",
+    "vocabulary",
+    "probability",
+    "source",
+    "target",
+    "with",
+    "teacher",
+    "student",
+    "loss",
+    "sequence",
+    "dynamic",
+    "warping",
+    "1850",
+    "(see",
+    "Table",
+    "3),",
+    "edit",
+    "distance",
+    "unbelievable",
+    "naïve",
+    "café",
+    "—",
+    "x",
+];
+
+/// Deterministic xorshift generator.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A text of `words` words cut into (tokens, end offsets in chars) for one marker style.
+fn segment(words: &[&str], marker: &str, seed: u64) -> (Vec<String>, Vec<i64>) {
+    let mut rng = Rng(seed);
+    let (mut toks, mut ends) = (Vec::new(), Vec::new());
+    let mut pos = 0i64;
+    for (k, w) in words.iter().enumerate() {
+        let newline = k % 37 == 36;
+        let chars: Vec<char> = w.chars().collect();
+        let cut = if chars.len() > 3 {
+            rng.below(chars.len() as u64 - 1) as usize
+        } else {
+            0
+        };
+        let lead = if k == 0 { 0 } else { 1 };
+        let head: String = chars[..cut.max(1).min(chars.len())].iter().collect();
+        let tail: String = chars[cut.max(1).min(chars.len())..].iter().collect();
+        if cut == 0 || tail.is_empty() {
+            toks.push(format!("{marker}{w}"));
+            pos += lead + chars.len() as i64;
+            ends.push(pos);
+        } else {
+            toks.push(format!("{marker}{head}"));
+            pos += lead + head.chars().count() as i64;
+            ends.push(pos);
+            toks.push(tail.clone());
+            pos += tail.chars().count() as i64;
+            ends.push(pos);
+        }
+        if newline {
+            toks.push(if marker == "▁" { "<0x0A>" } else { "Ċ" }.to_string());
+            pos += 1;
+            ends.push(pos);
+        }
+    }
+    (toks, ends)
+}
+
+fn text(n_words: usize) -> Vec<&'static str> {
+    let mut rng = Rng(42);
+    (0..n_words)
+        .map(|_| WORDS[rng.below(WORDS.len() as u64) as usize])
+        .collect()
+}
+
+fn prepared(tokens: &[String], marker: &str) -> (Vec<Vec<char>>, Vec<u32>) {
+    tokens
+        .iter()
+        .map(|t| (strip_marker(t, marker), surface_len(t, marker)))
+        .unzip()
+}
+
+fn bench_mined(c: &mut Criterion) {
+    assert!(
+        !cfg!(debug_assertions),
+        "refusing to benchmark a debug build"
+    );
+    let words = text(1500);
+    let (base, _) = segment(&words, "▁", 7);
+    let (blend, _) = segment(&words, "Ġ", 11);
+    let (xs, xg) = prepared(&blend, "Ġ");
+    let (ys, yg) = prepared(&base, "▁");
+    let (x, y) = (intern_strings(&xs, xg), intern_strings(&ys, yg));
+    assert_eq!(mined_dtw(&x, &y).unwrap(), mined_dtw_full(&x, &y).unwrap());
+    let mut g = c.benchmark_group("mined_dtw");
+    g.sample_size(20);
+    g.throughput(Throughput::Elements(base.len() as u64));
+    g.bench_with_input(BenchmarkId::new("pruned", base.len()), &(), |b, _| {
+        b.iter(|| mined_dtw(black_box(&x), black_box(&y)).unwrap())
+    });
+    g.bench_with_input(BenchmarkId::new("full_matrix", base.len()), &(), |b, _| {
+        b.iter(|| mined_dtw_full(black_box(&x), black_box(&y)).unwrap())
+    });
+    g.finish();
+}
+
+fn bench_offsets(c: &mut Criterion) {
+    let words = text(20_000);
+    let (_, be) = segment(&words, "▁", 7);
+    let (_, xe) = segment(&words, "Ġ", 11);
+    let flat = |ends: &[i64]| -> Vec<i64> {
+        let mut prev = 0;
+        ends.iter()
+            .flat_map(|&e| {
+                let s = prev;
+                prev = e;
+                [s, e]
+            })
+            .collect()
+    };
+    let (bo, xo) = (flat(&be), flat(&xe));
+    let mut g = c.benchmark_group("offsets");
+    g.throughput(Throughput::Elements(be.len() as u64));
+    g.bench_function("match_ends", |b| {
+        b.iter(|| match_ends(black_box(&bo), black_box(&xo)))
+    });
+    g.finish();
+}
+
+fn bench_levenshtein(c: &mut Criterion) {
+    let a: Vec<char> = "probability".chars().collect();
+    let b: Vec<char> = "probabilities".chars().collect();
+    c.bench_function("levenshtein/11x13", |bch| {
+        bch.iter(|| levenshtein(black_box(&a), black_box(&b)))
+    });
+}
+
+criterion_group!(benches, bench_mined, bench_offsets, bench_levenshtein);
+criterion_main!(benches);

@@ -231,7 +231,10 @@ impl Aligner {
         let strip_all = |v: &Vocab, marker: &str| -> Vec<Vec<char>> {
             v.strings()
                 .iter()
-                .map(|s| s.as_deref().map_or_else(Vec::new, |s| strip_marker(s, marker)))
+                .map(|s| {
+                    s.as_deref()
+                        .map_or_else(Vec::new, |s| strip_marker(s, marker))
+                })
                 .collect()
         };
         let guide_all = |v: &Vocab, marker: &str| -> Vec<u32> {
@@ -419,9 +422,8 @@ impl Aligner {
             num_unmapped: 0,
         };
         let mut order: Vec<usize> = (0..k).collect();
-        for i in 0..m {
+        for (i, &j) in pairing.iter().enumerate() {
             let base_id = inp.base_ids[i] as u32;
-            let j = pairing[i];
             let matched = j != NO_MATCH
                 && (exact || self.tokens_match(i, base_id, inp.blend_ids[j as usize] as u32, mode));
             let row_ids = &mut out.ids[i * k..(i + 1) * k];

@@ -290,13 +290,29 @@ fn banded_cost(x: &Interned, y: &Interned, costs: &mut Costs) -> u64 {
         let lo = glo.saturating_sub(GUIDE_BAND) as usize;
         let hi = ((ghi + GUIDE_BAND) as usize + 1).min(m);
         // Keep the band monotone so the guide path's own cells are always inside.
-        let lo = if i == 0 { 0 } else { lo.max(plo).min(glo as usize) };
+        let lo = if i == 0 {
+            0
+        } else {
+            lo.max(plo).min(glo as usize)
+        };
         cur.clear();
         for j in lo..hi {
-            let up = if i > 0 && j >= plo && j < phi { prev[j - plo] } else { u64::MAX };
-            let diag = if i > 0 && j > plo && j - 1 < phi { prev[j - 1 - plo] } else { u64::MAX };
+            let up = if i > 0 && j >= plo && j < phi {
+                prev[j - plo]
+            } else {
+                u64::MAX
+            };
+            let diag = if i > 0 && j > plo && j - 1 < phi {
+                prev[j - 1 - plo]
+            } else {
+                u64::MAX
+            };
             let left = if j > lo { cur[j - 1 - lo] } else { u64::MAX };
-            let best = if i == 0 && j == 0 { 0 } else { up.min(diag).min(left) };
+            let best = if i == 0 && j == 0 {
+                0
+            } else {
+                up.min(diag).min(left)
+            };
             let v = if best == u64::MAX {
                 u64::MAX
             } else {
@@ -352,11 +368,7 @@ struct SuffixBounds {
 /// Smallest distance from each distinct string of `a` to any distinct string of `b`, through
 /// `cost(ai, bi)`; 0 for strings that `b` holds exactly. Candidates are tried in order of length
 /// difference, which is a lower bound of the distance, so most of the row is never computed.
-fn nearest(
-    a: &[&[char]],
-    b: &[&[char]],
-    mut cost: impl FnMut(u32, u32, u32) -> u32,
-) -> Vec<u32> {
+fn nearest(a: &[&[char]], b: &[&[char]], mut cost: impl FnMut(u32, u32, u32) -> u32) -> Vec<u32> {
     let exact: rustc_hash::FxHashSet<&[char]> = b.iter().copied().collect();
     let mut by_len: Vec<(u32, u32)> = b
         .iter()
@@ -408,8 +420,12 @@ fn nearest(
 
 impl SuffixBounds {
     fn new(x: &Interned, y: &Interned, costs: &mut Costs) -> Self {
-        let xmin = nearest(&x.strings, &y.strings, |a, b, lim| costs.get_below(a, b, lim));
-        let ymin = nearest(&y.strings, &x.strings, |b, a, lim| costs.get_below(a, b, lim));
+        let xmin = nearest(&x.strings, &y.strings, |a, b, lim| {
+            costs.get_below(a, b, lim)
+        });
+        let ymin = nearest(&y.strings, &x.strings, |b, a, lim| {
+            costs.get_below(a, b, lim)
+        });
         let suffix = |ids: &[u32], mins: &[u32]| -> Vec<u32> {
             let mut out = vec![0u32; ids.len() + 1];
             for k in (0..ids.len()).rev() {
@@ -525,7 +541,6 @@ fn pruned_forward(
     suffix: &SuffixBounds,
 ) -> Option<Band> {
     let (n, m) = (x.ids.len(), y.ids.len());
-    let ylen: Vec<u32> = y.ids.iter().map(|&s| y.strings[s as usize].len() as u32).collect();
     // A cell (i, j) is kept iff D + max(rows[i + 1], cols[j + 1]) <= bound, i.e. D < limit.
     let limit = |lb: u32| (bound + 1).saturating_sub(lb);
     let col_limit: Vec<u32> = suffix.cols[1..].iter().map(|&lb| limit(lb)).collect();
@@ -562,7 +577,6 @@ fn pruned_forward(
         let plo = band.lo[i - 1] as usize;
         let prev = &band.vals[band.start[i - 1]..band.start[i]];
         let phi = plo + prev.len(); // exclusive
-        let lx = x.strings[xi as usize].len() as u32;
         let mut rc = costs.row_costs(xi);
         let row_limit = limit(suffix.rows[i + 1]);
         cur.clear();
@@ -570,19 +584,18 @@ fn pruned_forward(
         // Columns plo..phi: up and diag from the previous row, left from this one.
         let mut left = INF;
         let mut diag = INF;
-        for ((((cell, &up), &yj), &ly), &cl) in cur
+        for (((cell, &up), &yj), &cl) in cur
             .iter_mut()
             .zip(prev)
             .zip(&y.ids[plo..phi])
-            .zip(&ylen[plo..phi])
             .zip(&col_limit[plo..phi])
         {
             let best = up.min(diag).min(left);
             diag = up;
             let lim = row_limit.min(cl);
-            // |len x - len y| <= distance, and best == INF saturates, so the lookup is skipped
-            // for every cell that cannot be kept.
-            left = if best.saturating_add(lx.abs_diff(ly)) >= lim {
+            // A cached distance is read as is; a missing one is computed only if its lower
+            // bound does not already rule the cell out.
+            left = if best >= lim {
                 INF
             } else {
                 let v = best + rc.get_below(yj, lim - best);
@@ -683,9 +696,9 @@ pub fn mined_dtw(x: &Interned, y: &Interned) -> Result<Alignment> {
     let band = match pruned_forward(x, y, &mut costs, bound, &suffix) {
         Some(band) => band,
         // Unreachable for a valid bound; an unpruned pass keeps the result exact regardless.
-        None => pruned_forward(x, y, &mut costs, INF - 1, &SuffixBounds::zero(n, m)).ok_or_else(|| {
-            Error::Value("MinED alignment: path costs overflow 32 bits".to_string())
-        })?,
+        None => pruned_forward(x, y, &mut costs, INF - 1, &SuffixBounds::zero(n, m)).ok_or_else(
+            || Error::Value("MinED alignment: path costs overflow 32 bits".to_string()),
+        )?,
     };
     Ok(backtrack(&band, n, m))
 }
@@ -726,7 +739,11 @@ pub fn mined_dtw_full(x: &Interned, y: &Interned) -> Result<Alignment> {
             let best = if i == 0 && j == 0 {
                 0
             } else {
-                let up = if i > 0 { band.vals[(i - 1) * m + j] } else { INF };
+                let up = if i > 0 {
+                    band.vals[(i - 1) * m + j]
+                } else {
+                    INF
+                };
                 let left = if j > 0 { band.vals[i * m + j - 1] } else { INF };
                 let diag = if i > 0 && j > 0 {
                     band.vals[(i - 1) * m + j - 1]
@@ -763,7 +780,10 @@ mod tests {
             vec![vec![0], vec![0], vec![1]]
         );
         assert_eq!(
-            align(&["▁The", "▁cat", "▁s", "at", "."], &["The", "Ġcat", "Ġsat", "."]),
+            align(
+                &["▁The", "▁cat", "▁s", "at", "."],
+                &["The", "Ġcat", "Ġsat", "."]
+            ),
             vec![vec![0], vec![1], vec![2], vec![2], vec![3]]
         );
         assert_eq!(
@@ -775,7 +795,10 @@ mod tests {
     #[test]
     fn length_one_and_empty() {
         assert_eq!(align(&["▁a"], &["Ġb"]), vec![vec![0]]);
-        assert_eq!(align(&["▁a", "b", "c"], &["x"]), vec![vec![0], vec![0], vec![0]]);
+        assert_eq!(
+            align(&["▁a", "b", "c"], &["x"]),
+            vec![vec![0], vec![0], vec![0]]
+        );
         assert!(mined_base_to_blend(&[], &["a"], "▁", "Ġ").is_err());
         assert!(mined_base_to_blend(&["a"], &[], "▁", "Ġ").is_err());
     }

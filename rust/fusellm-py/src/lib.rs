@@ -159,7 +159,13 @@ impl Aligner {
             .inner
             .targets(mode)
             .iter()
-            .map(|&t| if t == core::aligner::NONE { -1 } else { t as i32 })
+            .map(|&t| {
+                if t == core::aligner::NONE {
+                    -1
+                } else {
+                    t as i32
+                }
+            })
             .collect();
         Ok(out.into_pyarray(py))
     }
@@ -249,7 +255,11 @@ impl Aligner {
     }
 }
 
-fn slice<'a, T>(r: Result<&'a [T], numpy::AsSliceError>, seq: usize, what: &str) -> PyResult<&'a [T]> {
+fn slice<'a, T>(
+    r: Result<&'a [T], numpy::AsSliceError>,
+    seq: usize,
+    what: &str,
+) -> PyResult<&'a [T]> {
     r.map_err(|_| type_error(format!("sequence {seq}: {what} must be C-contiguous")))
 }
 
@@ -257,7 +267,10 @@ fn parse_vocab(vocab: &str) -> PyResult<core::VocabMode> {
     parse(
         "vocab",
         vocab,
-        &[("hard", core::VocabMode::Hard), ("soft", core::VocabMode::Soft)],
+        &[
+            ("hard", core::VocabMode::Hard),
+            ("soft", core::VocabMode::Soft),
+        ],
     )
 }
 

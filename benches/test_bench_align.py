@@ -1,0 +1,145 @@
+"""Alignment speed (issue: foundation and the alignment core).
+
+- MinED (compat="fusellm") per 2048-token pair against the pure-Python oracle of spec section 4,
+  with identical output;
+- offset alignment in base tokens per second per thread, top-K re-expression included, against a
+  straightforward Python two-pointer;
+- a 64-pair batch on 2 threads against 1 thread.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import fusellm
+import oracle
+from corpus import encode, pieces, random_topk, report
+from fusellm.bundled import load_tokenizer
+
+BASE, BLEND = "mistral", "qwen"
+
+
+@pytest.fixture(scope="module")
+def setup() -> dict:
+    base_tok, blend_tok = load_tokenizer(BASE), load_tokenizer(BLEND)
+    bv, xv = fusellm.tokenizer_vocab(base_tok), fusellm.tokenizer_vocab(blend_tok)
+    texts = pieces(BASE, 64)
+    b_ids, b_off = encode(BASE, texts)
+    x_ids, x_off = encode(BLEND, texts)
+    t_ids, t_logits = random_topk([len(x) for x in x_ids], len(xv))
+    return {
+        "base_vocab": bv,
+        "blend_vocab": xv,
+        "b_ids": b_ids,
+        "b_off": b_off,
+        "x_ids": x_ids,
+        "x_off": x_off,
+        "t_ids": t_ids,
+        "t_logits": t_logits,
+        "compat": fusellm.Aligner(bv, xv, base_marker="▁", blend_marker="Ġ", compat="fusellm"),
+        "default": fusellm.Aligner(bv, xv, base_marker="▁", blend_marker="Ġ"),
+    }
+
+
+def test_mined_compat_vs_python_oracle(benchmark, setup) -> None:
+    s = setup
+    al = s["compat"]
+    n_pairs = 8
+    args = [s[k][:n_pairs] for k in ("b_ids", "x_ids", "t_ids", "t_logits")]
+    out = benchmark(al.align_batch, *args, method="mined", num_threads=1)
+    per_pair = benchmark.stats.stats.mean / n_pairs
+    # The oracle takes seconds per pair: time two pairs, and check they agree bit for bit.
+    bv, xv = s["base_vocab"], s["blend_vocab"]
+    oracle_times = []
+    for i in range(2):
+        bt = [bv[t] for t in s["b_ids"][i]]
+        xt = [xv[t] for t in s["x_ids"][i]]
+        t0 = time.perf_counter()
+        want = oracle.mined_base_to_blend(bt, xt, "▁", "Ġ")
+        oracle_times.append(time.perf_counter() - t0)
+        got = fusellm.mined_base_to_blend(bt, xt, base_marker="▁", blend_marker="Ġ")
+        assert got == want
+    oracle_per_pair = float(np.mean(oracle_times))
+    ratio = oracle_per_pair / per_pair
+    lengths = [(len(b), len(x)) for b, x in zip(args[0], args[1], strict=True)]
+    benchmark.extra_info.update(
+        rust_ms_per_pair=per_pair * 1e3, oracle_s_per_pair=oracle_per_pair, ratio=ratio
+    )
+    report(
+        "mined compat, 1 thread",
+        pairs=lengths,
+        rust_ms_per_pair=f"{per_pair * 1e3:.2f}",
+        oracle_s_per_pair=f"{oracle_per_pair:.2f}",
+        speedup=f"{ratio:.0f}x",
+    )
+    assert len(out) == n_pairs
+
+
+def _python_offsets_baseline(b_off: list[np.ndarray], x_off: list[np.ndarray]) -> list[list[int]]:
+    out = []
+    for bo, xo in zip(b_off, x_off, strict=True):
+        be, xe = bo[:, 1].tolist(), xo[:, 1].tolist()
+        last = {e: j for j, e in enumerate(xe)}
+        row = []
+        for i, e in enumerate(be):
+            is_last = i + 1 == len(be) or be[i + 1] != e
+            row.append(last.get(e, -1) if is_last else -1)
+        out.append(row)
+    return out
+
+
+def test_offsets_tokens_per_second(benchmark, setup) -> None:
+    s = setup
+    al = s["default"]
+    tokens = sum(len(b) for b in s["b_ids"])
+    benchmark(
+        al.align_batch,
+        s["b_ids"],
+        s["x_ids"],
+        s["t_ids"],
+        s["t_logits"],
+        method="offsets",
+        base_offsets=s["b_off"],
+        blend_offsets=s["x_off"],
+        num_threads=1,
+    )
+    rate = tokens / benchmark.stats.stats.mean
+    t0 = time.perf_counter()
+    _python_offsets_baseline(s["b_off"], s["x_off"])
+    base_rate = tokens / (time.perf_counter() - t0)
+    benchmark.extra_info.update(tokens_per_s=rate, python_pairing_tokens_per_s=base_rate)
+    report(
+        "offsets, 1 thread, top-K included",
+        pairs=len(s["b_ids"]),
+        base_tokens=tokens,
+        mtokens_per_s=f"{rate / 1e6:.1f}",
+        python_pairing_only_mtokens_per_s=f"{base_rate / 1e6:.2f}",
+        ratio=f"{rate / base_rate:.0f}x",
+    )
+
+
+def test_batch_two_threads_vs_one(benchmark, setup) -> None:
+    s = setup
+    al = s["compat"]
+    args = [s[k] for k in ("b_ids", "x_ids", "t_ids", "t_logits")]
+    timings = {}
+    for threads in (1, 2):
+        al.align_batch(*args, num_threads=threads)  # warm the pool
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            al.align_batch(*args, num_threads=threads)
+            best = min(best, time.perf_counter() - t0)
+        timings[threads] = best
+    benchmark.pedantic(al.align_batch, args=tuple(args), kwargs={"num_threads": 2}, rounds=1)
+    speedup = timings[1] / timings[2]
+    benchmark.extra_info.update(one_thread_s=timings[1], two_threads_s=timings[2], speedup=speedup)
+    report(
+        "mined compat, 64 pairs",
+        one_thread_s=f"{timings[1]:.3f}",
+        two_threads_s=f"{timings[2]:.3f}",
+        speedup=f"{speedup:.2f}x",
+    )
