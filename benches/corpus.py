@@ -43,13 +43,24 @@ def encode(tok_name: str, texts: list[str]) -> tuple[list[np.ndarray], list[np.n
     return ids, offs
 
 
-def random_topk(
-    lengths: list[int], vocab: int, k: int = 10, seed: int = 0
+def realistic_topk(
+    ids: list[np.ndarray], k: int = 10, seed: int = 0
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Top-K rows shaped like a language model's: the token that actually follows first, then
+    tokens drawn from the text's own unigram distribution (frequent tokens dominate a model's
+    top-K, which is what the look-up tables see), logits descending."""
     rng = np.random.default_rng(seed)
-    ids = [rng.integers(0, vocab, (n, k)).astype(np.int32) for n in lengths]
-    logits = [-np.sort(rng.random((n, k)), axis=1).astype(np.float32) for n in lengths]
-    return ids, logits
+    flat = np.concatenate(ids)
+    vocab, counts = np.unique(flat, return_counts=True)
+    p = counts / counts.sum()
+    out_ids, out_logits = [], []
+    for x in ids:
+        n = len(x)
+        rows = rng.choice(vocab, size=(n, k), p=p).astype(np.int32)
+        rows[:, 0] = np.append(x[1:], x[-1])
+        out_ids.append(rows)
+        out_logits.append(-np.sort(rng.random((n, k)), axis=1).astype(np.float32) * 10)
+    return out_ids, out_logits
 
 
 def report(name: str, **figures: object) -> None:

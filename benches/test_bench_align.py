@@ -16,7 +16,7 @@ import pytest
 
 import fusellm
 import oracle
-from corpus import encode, pieces, random_topk, report
+from corpus import encode, pieces, realistic_topk, report
 from fusellm.bundled import load_tokenizer
 
 BASE, BLEND = "mistral", "qwen"
@@ -29,7 +29,7 @@ def setup() -> dict:
     texts = pieces(BASE, 64)
     b_ids, b_off = encode(BASE, texts)
     x_ids, x_off = encode(BLEND, texts)
-    t_ids, t_logits = random_topk([len(x) for x in x_ids], len(xv))
+    t_ids, t_logits = realistic_topk(x_ids)
     return {
         "base_vocab": bv,
         "blend_vocab": xv,

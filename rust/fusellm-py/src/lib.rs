@@ -160,7 +160,7 @@ impl Aligner {
             .targets(mode)
             .iter()
             .map(|&t| {
-                if t == core::aligner::NONE {
+                if t >= core::aligner::UNKNOWN {
                     -1
                 } else {
                     t as i32
