@@ -582,3 +582,109 @@ fn logaddexp(a: f32, b: f32) -> f32 {
     }
     hi + (lo - hi).exp().ln_1p()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vocab(v: &[&str]) -> Vocab {
+        Vocab::new(v.iter().map(|s| Some(s.to_string())).collect()).unwrap()
+    }
+
+    fn aligner(compat: bool, fallback: Fallback) -> Aligner {
+        // base: ▁the ▁cat ▁s at .      blend: Ġthe Ġcat Ġsat . Ġdog
+        Aligner::new(
+            vocab(&["▁the", "▁cat", "▁s", "at", "."]),
+            vocab(&["Ġthe", "Ġcat", "Ġsat", ".", "Ġdog", "the"]),
+            "▁",
+            "Ġ",
+            None,
+            compat,
+            fallback,
+        )
+        .unwrap()
+    }
+
+    fn run(al: &Aligner, topk: &[i32], logits: &[f32], k: usize, method: Method) -> SeqOutput {
+        let inp = SeqInput {
+            base_ids: &[0, 1, 2, 3, 4],
+            blend_ids: &[0, 1, 2, 3],
+            topk_ids: topk,
+            topk_logits: logits,
+            k,
+            base_offsets: Some(&[0, 3, 3, 7, 7, 9, 9, 11, 11, 12]),
+            blend_offsets: Some(&[0, 3, 3, 7, 7, 11, 11, 12]),
+        };
+        al.validate(0, &inp, method).unwrap();
+        al.align_one(&inp, method, VocabMode::Hard).unwrap()
+    }
+
+    #[test]
+    fn compat_rows_follow_the_reference() {
+        let al = aligner(true, Fallback::Next);
+        // top-2 per blend position; position 1 holds a string that is no base token (Ġsat) and
+        // an id without a string (99); position 3 a duplicate.
+        let topk = [1, 0, 2, 99, 3, 4, 0, 0];
+        let logits = [2.0, 1.0, 3.0, 0.5, 1.0, 0.0, 5.0, 4.0];
+        let out = run(&al, &topk, &logits, 2, Method::Mined);
+        // base ▁the <- Ġthe (match): ids [1, 0]; ▁cat <- Ġcat: Ġsat is not a base token, 99 unknown.
+        assert_eq!(&out.ids[0..2], &[1, 0]);
+        assert_eq!(&out.ids[2..4], &[-1, -1]);
+        assert_eq!(out.status[1], status::EMPTY);
+        // ▁s and at both pair with Ġsat: one-hot on the CURRENT token.
+        assert_eq!((out.ids[4], out.logits[4]), (2, 1.0));
+        assert_eq!((out.ids[6], out.logits[6]), (3, 1.0));
+        assert_eq!(out.status[2], status::FALLBACK);
+        // "." <- ".": duplicates keep the first logit.
+        assert_eq!((&out.ids[8..10], out.logits[8]), (&[0, -1][..], 5.0));
+        assert_eq!((out.num_unknown, out.num_unmapped), (1, 1));
+    }
+
+    #[test]
+    fn default_merges_and_falls_back_on_the_next_token() {
+        let al = aligner(false, Fallback::Next);
+        let topk = [1, 0, 2, 99, 3, 4, 0, 0];
+        let logits = [2.0, 1.0, 3.0, 0.5, 1.0, 0.0, 5.0, 5.0];
+        let out = run(&al, &topk, &logits, 2, Method::Mined);
+        assert_eq!((out.ids[4], out.ids[6]), (3, 4), "next base token");
+        let merged = out.logits[8];
+        assert!((merged - (5.0 + std::f32::consts::LN_2)).abs() < 1e-6);
+        // offsets: ▁s (ends at 9) has no blend token ending there; "at" ends with Ġsat at 11.
+        let out = run(&al, &topk, &logits, 2, Method::Offsets);
+        assert_eq!(out.status[2], status::FALLBACK);
+        assert_eq!(
+            (out.status[3], out.ids[6], out.ids[7]),
+            (status::MATCHED, 4, -1)
+        );
+        assert_eq!(out.status[4], status::MATCHED);
+    }
+
+    #[test]
+    fn bad_input_is_an_error_not_a_panic() {
+        let al = aligner(false, Fallback::Mask);
+        let inp = SeqInput {
+            base_ids: &[0, 7],
+            blend_ids: &[0],
+            topk_ids: &[0],
+            topk_logits: &[f32::NAN],
+            k: 1,
+            base_offsets: None,
+            blend_offsets: None,
+        };
+        let err = al.validate(3, &inp, Method::Mined).unwrap_err();
+        assert!(
+            err.to_string().contains("base token id 7 at position 1"),
+            "{err}"
+        );
+        let inp = SeqInput {
+            base_ids: &[0],
+            ..inp
+        };
+        let err = al.validate(3, &inp, Method::Mined).unwrap_err();
+        assert!(err.to_string().contains("NaN"), "{err}");
+        assert!(
+            al.validate(0, &inp, Method::Offsets).is_err(),
+            "offsets missing"
+        );
+    }
+}
