@@ -564,13 +564,20 @@ fn descending_order(logits: &[f32], order: &mut [usize]) {
     });
 }
 
-/// Stable sort of a row by descending logit.
+/// Stable sort of a row by descending logit, in place (insertion sort: rows hold at most K
+/// entries and are nearly sorted).
 fn sort_row(ids: &mut [i32], logits: &mut [f32]) {
-    let mut pairs: Vec<(i32, f32)> = ids.iter().copied().zip(logits.iter().copied()).collect();
-    pairs.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
-    for (slot, (id, l)) in pairs.into_iter().enumerate() {
-        ids[slot] = id;
-        logits[slot] = l;
+    for i in 1..ids.len() {
+        let (id, l) = (ids[i], logits[i]);
+        let mut j = i;
+        // NaN was rejected by validation; `>` keeps equal logits (also -0.0 / 0.0) in order.
+        while j > 0 && l > logits[j - 1] {
+            ids[j] = ids[j - 1];
+            logits[j] = logits[j - 1];
+            j -= 1;
+        }
+        ids[j] = id;
+        logits[j] = l;
     }
 }
 
