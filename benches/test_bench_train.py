@@ -35,7 +35,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from corpus import report  # noqa: E402
-
 from fusellm.fuse import fusion_loss  # noqa: E402
 
 V, L, C, K = 32000, 2048, 3, 10

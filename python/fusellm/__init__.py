@@ -20,16 +20,27 @@ from .align import (
     mined_base_to_blend,
 )
 from .errors import FuseLLMError, InputError, InputTypeError, StaleArtifactError
+from .pack import PackedBlocks, pack
 from .tokenization import tokenizer_marker, tokenizer_vocab
+from .vocab import VocabMap
 
 if TYPE_CHECKING:
+    from .extract import ExtractReport, extract_topk, finalize_extract
     from .fuse import FusionCollator, build_packed_dataset, fusion_loss
+    from .split import SplitStats, run_split, split_texts
     from .train import FusionConfig, FusionTrainer, run_train
 
 __version__: str = _native.__version__
 
-# Training needs torch: import it only when one of these names is used.
+# The stages need torch, transformers or datasets: import them only when one of these names is
+# used.
 _LAZY = {
+    "ExtractReport": "extract",
+    "SplitStats": "split",
+    "extract_topk": "extract",
+    "finalize_extract": "extract",
+    "run_split": "split",
+    "split_texts": "split",
     "FusionCollator": "fuse",
     "FusionConfig": "train",
     "FusionTrainer": "train",
@@ -57,19 +68,28 @@ __all__ = [
     "MATCHED",
     "AlignedRow",
     "Aligner",
+    "ExtractReport",
     "FuseLLMError",
     "FusionCollator",
     "FusionConfig",
     "FusionTrainer",
     "InputError",
     "InputTypeError",
+    "PackedBlocks",
+    "SplitStats",
     "StaleArtifactError",
+    "VocabMap",
     "__version__",
     "align_batch",
     "build_packed_dataset",
+    "extract_topk",
+    "finalize_extract",
     "fusion_loss",
     "mined_base_to_blend",
+    "pack",
+    "run_split",
     "run_train",
+    "split_texts",
     "tokenizer_marker",
     "tokenizer_vocab",
 ]

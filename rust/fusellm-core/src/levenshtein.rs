@@ -134,7 +134,11 @@ impl<'a> PatternSet<'a> {
         }
         // Run over the shorter string, with the longer one's match masks.
         let (table, len, codes) = if n <= m && m <= 64 {
-            (&self.peq[p * self.alphabet..(p + 1) * self.alphabet], m, encoded)
+            (
+                &self.peq[p * self.alphabet..(p + 1) * self.alphabet],
+                m,
+                encoded,
+            )
         } else if n <= 64 {
             (
                 &self.text_peq[t * self.alphabet..(t + 1) * self.alphabet],
@@ -142,7 +146,11 @@ impl<'a> PatternSet<'a> {
                 self.pattern_codes[p].as_slice(),
             )
         } else if m <= 64 {
-            (&self.peq[p * self.alphabet..(p + 1) * self.alphabet], m, encoded)
+            (
+                &self.peq[p * self.alphabet..(p + 1) * self.alphabet],
+                m,
+                encoded,
+            )
         } else {
             return levenshtein(pattern, text);
         };
@@ -251,7 +259,11 @@ mod tests {
         assert_eq!(levenshtein_str("", "abc"), 3);
         assert_eq!(levenshtein_str("abc", ""), 3);
         assert_eq!(levenshtein_str("flaw", "lawn"), 2);
-        assert_eq!(levenshtein_str("héllo", "hello"), 1, "code points, not bytes");
+        assert_eq!(
+            levenshtein_str("héllo", "hello"),
+            1,
+            "code points, not bytes"
+        );
         assert_eq!(levenshtein_str("âĢĶ", "—"), 3);
         assert_eq!(levenshtein_str("<0x0A>", "Ċ"), 6);
     }

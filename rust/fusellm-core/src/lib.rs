@@ -5,6 +5,8 @@
 //! - [`offsets`]: linear-time alignment by shared end offsets.
 //! - [`aligner`]: re-expression of top-K distributions on the target's tokens and vocabulary.
 //! - [`batch`]: fork-safe rayon pools and batch entry points.
+//! - [`vocab_map`]: exact MinED / surface vocabulary maps.
+//! - [`pack`]: packing rows into training blocks (reference concat, best-fit decreasing).
 //!
 //! No Python here: the bindings live in `fusellm-py`.
 
@@ -14,9 +16,11 @@ pub mod dtw;
 pub mod error;
 pub mod levenshtein;
 pub mod offsets;
+pub mod pack;
 pub mod vocab_map;
 
-pub use aligner::{Aligner, Fallback, Method, SeqInput, SeqOutput, VocabMode, Vocab};
+pub use aligner::{Aligner, Fallback, Method, SeqInput, SeqOutput, Vocab, VocabMode};
 pub use dtw::{mined_base_to_blend, Alignment};
 pub use error::{Error, Result, Side};
+pub use pack::{NanScores, PackMode, PackPlan};
 pub use vocab_map::{build_vocab_map, MapMethod, NearestIndex, VocabMapping};

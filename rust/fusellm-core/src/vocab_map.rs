@@ -161,7 +161,12 @@ impl SurfaceDecoder {
 /// The byte of a SentencePiece byte-fallback piece `<0xHH>`.
 pub fn byte_piece(token: &str) -> Option<u8> {
     let b = token.as_bytes();
-    if b.len() == 6 && token.starts_with("<0x") && b[5] == b'>' {
+    if b.len() == 6
+        && token.starts_with("<0x")
+        && b[5] == b'>'
+        && b[3].is_ascii_hexdigit()
+        && b[4].is_ascii_hexdigit()
+    {
         u8::from_str_radix(&token[3..5], 16).ok()
     } else {
         None
@@ -226,6 +231,113 @@ pub struct NearestIndex {
     /// Character -> mask bit (absent: [`SHARED_BIT`]).
     bit_of: FxHashMap<char, u8>,
     max_len: usize,
+    /// The indexed strings (distinct, with their lowest id), for verification.
+    strings: Vec<(Vec<char>, u32)>,
+    /// Deletion neighbourhoods: hash of a string with up to [`DEL_K`] characters deleted ->
+    /// range of `del_entries` (indices into `strings`).
+    del_keys: FxHashMap<u64, (u32, u32)>,
+    del_entries: Vec<u32>,
+    /// Deletions per base string in `del_keys` (0: no deletion index).
+    del_k: usize,
+    /// Characters found in at least [`RARE`] indexed strings.
+    common: rustc_hash::FxHashSet<char>,
+}
+
+/// A character in fewer base strings than this is rare: a query with more than `k` rare
+/// characters is unlikely to be within `k` edits, so it goes to the trie directly (both paths
+/// are exact; this only picks the cheaper one).
+const RARE: u32 = 16;
+
+/// Largest distance answered from the deletion neighbourhoods (fewer when the base vocabulary
+/// would need more than [`DEL_BUDGET`] keys).
+const DEL_K: usize = 4;
+/// Most keys in the deletion index.
+const DEL_BUDGET: u64 = 4_000_000;
+/// Most candidates one stage of a deletion search may measure.
+const DEL_MAX_CANDIDATES: usize = 2048;
+/// Longest base string in the deletion index; a query uses it only if every string within its
+/// `k` edits is short enough to be there.
+const DEL_MAX_LEN: usize = 24;
+/// Shortest key kept in the deletion index: shorter keys would match too many strings. A query
+/// of `n` code points is looked up with `min(k, n - DEL_MIN_KEY)` deletions.
+const DEL_MIN_KEY: usize = 3;
+
+fn hash_chars(s: &[char], deleted: &[usize]) -> u64 {
+    let mut h = ((s.len() - deleted.len()) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut del = deleted.iter().peekable();
+    for (i, &c) in s.iter().enumerate() {
+        if del.peek() == Some(&&i) {
+            del.next();
+            continue;
+        }
+        h = (h.rotate_left(5) ^ u64::from(u32::from(c))).wrapping_mul(0x517C_C1B7_2722_0A95);
+    }
+    h ^ (h >> 29)
+}
+
+/// Hashes of `s` with every choice of up to `k` deleted positions whose result keeps at least
+/// [`DEL_MIN_KEY`] characters (duplicates possible).
+fn deletion_keys(s: &[char], k: usize, out: &mut Vec<u64>) {
+    fn rec(s: &[char], from: usize, k: usize, deleted: &mut Vec<usize>, out: &mut Vec<u64>) {
+        out.push(hash_chars(s, deleted));
+        if k == 0 || s.len() - deleted.len() <= DEL_MIN_KEY {
+            return;
+        }
+        for i in from..s.len() {
+            deleted.push(i);
+            rec(s, i + 1, k - 1, deleted, out);
+            deleted.pop();
+        }
+    }
+    if s.len() >= DEL_MIN_KEY {
+        rec(s, 0, k, &mut Vec::with_capacity(k), out);
+    }
+}
+
+/// Hashes of `s` with every choice of exactly `j` deleted positions (duplicates possible).
+fn deletion_keys_exact(s: &[char], j: usize, out: &mut Vec<u64>) {
+    fn rec(s: &[char], from: usize, j: usize, deleted: &mut Vec<usize>, out: &mut Vec<u64>) {
+        if j == 0 {
+            out.push(hash_chars(s, deleted));
+            return;
+        }
+        for i in from..=s.len() - j {
+            deleted.push(i);
+            rec(s, i + 1, j - 1, deleted, out);
+            deleted.pop();
+        }
+    }
+    if s.len() >= j + DEL_MIN_KEY {
+        rec(s, 0, j, &mut Vec::with_capacity(j), out);
+    }
+}
+
+/// A running (id, distance) minimum, ties to the lowest id.
+trait Best {
+    fn is_none_or_better(&self, d: u32, id: u32) -> bool;
+}
+
+impl Best for Option<(u32, u32)> {
+    fn is_none_or_better(&self, d: u32, id: u32) -> bool {
+        match *self {
+            None => true,
+            Some((bid, bd)) => d < bd || (d == bd && id < bid),
+        }
+    }
+}
+
+/// Number of keys [`deletion_keys`] gives for a string of `len` code points.
+fn num_deletion_keys(len: usize, k: usize) -> u64 {
+    let mut total = 0u64;
+    let mut comb = 1u64; // C(len, j)
+    for j in 0..=k.min(len) {
+        if len - j < DEL_MIN_KEY {
+            break;
+        }
+        total += comb;
+        comb = comb * (len - j) as u64 / (j + 1) as u64;
+    }
+    total
 }
 
 /// Reusable buffers of one searching thread.
@@ -246,6 +358,9 @@ pub struct Scratch {
     /// The row of a child whose character occurs nowhere in the query (shared by all of them).
     mism: Vec<u32>,
     leaf_row: Vec<u32>,
+    /// Deletion keys of the query and the candidates they find.
+    keys: Vec<u64>,
+    cands: Vec<u32>,
 }
 
 /// The trie under construction, one array per field.
@@ -267,7 +382,11 @@ impl NearestIndex {
     /// lowest id). `hint` are (some of) the queries to come: their most frequent characters get
     /// a mask bit of their own, which sharpens the pruning; any hint, even none, gives the same
     /// answers.
-    pub fn new(base: &[Option<String>], hint: &[String]) -> Result<Self> {
+    pub fn new(
+        base: &[Option<String>],
+        hint: &[String],
+        num_threads: Option<usize>,
+    ) -> Result<Self> {
         if base.len() >= NONE as usize {
             return Err(Error::Value(format!(
                 "base vocabulary of {} entries is too large",
@@ -288,9 +407,14 @@ impl NearestIndex {
         // Mask bits: the most frequent characters of the hint (else of the base).
         let mut freq: FxHashMap<char, u64> = FxHashMap::default();
         if hint.is_empty() {
-            entries.iter().flat_map(|(s, _)| s).for_each(|&c| *freq.entry(c).or_default() += 1);
+            entries
+                .iter()
+                .flat_map(|(s, _)| s)
+                .for_each(|&c| *freq.entry(c).or_default() += 1);
         } else {
-            hint.iter().flat_map(|s| s.chars()).for_each(|c| *freq.entry(c).or_default() += 1);
+            hint.iter()
+                .flat_map(|s| s.chars())
+                .for_each(|c| *freq.entry(c).or_default() += 1);
         }
         let mut by_freq: Vec<(u64, char)> = freq.into_iter().map(|(c, n)| (n, c)).collect();
         by_freq.sort_unstable_by(|a, b| b.cmp(a));
@@ -406,12 +530,73 @@ impl NearestIndex {
                 ch: idx.ch[i],
             })
             .collect();
+        // Deletion neighbourhoods.
+        let del_k = (1..=DEL_K)
+            .rev()
+            .find(|&k| {
+                entries
+                    .iter()
+                    .filter(|(s, _)| s.len() <= DEL_MAX_LEN)
+                    .map(|(s, _)| num_deletion_keys(s.len(), k))
+                    .sum::<u64>()
+                    <= DEL_BUDGET
+            })
+            .unwrap_or(0);
+        const CHUNK: usize = 1024;
+        let mut pairs: Vec<(u64, u32)> =
+            par_map(entries.len().div_ceil(CHUNK), num_threads, |c| {
+                let mut out: Vec<(u64, u32)> = Vec::new();
+                let mut keys: Vec<u64> = Vec::new();
+                for e in c * CHUNK..((c + 1) * CHUNK).min(entries.len()) {
+                    let chars = &entries[e].0;
+                    if del_k == 0 || chars.len() > DEL_MAX_LEN {
+                        continue;
+                    }
+                    keys.clear();
+                    deletion_keys(chars, del_k, &mut keys);
+                    keys.sort_unstable();
+                    keys.dedup();
+                    out.extend(keys.iter().map(|&k| (k, e as u32)));
+                }
+                out
+            })
+            .concat();
+        pairs.sort_unstable();
+        let mut del_keys: FxHashMap<u64, (u32, u32)> = FxHashMap::default();
+        let mut start = 0usize;
+        while start < pairs.len() {
+            let mut end = start + 1;
+            while end < pairs.len() && pairs[end].0 == pairs[start].0 {
+                end += 1;
+            }
+            del_keys.insert(pairs[start].0, (start as u32, (end - start) as u32));
+            start = end;
+        }
+        let mut char_count: FxHashMap<char, u32> = FxHashMap::default();
+        for (chars, _) in &entries {
+            let mut distinct = chars.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            for c in distinct {
+                *char_count.entry(c).or_default() += 1;
+            }
+        }
+        let common = char_count
+            .into_iter()
+            .filter(|&(_, n)| n >= RARE)
+            .map(|(c, _)| c)
+            .collect();
         Ok(NearestIndex {
+            common,
             nodes,
             ch: idx.ch,
             leaf_by_id: idx.leaf_by_id,
             bit_of,
             max_len: entries.iter().map(|(s, _)| s.len()).max().unwrap_or(0),
+            del_entries: pairs.into_iter().map(|(_, e)| e).collect(),
+            del_keys,
+            del_k,
+            strings: entries,
         })
     }
 
@@ -422,6 +607,54 @@ impl NearestIndex {
     /// True when the index holds no string.
     pub fn is_empty(&self) -> bool {
         self.nodes[0].term == NONE && self.nodes[0].min_id_below == NONE
+    }
+
+    /// The nearest string if one is within `k` edits, from the deletion neighbourhoods:
+    /// every string within `j` edits of the query shares a string with it obtained by deleting
+    /// at most `j` characters from each. Stage `j` looks up the query's keys with exactly `j`
+    /// deletions and measures the candidates exactly; after it, every string within `j` edits
+    /// has been measured, so a best distance `<= j` is the answer, ties included.
+    ///
+    /// Returns the best candidate measured and whether it is proven to be the answer. A stage
+    /// with more than [`DEL_MAX_CANDIDATES`] candidates ends the search (the trie is cheaper).
+    fn nearest_within_k(
+        &self,
+        q: &[char],
+        k: usize,
+        keys: &mut Vec<u64>,
+        cands: &mut Vec<u32>,
+    ) -> (Option<(u32, u32)>, bool) {
+        let mut best: Option<(u32, u32)> = None;
+        for j in 0..=k {
+            keys.clear();
+            deletion_keys_exact(q, j, keys);
+            keys.sort_unstable();
+            keys.dedup();
+            cands.clear();
+            for key in keys.iter() {
+                if let Some(&(start, len)) = self.del_keys.get(key) {
+                    cands.extend_from_slice(
+                        &self.del_entries[start as usize..(start + len) as usize],
+                    );
+                }
+            }
+            if cands.len() > DEL_MAX_CANDIDATES {
+                return (best, false);
+            }
+            cands.sort_unstable();
+            cands.dedup();
+            for &e in cands.iter() {
+                let (y, id) = (&self.strings[e as usize].0, self.strings[e as usize].1);
+                let d = levenshtein(q, y);
+                if best.is_none_or_better(d, id) {
+                    best = Some((id, d));
+                }
+            }
+            if best.is_some_and(|(_, d)| d as usize <= j) {
+                return (best, true);
+            }
+        }
+        (best, false)
     }
 
     /// Longest indexed string, in code points.
@@ -453,6 +686,8 @@ impl NearestIndex {
             cur,
             mism,
             leaf_row,
+            keys,
+            cands,
         } = scratch;
         q.clear();
         q.extend(query.chars());
@@ -464,6 +699,19 @@ impl NearestIndex {
         qchars.extend_from_slice(q);
         qchars.sort_unstable();
         qchars.dedup();
+        let mut seed: Option<(u32, u32)> = None;
+        let k = self.del_k.min(n.saturating_sub(DEL_MIN_KEY));
+        if k > 0
+            && n + k <= DEL_MAX_LEN
+            && q.iter().filter(|c| !self.common.contains(c)).count() <= k
+            && n <= self.max_len + k
+        {
+            let (found, exact) = self.nearest_within_k(q, k, keys, cands);
+            if exact {
+                return found;
+            }
+            seed = found;
+        }
         qbit_pos.clear();
         if n <= 64 {
             for (i, &b) in qbit.iter().enumerate() {
@@ -473,9 +721,11 @@ impl NearestIndex {
                 }
             }
         }
-        let (mut best, mut best_id) = (u32::MAX, u32::MAX);
-        if self.nodes[0].term != NONE {
-            (best, best_id) = (n as u32, self.nodes[0].term);
+        // A measured candidate (if any) is a valid starting point: only better ones replace it.
+        let (mut best, mut best_id) = seed.map_or((u32::MAX, u32::MAX), |(id, d)| (d, id));
+        let root_term = self.nodes[0].term;
+        if root_term != NONE && seed.is_none_or_better(n as u32, root_term) {
+            (best, best_id) = (n as u32, root_term);
         }
         heap.clear();
         rows.clear();
@@ -570,7 +820,6 @@ impl NearestIndex {
         }
         Some((best_id, best))
     }
-
 }
 
 /// Lower bound of `lev(query, prefix(c) + s)` over the suffixes `s` strictly below `c`:
@@ -580,7 +829,10 @@ impl NearestIndex {
 fn bound(nd: &Node, row: &[u32], qbit: &[u8], qbit_pos: &[(u8, u64)]) -> u32 {
     let n = qbit.len();
     let (lo, hi, below) = (nd.lo_below, nd.hi_below, &nd.below);
-    let f = |u: u32, miss: u32| miss.max(u.saturating_sub(hi)).max((lo + miss).saturating_sub(u));
+    let f = |u: u32, miss: u32| {
+        miss.max(u.saturating_sub(hi))
+            .max((lo + miss).saturating_sub(u))
+    };
     let mut bound = u32::MAX;
     if n <= 64 {
         let mut absent = 0u64;
@@ -793,7 +1045,8 @@ pub fn build_vocab_map(
                 }
                 std::collections::hash_map::Entry::Occupied(mut e) => {
                     let cur = base[*e.get() as usize].as_deref().unwrap_or_default();
-                    if base_marker == "▁" && byte_piece(cur).is_some() && byte_piece(s).is_none() {
+                    if base_marker == "▁" && byte_piece(cur).is_some() && byte_piece(s).is_none()
+                    {
                         e.insert(id as u32);
                     }
                 }
@@ -843,7 +1096,7 @@ pub fn build_vocab_map(
     // Nearest strings.
     if method != MapMethod::Exact && !pending.is_empty() {
         let queries: Vec<String> = pending.iter().map(|&k| keys[k].clone()).collect();
-        let nearest = NearestIndex::new(base, &queries)?;
+        let nearest = NearestIndex::new(base, &queries, num_threads)?;
         let found = nearest_indexed(&nearest, &queries, num_threads);
         for (&k, f) in pending.iter().zip(found) {
             if let Some((id, dist)) = f {
@@ -888,7 +1141,8 @@ pub fn describe_vocab_map(
             (target, kind::EXACT, 0)
         } else {
             let x = blend[first[k]].as_deref().unwrap_or_default();
-            let same_surface = blend_dec.decode(x).is_some() && blend_dec.decode(x) == base_dec.decode(y);
+            let same_surface =
+                blend_dec.decode(x).is_some() && blend_dec.decode(x) == base_dec.decode(y);
             let tc: Vec<char> = t.chars().collect();
             let yc: Vec<char> = y.chars().collect();
             let knd = if same_surface {
@@ -958,7 +1212,7 @@ mod tests {
     #[test]
     fn empty_string_in_base() {
         let base = v(&["abc", "", "zz"]);
-        let idx = NearestIndex::new(&base, &[]).unwrap();
+        let idx = NearestIndex::new(&base, &[], None).unwrap();
         let mut s = Scratch::default();
         assert_eq!(idx.nearest("q", &mut s), Some((1, 1)));
         assert_eq!(idx.nearest("", &mut s), Some((1, 0)));
@@ -971,7 +1225,7 @@ mod tests {
             base in proptest::collection::vec(proptest::option::weighted(0.9, "[ab▁Ġc]{0,6}"), 1..60),
             queries in proptest::collection::vec("[ab▁Ġcd]{0,9}", 1..30),
         ) {
-            let idx = NearestIndex::new(&base, &queries[..queries.len() / 2]).unwrap();
+            let idx = NearestIndex::new(&base, &queries[..queries.len() / 2], Some(2)).unwrap();
             let fast = nearest_indexed(&idx, &queries, Some(2));
             let slow = nearest_brute_force(&base, &queries, Some(1));
             prop_assert_eq!(fast, slow);
@@ -983,13 +1237,20 @@ mod tests {
 mod experiment {
     use super::*;
     fn load(name: &str) -> Vec<Option<String>> {
-        std::fs::read_to_string(format!("/tmp/vm/{name}.txt")).unwrap().split('\0').map(|s| Some(s.to_string())).collect()
+        std::fs::read_to_string(format!("/tmp/vm/{name}.txt"))
+            .unwrap()
+            .split('\0')
+            .map(|s| Some(s.to_string()))
+            .collect()
     }
     #[test]
     #[ignore]
     fn qwen_mistral_full() {
         let base = load("mistral");
         let blend = load("qwen");
+        let t = std::time::Instant::now();
+        let _ = NearestIndex::new(&base, &[], None).unwrap();
+        eprintln!("index: {:?}", t.elapsed());
         let t = std::time::Instant::now();
         let m = build_vocab_map(&base, &blend, "▁", "Ġ", MapMethod::Mined, None).unwrap();
         eprintln!("mined map: {:?}", t.elapsed());
@@ -1001,13 +1262,56 @@ mod experiment {
 
     #[test]
     #[ignore]
+    fn qwen_mistral_bydist() {
+        let base = load("mistral");
+        let blend = load("qwen");
+        let exact: std::collections::HashSet<&str> =
+            base.iter().map(|s| s.as_deref().unwrap()).collect();
+        let queries: Vec<String> = blend
+            .iter()
+            .map(|s| s.as_ref().unwrap().replace('Ġ', "▁"))
+            .filter(|q| !exact.contains(q.as_str()))
+            .collect();
+        let idx = NearestIndex::new(&base, &queries, None).unwrap();
+        let mut s = Scratch::default();
+        let mut by: std::collections::BTreeMap<u32, (usize, f64)> = Default::default();
+        let t0 = std::time::Instant::now();
+        for q in &queries {
+            let t = std::time::Instant::now();
+            let (_, d) = idx.nearest(q, &mut s).unwrap();
+            let e = by
+                .entry(d.min(20) * 100 + q.chars().count().min(20) as u32)
+                .or_default();
+            e.0 += 1;
+            e.1 += t.elapsed().as_secs_f64();
+        }
+        eprintln!("{} queries, {:?}", queries.len(), t0.elapsed());
+        for (d, (n, t)) in &by {
+            eprintln!("d={d} n={n} t={t:.3} per={:.1}us", t / *n as f64 * 1e6);
+        }
+    }
+
+    #[test]
+    #[ignore]
     fn qwen_mistral_profile() {
         let base = load("mistral");
         let blend = load("qwen");
-        let idx = NearestIndex::new(&base, &[]).unwrap();
+        let idx = NearestIndex::new(&base, &[], None).unwrap();
         eprintln!("nodes {}", idx.ch.len());
-        let idx = NearestIndex::new(&base, &blend.iter().map(|s| s.as_ref().unwrap().replace('Ġ', "▁")).collect::<Vec<_>>()).unwrap();
-        let queries: Vec<String> = blend.iter().step_by(50).map(|s| s.as_ref().unwrap().replace('Ġ', "▁")).collect();
+        let idx = NearestIndex::new(
+            &base,
+            &blend
+                .iter()
+                .map(|s| s.as_ref().unwrap().replace('Ġ', "▁"))
+                .collect::<Vec<_>>(),
+            None,
+        )
+        .unwrap();
+        let queries: Vec<String> = blend
+            .iter()
+            .step_by(50)
+            .map(|s| s.as_ref().unwrap().replace('Ġ', "▁"))
+            .collect();
         let mut s = Scratch::default();
         let mut by: std::collections::BTreeMap<(u32, usize), (usize, f64)> = Default::default();
         let mut worst = vec![];
@@ -1015,19 +1319,45 @@ mod experiment {
             let t = std::time::Instant::now();
             let (id, d) = idx.nearest(q, &mut s).unwrap();
             let e = t.elapsed().as_secs_f64();
-            let ent = by.entry((d.min(12), q.chars().count().min(16))).or_default();
-            ent.0 += 1; ent.1 += e;
+            let ent = by
+                .entry((d.min(12), q.chars().count().min(16)))
+                .or_default();
+            ent.0 += 1;
+            ent.1 += e;
             worst.push((e, q.clone(), d, id));
         }
         let tot: f64 = by.values().map(|x| x.1).sum();
         eprintln!("total {tot} for {} queries", queries.len());
         let mut byd: std::collections::BTreeMap<u32, (usize, f64)> = Default::default();
-        for (k, (n, t)) in &by { let e = byd.entry(k.0).or_default(); e.0 += n; e.1 += t; }
-        for (d, (n, t)) in &byd { eprintln!("d={d} n={n} t={t:.3} share={:.2}", t / tot); }
+        for (k, (n, t)) in &by {
+            let e = byd.entry(k.0).or_default();
+            e.0 += n;
+            e.1 += t;
+        }
+        for (d, (n, t)) in &byd {
+            eprintln!("d={d} n={n} t={t:.3} share={:.2}", t / tot);
+        }
         let mut v: Vec<_> = by.into_iter().collect();
-        v.sort_by(|a, b| b.1.1.partial_cmp(&a.1.1).unwrap());
-        for (k, (n, t)) in v.iter().take(25) { eprintln!("d={} len={} n={} t={:.3} per={:.2}ms", k.0, k.1, n, t, t / *n as f64 * 1e3); }
+        v.sort_by(|a, b| b.1 .1.partial_cmp(&a.1 .1).unwrap());
+        for (k, (n, t)) in v.iter().take(25) {
+            eprintln!(
+                "d={} len={} n={} t={:.3} per={:.2}ms",
+                k.0,
+                k.1,
+                n,
+                t,
+                t / *n as f64 * 1e3
+            );
+        }
         worst.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
-        for w in worst.iter().take(15) { eprintln!("{:.2}ms {:?} d={} -> {:?}", w.0*1e3, w.1, w.2, base[w.3 as usize]); }
+        for w in worst.iter().take(15) {
+            eprintln!(
+                "{:.2}ms {:?} d={} -> {:?}",
+                w.0 * 1e3,
+                w.1,
+                w.2,
+                base[w.3 as usize]
+            );
+        }
     }
 }

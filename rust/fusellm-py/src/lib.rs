@@ -14,6 +14,9 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyType;
 
+mod pack;
+mod vocab;
+
 /// An exception of the `fusellm.errors` hierarchy (`InputError` is a `ValueError`,
 /// `InputTypeError` a `TypeError`); the builtin base class if that module cannot be imported.
 fn fusellm_error(class: &str, msg: String) -> PyErr {
@@ -280,5 +283,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("_debug", cfg!(debug_assertions))?;
     m.add_function(wrap_pyfunction!(mined_base_to_blend, m)?)?;
     m.add_class::<Aligner>()?;
+    vocab::register(m)?;
+    pack::register(m)?;
     Ok(())
 }

@@ -1,0 +1,1325 @@
+"""Stage 2: run one causal LM over every row and keep its top-K next-token distributions.
+
+For each row (a split text), the model reads ``text + eos`` (no special tokens; both
+configurable) and fusellm keeps, for every real position ``t`` (which predicts token ``t + 1``):
+
+- the top-K logits (float16) and their ids (int32), descending; ids that have no token in the
+  tokenizer (padded vocabularies: 151,936 logits for 151,851 tokens) are excluded before the
+  top-K, and also from the softmax of the cross-entropy;
+- ``metric_ce``: the mean next-token cross-entropy of tokens 2..L given their prefix (float32,
+  computed from float32 log-probabilities; the first token is not scored). A row with one token
+  has no scored token: its ``metric_ce`` is NaN and it is listed in the report and manifest;
+- ``num_tokens`` and ``num_bytes`` (UTF-8 bytes of the text, so a CE per byte can be computed),
+  ``row_index`` (the row in the input) and, optionally, ``per_step_metric_ce``.
+
+Speed. Rows are sorted by length and batched under a token budget (dynamic padding: a batch is
+padded to its own longest row, never to a fixed length). Padding is on the right and no attention
+mask is passed: under causal attention a real position never sees the padding after it, so results
+are those of unpadded single-row passes, and the fastest (causal) attention kernels apply. The top-K
+is exact and cheap: the maximum of each group of 64 logits is taken in one pass, the K best groups
+are selected, and the top-K is taken among their ``64 K`` candidates (the K best values always lie
+in the K groups with the best maxima). On CUDA the cross-entropy's log-sum-exp is one fused
+``torch.compile`` reduction over the bf16 logits (no float32 copy of the logits); elsewhere, or if
+compilation fails, it is ``cross_entropy`` over float32 chunks. On CUDA the device->host copies of a
+batch overlap the next batch's forward pass, and tokenization and writing run in a background
+thread.
+
+Storage. One HF dataset in ``save_to_disk`` layout: shards ``data-0000i-of-0000N.arrow`` (Arrow IPC
+streams, zstd-compressed by default), ``state.json`` and ``dataset_info.json``, so
+``datasets.load_from_disk`` opens it. Per-position arrays are ``list<fixed_size_list<K>>``: the
+fixed inner lists need no per-position offsets (a row decodes to a dense ``[L, K]`` array), only
+one offset per row. At K = 10 that is exactly 60 bytes per token before compression (40 for ids,
+20 for logits) plus 4 for ``input_ids``; zstd brings the whole row (text included) well under
+that. Compressed shards are decompressed into memory when loaded; pass ``compression=None`` for
+memory-mapped shards.
+
+Robustness. Shard ``i`` always holds the rows ``[i R, (i + 1) R)`` (``R = rows_per_shard``) and is
+computed in a fixed batch order, so its bytes do not depend on which process computes it or when.
+A shard is written under a temporary name and renamed, then its sidecar (``shards/*.json``: rows,
+tokens, size, SHA-256) is written; a shard is finished when both exist and agree. A manifest
+(``fusellm_manifest.json``) records the fingerprints of the model (config and weights), the
+tokenizer files and the input's content, and every parameter that changes the bytes; a re-run
+with the same inputs skips finished shards, a run against a directory made from other inputs is
+refused (:class:`StaleArtifactError`) unless ``overwrite=True``. ``shard="i/N"`` (and each rank
+under ``torchrun``) computes only the shards ``s`` with ``s % workers == worker``; whoever finishes
+last checks that all shards exist with the expected row counts and writes the dataset metadata.
+
+All of the above is checked BEFORE anything is written: a missing text column, empty texts, an
+unreadable model directory, a tokenizer that does not match the model's vocabulary, or an output
+directory holding another run's shards raise an error and leave the file system untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import FuseLLMError, InputError, InputTypeError, StaleArtifactError
+
+__all__ = [
+    "ExtractReport",
+    "TopKEngine",
+    "add_extract_parser",
+    "check_tokenizer_vocab",
+    "extract_topk",
+    "finalize_extract",
+    "grouped_topk",
+    "plan_batches",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "fusellm.extract/1"
+#: Test hook: the process SIGKILLs itself after writing this many shards.
+KILL_ENV = "FUSELLM_TEST_KILL_AFTER_SHARDS"
+SHARD_SIDECARS = "shards"
+#: Columns the stage adds (the input's columns are kept).
+OUTPUT_COLUMNS = (
+    "row_index",
+    "input_ids",
+    "per_step_logits",
+    "per_step_indices",
+    "metric_ce",
+    "per_step_metric_ce",
+    "num_tokens",
+    "num_bytes",
+)
+_GROUP = 64
+_DTYPES = ("auto", "bfloat16", "float16", "float32")
+_COMPRESSIONS = ("zstd", "lz4", None)
+
+
+# --- the compute engine (torch only) -------------------------------------------------------------
+
+
+def grouped_topk(x: Any, k: int, group: int = _GROUP) -> tuple[Any, Any]:
+    """Exact ``torch.topk(x, k, dim=-1)`` of a contiguous 2-D tensor, via group maxima.
+
+    The maximum of each run of ``group`` columns is taken in one pass; the top-K values lie in the
+    ``k`` groups with the largest maxima (a group holding one of them has a maximum at least as
+    large), so the top-K of those ``k * group`` candidates is the top-K of the row. Values are
+    exact; among EQUAL values the ids chosen may differ from ``torch.topk``'s (both are valid).
+    Returns ``(values, indices)`` sorted by descending value.
+    """
+    import torch
+
+    n, v = x.shape
+    group = max(group, k)
+    if v < 4 * group * k:
+        return torch.topk(x, k, dim=-1)
+    ng = v // group
+    gmax = x[:, : ng * group].reshape(n, ng, group).amax(-1)
+    if v % group:
+        gmax = torch.cat([gmax, x[:, ng * group :].amax(-1, keepdim=True)], dim=1)
+    _, gidx = torch.topk(gmax, k, dim=-1, sorted=False)
+    cand = (gidx.unsqueeze(-1) * group + torch.arange(group, device=x.device)).reshape(n, -1)
+    if v % group:
+        outside = cand >= v
+        vals = x.gather(1, cand.clamp(max=v - 1)).masked_fill_(outside, -math.inf)
+    else:
+        vals = x.gather(1, cand)
+    top, j = torch.topk(vals, k, dim=-1)
+    return top, cand.gather(1, j)
+
+
+def _ce_fused_impl(x: Any, targets: Any) -> Any:
+    """Per-row ``logsumexp(x) - x[target]`` in float32; compiled, one read of ``x``."""
+    import torch
+
+    xf = x.float()
+    m = xf.amax(-1, keepdim=True)
+    lse = torch.log(torch.exp(xf - m).sum(-1)) + m.squeeze(-1)
+    return lse - xf.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def _ce_eager(x: Any, targets: Any, chunk_rows: int) -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    for s in range(0, x.shape[0], chunk_rows):
+        e = min(s + chunk_rows, x.shape[0])
+        out[s:e] = F.cross_entropy(x[s:e].float(), targets[s:e], reduction="none")
+    return out
+
+
+@dataclass
+class BatchOutput:
+    """One batch's results on the host, rows in batch order, padded to the batch length."""
+
+    lengths: np.ndarray  # int64 [B]
+    logits: np.ndarray  # float16 [B, L, K]
+    ids: np.ndarray  # int32 [B, L, K]
+    ce_sum: np.ndarray  # float64 [B]: sum of the per-step CE of each row
+    per_step_ce: np.ndarray | None  # float32 [B, L - 1]
+
+
+@dataclass
+class _Pending:
+    lengths: np.ndarray
+    tensors: dict[str, Any]
+    event: Any
+
+
+class TopKEngine:
+    """Runs a causal LM over right-padded batches and returns top-K logits/ids and CE sums.
+
+    Args:
+        model: a ``transformers`` causal LM (in eval mode, on its device).
+        top_k: K.
+        num_valid: ids ``>= num_valid`` have no token (padded vocabulary) and are excluded;
+            ``None`` keeps every logit. ``invalid_ids`` excludes an explicit list instead.
+        per_step_ce: also return each position's CE.
+        fused_ce: compute the CE with a fused compiled reduction (``None``: on CUDA only).
+        group: group width of :func:`grouped_topk`.
+
+    :meth:`submit` launches a batch and returns a handle; :meth:`collect` waits for it. On CUDA,
+    submitting batch ``i + 1`` before collecting batch ``i`` overlaps the copies with compute.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        top_k: int = 10,
+        num_valid: int | None = None,
+        invalid_ids: Sequence[int] | None = None,
+        per_step_ce: bool = False,
+        fused_ce: bool | None = None,
+        group: int = _GROUP,
+        ce_chunk_bytes: int = 256 << 20,
+    ) -> None:
+        import torch
+
+        self.model = model
+        self.top_k = int(top_k)
+        self.num_valid = num_valid
+        self.per_step_ce = per_step_ce
+        self.group = group
+        self.ce_chunk_bytes = ce_chunk_bytes
+        param = next(model.parameters())
+        self.device = param.device
+        self.cuda = self.device.type == "cuda"
+        self.invalid = (
+            torch.as_tensor(sorted(set(invalid_ids)), dtype=torch.long, device=self.device)
+            if invalid_ids
+            else None
+        )
+        self.fused_ce = self.cuda if fused_ce is None else bool(fused_ce)
+        self.ce_path = "fused" if self.fused_ce else "eager"
+
+    def _ce(self, x: Any, targets: Any) -> Any:
+        if self.fused_ce:
+            import torch
+
+            fn = _COMPILED.get("ce")
+            if fn is None:
+                fn = _COMPILED["ce"] = torch.compile(_ce_fused_impl, dynamic=True)
+            try:
+                return fn(x, targets)
+            except Exception as e:  # no compiler / backend: fall back, once, loudly
+                logger.warning("fused CE unavailable (%s: %s); using eager", type(e).__name__, e)
+                self.fused_ce = False
+                self.ce_path = "eager"
+        rows = max(1, self.ce_chunk_bytes // (4 * x.shape[1]))
+        return _ce_eager(x, targets, rows)
+
+    def forward_logits(self, input_ids: Any) -> Any:
+        """The bare forward pass this engine runs (right padding, no attention mask)."""
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def submit(self, input_ids: np.ndarray, lengths: np.ndarray) -> _Pending:
+        """Launches one batch: ``input_ids`` int ``[B, L]`` right-padded, ``lengths`` ``[B]``."""
+        import torch
+
+        lengths = np.asarray(lengths, dtype=np.int64)
+        with torch.inference_mode():
+            ids_cpu = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64))
+            ids = ids_cpu.pin_memory().to(self.device, non_blocking=True) if self.cuda else ids_cpu
+            b, length = ids.shape
+            logits = self.forward_logits(ids)
+            v = logits.shape[-1]
+            x = logits.reshape(b * length, v)
+            if self.num_valid is not None and self.num_valid < v:
+                x[:, self.num_valid :] = -math.inf
+            if self.invalid is not None:
+                x.index_fill_(1, self.invalid, -math.inf)
+            vals, idx = grouped_topk(x, self.top_k, self.group)
+            targets = torch.zeros_like(ids)
+            targets[:, :-1] = ids[:, 1:]
+            ce = self._ce(x, targets.reshape(-1)).reshape(b, length)[:, :-1]
+            steps = torch.arange(length - 1, device=self.device)
+            lens = torch.from_numpy(lengths).to(self.device, non_blocking=True)
+            scored = steps.unsqueeze(0) < (lens - 1).unsqueeze(1)
+            ce = ce.masked_fill(~scored, 0.0)
+            out = {
+                "logits": vals.reshape(b, length, -1).to(torch.float16),
+                "ids": idx.reshape(b, length, -1).to(torch.int32),
+                "ce_sum": ce.double().sum(-1),
+            }
+            if self.per_step_ce:
+                out["per_step_ce"] = ce
+            event = None
+            if self.cuda:
+                host = {}
+                for name, t in out.items():
+                    buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    buf.copy_(t, non_blocking=True)
+                    host[name] = buf
+                out = host
+                event = torch.cuda.Event()
+                event.record()
+        return _Pending(lengths, out, event)
+
+    def collect(self, pending: _Pending) -> BatchOutput:
+        """Waits for a submitted batch and returns its results as numpy arrays."""
+        if pending.event is not None:
+            pending.event.synchronize()
+        t = pending.tensors
+        return BatchOutput(
+            lengths=pending.lengths,
+            logits=t["logits"].numpy(),
+            ids=t["ids"].numpy(),
+            ce_sum=t["ce_sum"].numpy(),
+            per_step_ce=t["per_step_ce"].float().numpy() if "per_step_ce" in t else None,
+        )
+
+    def run(self, batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> Iterator[BatchOutput]:
+        """Runs ``(input_ids, lengths)`` batches in order, one batch in flight ahead."""
+        pending: _Pending | None = None
+        for ids, lengths in batches:
+            nxt = self.submit(ids, lengths)
+            if pending is not None:
+                yield self.collect(pending)
+            pending = nxt
+        if pending is not None:
+            yield self.collect(pending)
+
+
+def plan_batches(
+    lengths: Sequence[int] | np.ndarray, max_tokens: int, max_batch_size: int
+) -> list[np.ndarray]:
+    """Groups rows into batches by descending length (stable): each batch holds at most
+    ``max_batch_size`` rows and ``rows * longest <= max_tokens`` padded tokens (a longer row
+    runs alone). Returns the row indices of each batch."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    batches: list[np.ndarray] = []
+    i = 0
+    while i < len(order):
+        longest = max(1, int(lengths[order[i]]))
+        size = max(1, min(max_batch_size, max_tokens // longest))
+        batches.append(order[i : i + size])
+        i += size
+    return batches
+
+
+def pad_batch(rows: Sequence[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pads token id rows into an int64 ``[B, longest]`` array; returns it and the lengths."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    out = np.full((len(rows), int(lengths.max(initial=1))), pad_id, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out, lengths
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def _torch_dtype(dtype: str, device: Any) -> Any:
+    import torch
+
+    if dtype not in _DTYPES:
+        raise InputError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def _resolve_device(device: Any) -> Any:
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _default_attn(device: Any, torch_dtype: Any) -> str:
+    import importlib.util
+
+    import torch
+
+    if (
+        device.type == "cuda"
+        and torch_dtype in (torch.bfloat16, torch.float16)
+        and importlib.util.find_spec("flash_attn") is not None
+    ):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _vocab_size(config: Any) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    size = getattr(text, "vocab_size", None)
+    if not isinstance(size, int) or size <= 0:
+        raise InputError(f"the model config has no valid vocab_size ({size!r})")
+    return size
+
+
+def _load_config(model_dir: Path) -> Any:
+    if not model_dir.is_dir():
+        raise InputError(f"model directory {model_dir} does not exist")
+    if not (model_dir / "config.json").is_file():
+        raise InputError(f"{model_dir} has no config.json: not a model directory")
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:
+        raise InputError(
+            f"cannot read the model config in {model_dir}: {type(e).__name__}: {e}"
+        ) from e
+
+
+def _load_model(model_dir: Path, torch_dtype: Any, attn: str, device: Any) -> tuple[Any, str]:
+    from transformers import AutoModelForCausalLM
+
+    tried = []
+    for impl in dict.fromkeys([attn, "sdpa", "eager"]):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), dtype=torch_dtype, attn_implementation=impl, local_files_only=True
+            )
+        except (ValueError, ImportError) as e:
+            if (
+                "attn" in str(e).lower()
+                or "attention" in str(e).lower()
+                or "flash" in str(e).lower()
+            ):
+                tried.append(f"{impl}: {e}")
+                continue
+            raise InputError(f"cannot load a causal LM from {model_dir}: {e}") from e
+        except Exception as e:
+            raise InputError(
+                f"cannot load a causal LM from {model_dir}: {type(e).__name__}: {e}"
+            ) from e
+        return model.to(device).eval(), impl
+    raise InputError(f"no attention implementation works for {model_dir}: {tried}")
+
+
+def _load_tokenizer(source: Any) -> Any:
+    if not isinstance(source, (str, os.PathLike)):
+        if getattr(source, "backend_tokenizer", None) is None:
+            raise InputTypeError(f"{type(source).__name__} is not a fast tokenizer")
+        return source
+    path = Path(source)
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:
+        raise InputError(f"cannot load a tokenizer from {path}: {type(e).__name__}: {e}") from e
+    if getattr(tok, "backend_tokenizer", None) is None:
+        raise InputTypeError(f"the tokenizer in {path} is not a fast tokenizer")
+    return tok
+
+
+def _ids_without_token(tokenizer: Any, n: int) -> list[int]:
+    """Ids below ``n`` that have no token string (holes in a vocabulary): excluded like padding."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
+    return [i for i, t in enumerate(tokens) if not isinstance(t, str)]
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer_cached(path: str, sha256: str) -> Any:
+    """Tokenizers are slow to parse (seconds for 150k vocabularies): one per (path, content)."""
+    del sha256  # part of the cache key only
+    return _load_tokenizer(path)
+
+
+def check_tokenizer_vocab(tokenizer: Any, vocab_size: int, *, where: str = "") -> int:
+    """Checks that a tokenizer fits a model's logits; returns the number of ids with a token.
+
+    The model may have MORE logits than the tokenizer has tokens (padded vocabularies), within
+    ``max(1024, 12.5%)``; a tokenizer with more ids than the model has logits, or a much smaller
+    one, belongs to another model.
+    """
+    n = len(tokenizer)
+    if n > vocab_size:
+        raise InputError(
+            f"the tokenizer{where} has {n} ids but the model has only {vocab_size} logits: it "
+            "belongs to another model"
+        )
+    if vocab_size - n > max(1024, n // 8):
+        raise InputError(
+            f"the model has {vocab_size} logits but the tokenizer{where} only {n} ids: it "
+            "belongs to another model (pass check_vocab=False to override)"
+        )
+    return n
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ExtractReport:
+    """What :func:`extract_topk` did in this process."""
+
+    output_dir: Path
+    num_rows: int
+    num_shards: int
+    worker: tuple[int, int]
+    shards_written: list[int] = field(default_factory=list)
+    shards_skipped: list[int] = field(default_factory=list)
+    complete: bool = False
+    num_tokens: int = 0
+    padded_tokens: int = 0
+    num_batches: int = 0
+    #: Wall time of the whole call, and of the shard loop alone (tokenize, forward, top-K, write).
+    seconds: float = 0.0
+    process_seconds: float = 0.0
+    nan_rows: list[int] = field(default_factory=list)
+    bytes_written: int = 0
+    attn_implementation: str = ""
+    ce_path: str = ""
+    device: str = ""
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Tokens written per second of the shard loop."""
+        return self.num_tokens / self.process_seconds if self.process_seconds > 0 else 0.0
+
+    def load(self) -> Any:
+        """The finished dataset (``datasets.load_from_disk``)."""
+        if not self.complete:
+            raise FuseLLMError(f"{self.output_dir} is not complete yet (other shards are missing)")
+        import datasets
+
+        return datasets.load_from_disk(str(self.output_dir))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["output_dir"] = str(self.output_dir)
+        d["tokens_per_second"] = self.tokens_per_second
+        return d
+
+
+def _parse_shard(shard: Any) -> tuple[int, int]:
+    if shard is None:
+        return 0, 1
+    if isinstance(shard, str):
+        try:
+            i_text, n_text = shard.split("/")
+            i, n = int(i_text), int(n_text)
+        except ValueError:
+            raise InputError(f"shard must look like 'i/N', got {shard!r}") from None
+    else:
+        i, n = (int(v) for v in shard)
+    if n < 1 or not 0 <= i < n:
+        raise InputError(f"shard i/N needs 0 <= i < N, got {i}/{n}")
+    return i, n
+
+
+def _worker_slot(shard: Any) -> tuple[int, int]:
+    """(worker, workers) from ``shard=i/N`` and the torchrun environment."""
+    i, n = _parse_shard(shard)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world < 1 or not 0 <= rank < world:
+        raise InputError(f"bad RANK/WORLD_SIZE: {rank}/{world}")
+    return i * world + rank, n * world
+
+
+def _fusellm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fusellm")
+    except PackageNotFoundError:  # pragma: no cover
+        return "unknown"
+
+
+def _shard_paths(out: Path, index: int, num_shards: int) -> tuple[Path, Path]:
+    from .io import shard_file_name
+
+    name = shard_file_name(index, num_shards)
+    return out / name, out / SHARD_SIDECARS / (name[: -len(".arrow")] + ".json")
+
+
+def _shard_done(out: Path, index: int, num_shards: int) -> dict[str, Any] | None:
+    import json
+
+    arrow, sidecar = _shard_paths(out, index, num_shards)
+    try:
+        info = json.loads(sidecar.read_text(encoding="utf-8"))
+        size = arrow.stat().st_size
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and info.get("bytes") == size else None
+
+
+def _check_texts(table: Any, text_column: str) -> None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = table.column(text_column)
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        raise InputTypeError(f"column {text_column!r} holds {col.type}, not strings")
+    if col.null_count:
+        first = pc.index(pc.is_null(col), True).as_py()
+        raise InputError(
+            f"column {text_column!r} has {col.null_count} null(s), first at row {first}"
+        )
+    empty = pc.equal(pc.utf8_length(col), 0)
+    n_empty = pc.sum(empty).as_py() or 0
+    if n_empty:
+        first = pc.index(empty, True).as_py()
+        raise InputError(
+            f"column {text_column!r} has {n_empty} empty text(s), first at row {first}: drop them "
+            "(fusellm split does) before extraction"
+        )
+
+
+def _features(input_features: Any, top_k: int, per_step_ce: bool) -> Any:
+    import datasets
+    from datasets import List, Value
+
+    cols = dict(input_features)
+    cols["row_index"] = Value("int64")
+    cols["input_ids"] = List(Value("int32"))
+    cols["per_step_logits"] = List(List(Value("float16"), length=top_k))
+    cols["per_step_indices"] = List(List(Value("int32"), length=top_k))
+    cols["metric_ce"] = Value("float32")
+    if per_step_ce:
+        cols["per_step_metric_ce"] = List(Value("float32"))
+    cols["num_tokens"] = Value("int32")
+    cols["num_bytes"] = Value("int32")
+    return datasets.Features(cols)
+
+
+class _Run:
+    """Everything one extraction needs once the inputs are validated."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+
+def extract_topk(
+    data: Any,
+    model: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    *,
+    tokenizer: Any = None,
+    text_column: str = "text",
+    top_k: int = 10,
+    dtype: str = "auto",
+    device: Any = None,
+    attn_implementation: str | None = None,
+    append_eos: bool = True,
+    add_special_tokens: bool = False,
+    per_step_ce: bool = False,
+    rows_per_shard: int = 2048,
+    max_tokens_per_batch: int = 16384,
+    max_batch_size: int = 256,
+    compression: str | None = "zstd",
+    shard: Any = None,
+    overwrite: bool = False,
+    check_vocab: bool = True,
+    fused_ce: bool | None = None,
+    progress: bool | None = None,
+) -> ExtractReport:
+    """Extracts a model's top-K next-token distributions for every row (stage 2).
+
+    Args:
+        data: the rows (usually the output of :func:`fusellm.split.split_texts`): a
+            ``datasets.Dataset``, a path (``save_to_disk`` directory, JSONL, Parquet, ...) or a
+            list of strings.
+        model: a local directory holding a causal LM (``config.json`` and weights) and, unless
+            ``tokenizer`` is given, its tokenizer.
+        output_dir: where the dataset, its shards and its manifest go.
+        tokenizer: a tokenizer directory or fast tokenizer object (default: ``model``).
+        text_column: the column to read.
+        top_k: K, the number of logits kept per position.
+        dtype: ``"auto"`` (bf16 on CUDA, float32 on CPU), ``"bfloat16"``, ``"float16"``,
+            ``"float32"``.
+        device: a torch device (default: ``cuda:$LOCAL_RANK`` if available, else CPU).
+        attn_implementation: default ``flash_attention_2`` when importable (CUDA, half
+            precision), else ``sdpa``; ``eager`` if the model supports neither.
+        append_eos, add_special_tokens: the model reads ``text + eos`` without special tokens by
+            default (the reference's convention).
+        per_step_ce: also store each position's CE (``per_step_metric_ce``, ``[L - 1]``).
+        rows_per_shard: rows per output shard (fixes the shard layout of the output).
+        max_tokens_per_batch, max_batch_size: batch limits (padded tokens / rows).
+        compression: shard compression, ``"zstd"`` (default), ``"lz4"`` or ``None``.
+        shard: ``"i/N"`` to compute only this worker's shards (several machines); combined with
+            ``torchrun``'s ranks.
+        overwrite: replace an output directory made from other inputs instead of refusing.
+        check_vocab: refuse a tokenizer whose size does not fit the model's logits.
+        fused_ce: fused compiled cross-entropy (default: on CUDA).
+        progress: progress bar (default: only on a terminal).
+
+    Returns:
+        An :class:`ExtractReport`; ``report.load()`` opens the dataset once it is complete.
+    """
+    import torch
+
+    from .io import (
+        _as_arrow_table,
+        fingerprint_dataset,
+        load_text_dataset,
+        model_fingerprint,
+        read_manifest,
+        tokenizer_fingerprint,
+        tokenizer_object_fingerprint,
+    )
+
+    t_start = time.perf_counter()
+    if top_k < 1:
+        raise InputError(f"top_k must be positive, got {top_k}")
+    if rows_per_shard < 1 or max_tokens_per_batch < 1 or max_batch_size < 1:
+        raise InputError("rows_per_shard, max_tokens_per_batch and max_batch_size must be positive")
+    if compression not in _COMPRESSIONS:
+        raise InputError(f"compression must be one of {list(_COMPRESSIONS)}, got {compression!r}")
+    worker, workers = _worker_slot(shard)
+
+    # 1. The input.
+    ds = load_text_dataset(data, text_column=text_column)
+    clash = [c for c in OUTPUT_COLUMNS if c in ds.column_names]
+    if clash:
+        raise InputError(f"the input already has output column(s) {clash}")
+    table = _as_arrow_table(ds)
+    if table.num_rows == 0:
+        raise InputError("the input has no rows")
+    _check_texts(table, text_column)
+
+    # 2. The model configuration and tokenizer, their fingerprints, the output directory's
+    #    manifest (all read-only).
+    model_dir = Path(model)
+    config = _load_config(model_dir)
+    vocab_size = _vocab_size(config)
+    out = Path(output_dir)
+    previous = read_manifest(out) if out.is_dir() else None
+    prev_fp = (previous or {}).get("fingerprints", {})
+    model_fp = model_fingerprint(model_dir, previous=prev_fp.get("model"))
+    tok_source = tokenizer if tokenizer is not None else model_dir
+    if isinstance(tok_source, (str, os.PathLike)):
+        tok_fp = tokenizer_fingerprint(tok_source, previous=prev_fp.get("tokenizer"))
+        tok = _load_tokenizer_cached(str(Path(tok_source).resolve()), tok_fp["sha256"])
+    else:
+        tok = _load_tokenizer(tok_source)
+        tok_fp = {"sha256": tokenizer_object_fingerprint(tok), "files": []}
+    num_valid = check_tokenizer_vocab(tok, vocab_size) if check_vocab else min(len(tok), vocab_size)
+    holes = _ids_without_token(tok, num_valid)
+    if num_valid - len(holes) < top_k:
+        raise InputError(f"top_k={top_k} exceeds the {num_valid} ids of the tokenizer")
+    eos = tok.eos_token if append_eos else ""
+    if append_eos and not eos:
+        raise InputError("the tokenizer has no EOS token; pass append_eos=False")
+    dev = _resolve_device(device)
+    torch_dtype = _torch_dtype(dtype, dev)
+
+    input_fp = fingerprint_dataset(table)
+    num_rows = table.num_rows
+    num_shards = math.ceil(num_rows / rows_per_shard)
+    key = {
+        "format": FORMAT,
+        "model_sha256": model_fp["sha256"],
+        "tokenizer_sha256": tok_fp["sha256"],
+        "input_sha256": input_fp,
+        "num_rows": num_rows,
+        "text_column": text_column,
+        "top_k": top_k,
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "append_eos": append_eos,
+        "add_special_tokens": add_special_tokens,
+        "per_step_ce": per_step_ce,
+        "rows_per_shard": rows_per_shard,
+        "num_shards": num_shards,
+        "compression": compression,
+        "num_valid_ids": num_valid,
+        "ids_without_token": len(holes),
+    }
+    _check_output_dir(out, previous, key, overwrite)
+
+    # 4. The weights (may still fail: nothing is written yet).
+    attn = attn_implementation or _default_attn(dev, torch_dtype)
+    lm, attn = _load_model(model_dir, torch_dtype, attn, dev)
+    logits_width = lm.get_output_embeddings().weight.shape[0]
+    if logits_width < num_valid:
+        raise InputError(f"the model has {logits_width} logits, fewer than {num_valid} tokens")
+
+    # 5. Write: the manifest, then this worker's shards.
+    if previous is not None and previous.get("key") != key:  # overwrite=True
+        _clean_output(out)
+        previous = None
+    manifest = {
+        "stage": "extract",
+        "format": FORMAT,
+        "fusellm_version": _fusellm_version(),
+        "key": key,
+        "fingerprints": {"model": model_fp, "tokenizer": tok_fp},
+        "model": {
+            "path": str(model_dir.resolve()),
+            "model_type": getattr(config, "model_type", None),
+            "vocab_size": vocab_size,
+            "logits_width": int(logits_width),
+            "num_parameters": int(sum(p.numel() for p in lm.parameters())),
+        },
+        "tokenizer": {
+            "path": str(Path(tokenizer).resolve())
+            if isinstance(tokenizer, (str, os.PathLike))
+            else (str(model_dir.resolve()) if tokenizer is None else type(tokenizer).__name__),
+            "num_ids": len(tok),
+            "eos_token": tok.eos_token,
+        },
+        "input": {"source": str(data) if isinstance(data, (str, Path)) else type(data).__name__},
+        "schema_columns": list(_features(ds.features, top_k, per_step_ce)),
+        "complete": False,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    current = read_manifest(out)
+    if current is None or current.get("key") != key:
+        from .io import write_manifest
+
+        write_manifest(out, manifest)
+    elif current.get("complete") and all(
+        _shard_done(out, s, num_shards) for s in range(num_shards)
+    ):
+        report = ExtractReport(out, num_rows, num_shards, (worker, workers), complete=True)
+        report.shards_skipped = [s for s in range(num_shards) if s % workers == worker]
+        report.seconds = time.perf_counter() - t_start
+        return report
+
+    run = _Run(
+        out=out,
+        table=table,
+        features=_features(ds.features, top_k, per_step_ce),
+        text_column=text_column,
+        tok=tok,
+        eos=eos,
+        add_special_tokens=add_special_tokens,
+        rows_per_shard=rows_per_shard,
+        num_shards=num_shards,
+        num_rows=num_rows,
+        max_tokens=max_tokens_per_batch,
+        max_batch_size=max_batch_size,
+        compression=compression,
+        top_k=top_k,
+        per_step_ce=per_step_ce,
+        pad_id=int(tok.eos_token_id if tok.eos_token_id is not None else 0),
+        max_positions=getattr(config, "max_position_embeddings", None),
+    )
+    engine = TopKEngine(
+        lm,
+        top_k=top_k,
+        num_valid=num_valid,
+        invalid_ids=holes,
+        per_step_ce=per_step_ce,
+        fused_ce=fused_ce,
+    )
+    report = ExtractReport(
+        out,
+        num_rows,
+        num_shards,
+        (worker, workers),
+        attn_implementation=attn,
+        device=str(dev),
+    )
+    mine = [s for s in range(num_shards) if s % workers == worker]
+    todo = []
+    for s in mine:
+        if _shard_done(out, s, num_shards):
+            report.shards_skipped.append(s)
+        else:
+            todo.append(s)
+    _remove_stale_tmp(out, todo, num_shards)
+    t_process = time.perf_counter()
+    _process_shards(run, engine, todo, report, progress)
+    report.process_seconds = time.perf_counter() - t_process
+    report.ce_path = engine.ce_path
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if all(_shard_done(out, s, num_shards) for s in range(num_shards)):
+        finalize_extract(out)
+        report.complete = True
+    report.seconds = time.perf_counter() - t_start
+    if report.nan_rows:
+        logger.warning(
+            "%d row(s) have no scored token (metric_ce is NaN): %s",
+            len(report.nan_rows),
+            report.nan_rows[:10],
+        )
+    return report
+
+
+def _check_output_dir(
+    out: Path, previous: dict[str, Any] | None, key: dict[str, Any], overwrite: bool
+) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError(f"{out} exists and is not a directory")
+    if previous is None:
+        if any(out.iterdir()):
+            raise InputError(
+                f"{out} is not empty and holds no fusellm manifest: choose another output directory"
+            )
+        return
+    if previous.get("stage") != "extract":
+        raise StaleArtifactError(
+            f"{out} holds the output of stage {previous.get('stage')!r}, not an extraction"
+        )
+    old = previous.get("key", {})
+    if old == key:
+        return
+    diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+    if overwrite:
+        logger.warning("%s was made from other inputs (%s): overwriting", out, ", ".join(diff))
+        return
+    what = "another model's shards" if "model_sha256" in diff else "another run's shards"
+    raise StaleArtifactError(
+        f"{out} holds {what} (differs in: {', '.join(diff)}); choose another output directory "
+        "or pass overwrite=True"
+    )
+
+
+def _clean_output(out: Path) -> None:
+    """Removes what an extraction writes (and nothing else)."""
+    from .io import MANIFEST_NAME
+
+    for p in out.iterdir():
+        name = p.name
+        if (
+            (name.startswith("data-") and name.endswith(".arrow"))
+            or name
+            in (
+                "state.json",
+                "dataset_info.json",
+                MANIFEST_NAME,
+            )
+            or name.startswith(".data-")
+            or (name.startswith(".") and ".tmp-" in name)
+        ):
+            p.unlink()
+    shutil.rmtree(out / SHARD_SIDECARS, ignore_errors=True)
+
+
+def _remove_stale_tmp(out: Path, shards: Sequence[int], num_shards: int) -> None:
+    from .io import shard_file_name
+
+    prefixes = tuple(f".{shard_file_name(s, num_shards)}.tmp-" for s in shards)
+    if not prefixes:
+        return
+    for d in (out, out / SHARD_SIDECARS):
+        if d.is_dir():
+            for p in d.iterdir():
+                stem = p.name.replace(".json.tmp-", ".arrow.tmp-")
+                if stem.startswith(prefixes):
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+
+
+def _tokenize_shard(run: _Run, index: int) -> dict[str, Any]:
+    import pyarrow.compute as pc
+
+    start = index * run.rows_per_shard
+    stop = min(start + run.rows_per_shard, run.num_rows)
+    part = run.table.slice(start, stop - start)
+    col = part.column(run.text_column)
+    texts = col.to_pylist()
+    backend = run.tok.backend_tokenizer
+    if backend.truncation is not None or backend.padding is not None:
+        import tokenizers
+
+        backend = tokenizers.Tokenizer.from_str(backend.to_str())
+        backend.no_truncation()
+        backend.no_padding()
+    encode = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
+    encs = encode([t + run.eos for t in texts], add_special_tokens=run.add_special_tokens)
+    rows = [np.asarray(e.ids, dtype=np.int32) for e in encs]
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    if (lengths == 0).any():
+        raise InputError(f"row {start + int(np.argmin(lengths))} tokenizes to no token")
+    if run.max_positions and lengths.max() > run.max_positions:
+        logger.warning(
+            "shard %d: a row has %d tokens, more than the model's %d positions",
+            index,
+            int(lengths.max()),
+            run.max_positions,
+        )
+    return {
+        "index": index,
+        "start": start,
+        "part": part,
+        "rows": rows,
+        "lengths": lengths,
+        "num_bytes": pc.binary_length(col.cast("large_binary")).to_numpy().astype(np.int32),
+    }
+
+
+def _assemble(
+    run: _Run, shard: dict[str, Any], results: dict[int, tuple[Any, int]]
+) -> tuple[Any, np.ndarray]:
+    """The shard's Arrow table, rows in input order."""
+    import pyarrow as pa
+
+    lengths = shard["lengths"]
+    n = len(lengths)
+    k = run.top_k
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    total = int(offsets[-1])
+    flat_logits = np.empty((total, k), dtype=np.float16)
+    flat_ids = np.empty((total, k), dtype=np.int32)
+    ce_sum = np.zeros(n, dtype=np.float64)
+    step_offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.maximum(lengths - 1, 0), out=step_offsets[1:])
+    flat_steps = np.empty(int(step_offsets[-1]), dtype=np.float32) if run.per_step_ce else None
+    for row, (batch, j) in results.items():
+        a, b = offsets[row], offsets[row + 1]
+        length = b - a
+        flat_logits[a:b] = batch.logits[j, :length]
+        flat_ids[a:b] = batch.ids[j, :length]
+        ce_sum[row] = batch.ce_sum[j]
+        if flat_steps is not None:
+            flat_steps[step_offsets[row] : step_offsets[row + 1]] = batch.per_step_ce[
+                j, : length - 1
+            ]
+    scored = lengths - 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        metric = np.where(scored > 0, ce_sum / np.maximum(scored, 1), np.nan).astype(np.float32)
+    input_ids = np.concatenate(shard["rows"]) if n else np.empty(0, np.int32)
+
+    def nested(values: np.ndarray) -> Any:
+        inner = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), k)
+        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), inner)
+
+    new = {
+        "row_index": pa.array(np.arange(shard["start"], shard["start"] + n, dtype=np.int64)),
+        "input_ids": pa.ListArray.from_arrays(
+            pa.array(offsets.astype(np.int32)), pa.array(input_ids.astype(np.int32))
+        ),
+        "per_step_logits": nested(flat_logits),
+        "per_step_indices": nested(flat_ids),
+        "metric_ce": pa.array(metric),
+        "num_tokens": pa.array(lengths.astype(np.int32)),
+        "num_bytes": pa.array(shard["num_bytes"]),
+    }
+    if flat_steps is not None:
+        new["per_step_metric_ce"] = pa.ListArray.from_arrays(
+            pa.array(step_offsets.astype(np.int32)), pa.array(flat_steps)
+        )
+    part = shard["part"].combine_chunks()
+    schema = run.features.arrow_schema
+    arrays = [new[f.name] if f.name in new else part.column(f.name).cast(f.type) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema).combine_chunks(), metric
+
+
+def _write_shard(
+    run: _Run, shard: dict[str, Any], table: Any, metric: np.ndarray
+) -> dict[str, Any]:
+    from .io import atomic_write_json, write_arrow_shard
+
+    arrow, sidecar = _shard_paths(run.out, shard["index"], run.num_shards)
+    written = write_arrow_shard(table, arrow, compression=run.compression)
+    nan_rows = (shard["start"] + np.flatnonzero(np.isnan(metric))).tolist()
+    info = {
+        "index": shard["index"],
+        "row_start": shard["start"],
+        "num_rows": len(shard["lengths"]),
+        "num_tokens": int(shard["lengths"].sum()),
+        "nan_rows": nan_rows,
+        "bytes": written["bytes"],
+        "sha256": written["sha256"],
+    }
+    atomic_write_json(sidecar, info)
+    return info
+
+
+_KILL_COUNT = [0]
+
+
+def _maybe_kill() -> None:
+    limit = os.environ.get(KILL_ENV)
+    if limit:
+        _KILL_COUNT[0] += 1
+        if _KILL_COUNT[0] >= int(limit):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _process_shards(
+    run: _Run, engine: TopKEngine, todo: Sequence[int], report: ExtractReport, progress: Any
+) -> None:
+    if not todo:
+        return
+    bar = None
+    if progress is not False:
+        try:
+            from tqdm.auto import tqdm
+
+            total = sum(
+                min((s + 1) * run.rows_per_shard, run.num_rows) - s * run.rows_per_shard
+                for s in todo
+            )
+            bar = tqdm(
+                total=total, desc="extract", unit="row", disable=None if progress is None else False
+            )
+        except ImportError:  # pragma: no cover
+            bar = None
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusellm-extract") as pool:
+        next_tok: Future[dict[str, Any]] = pool.submit(_tokenize_shard, run, todo[0])
+        writing: Future[dict[str, Any]] | None = None
+        try:
+            for pos in range(len(todo)):
+                shard = next_tok.result()
+                if pos + 1 < len(todo):
+                    next_tok = pool.submit(_tokenize_shard, run, todo[pos + 1])
+                plan = plan_batches(shard["lengths"], run.max_tokens, run.max_batch_size)
+                batches = [pad_batch([shard["rows"][i] for i in b], run.pad_id) for b in plan]
+                results: dict[int, tuple[Any, int]] = {}
+                for rows, out in zip(plan, engine.run(batches), strict=True):
+                    for j, row in enumerate(rows.tolist()):
+                        results[row] = (out, j)
+                    report.padded_tokens += int(out.logits.shape[0] * out.logits.shape[1])
+                    report.num_batches += 1
+                    if bar is not None:
+                        bar.update(len(rows))
+                if writing is not None:
+                    _record(report, writing.result())
+                # Assembling (copies) and writing (compression) overlap the next shard's passes.
+                writing = pool.submit(_assemble_and_write, run, shard, results)
+            if writing is not None:
+                _record(report, writing.result())
+        finally:
+            if bar is not None:
+                bar.close()
+    logger.info(
+        "extracted %d tokens in %.1f s (%.0f tokens/s)",
+        report.num_tokens,
+        time.perf_counter() - t0,
+        report.num_tokens / max(time.perf_counter() - t0, 1e-9),
+    )
+
+
+def _assemble_and_write(
+    run: _Run, shard: dict[str, Any], results: dict[int, tuple[Any, int]]
+) -> dict[str, Any]:
+    table, metric = _assemble(run, shard, results)
+    info = _write_shard(run, shard, table, metric)
+    _maybe_kill()
+    return info
+
+
+def _record(report: ExtractReport, info: dict[str, Any]) -> None:
+    report.shards_written.append(info["index"])
+    report.num_tokens += info["num_tokens"]
+    report.bytes_written += info["bytes"]
+    report.nan_rows.extend(info["nan_rows"])
+
+
+def finalize_extract(
+    output_dir: str | os.PathLike[str], *, verify_hashes: bool = False
+) -> dict[str, Any]:
+    """Checks that every shard of an extraction exists with the expected rows, then writes the
+    ``save_to_disk`` metadata and completes the manifest. Returns the manifest.
+
+    Raises :class:`FuseLLMError` listing missing shards, or :class:`StaleArtifactError` when a
+    shard does not match its sidecar (size, row range, or SHA-256 with ``verify_hashes``).
+    """
+    import datasets
+
+    from .io import read_manifest, shard_file_name, write_dataset_metadata, write_manifest
+
+    out = Path(output_dir)
+    manifest = read_manifest(out)
+    if manifest is None or manifest.get("stage") != "extract":
+        raise FuseLLMError(f"{out} is not an extraction output (no extract manifest)")
+    key = manifest["key"]
+    num_shards, rows_per_shard, num_rows = key["num_shards"], key["rows_per_shard"], key["num_rows"]
+    missing, infos = [], []
+    for s in range(num_shards):
+        info = _shard_done(out, s, num_shards)
+        if info is None:
+            missing.append(s)
+            continue
+        want_start = s * rows_per_shard
+        want_rows = min(rows_per_shard, num_rows - want_start)
+        if info.get("row_start") != want_start or info.get("num_rows") != want_rows:
+            raise StaleArtifactError(
+                f"shard {s} holds rows {info.get('row_start')}+{info.get('num_rows')}, expected "
+                f"{want_start}+{want_rows}"
+            )
+        if verify_hashes:
+            arrow, _ = _shard_paths(out, s, num_shards)
+            if _sha256_file(arrow) != info.get("sha256"):
+                raise StaleArtifactError(f"shard {s} does not match its recorded SHA-256")
+        infos.append(info)
+    if missing:
+        raise FuseLLMError(
+            f"{out}: {len(missing)} of {num_shards} shard(s) missing: {missing[:20]}"
+            + (" ..." if len(missing) > 20 else "")
+        )
+    if sum(i["num_rows"] for i in infos) != num_rows:
+        raise StaleArtifactError(f"{out}: the shards do not hold the {num_rows} input rows")
+    features = datasets.Features.from_dict(_features_dict(manifest, out))
+    files = [shard_file_name(s, num_shards) for s in range(num_shards)]
+    write_dataset_metadata(
+        out, features, files, fingerprint=key["input_sha256"][:8] + key["model_sha256"][:8]
+    )
+    total_tokens = sum(i["num_tokens"] for i in infos)
+    total_bytes = sum(i["bytes"] for i in infos)
+    manifest["complete"] = True
+    manifest["totals"] = {
+        "num_rows": num_rows,
+        "num_tokens": total_tokens,
+        "bytes": total_bytes,
+        "bytes_per_token": total_bytes / max(total_tokens, 1),
+        "nan_rows": [r for i in infos for r in i["nan_rows"]],
+    }
+    manifest["shards"] = [
+        {k: i[k] for k in ("index", "row_start", "num_rows", "num_tokens", "bytes", "sha256")}
+        for i in infos
+    ]
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _features_dict(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The features of the shards, read from the first shard's schema metadata."""
+    import json
+
+    import pyarrow as pa
+
+    arrow, _ = _shard_paths(out, 0, manifest["key"]["num_shards"])
+    with pa.memory_map(str(arrow)) as src:
+        schema = pa.ipc.open_stream(src).schema
+    meta = json.loads(schema.metadata[b"huggingface"])
+    return meta["info"]["features"]
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def add_extract_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds the ``extract`` command to an ``argparse`` sub-parser collection."""
+    p = subparsers.add_parser(
+        "extract",
+        help="run a model over split texts and store its top-K distributions",
+        description=(
+            "Run the causal LM in MODEL (a local directory with its tokenizer) over the rows of "
+            "INPUT and store, per position, the top-K logits and ids, plus each row's CE, as a "
+            "sharded HF dataset in OUTPUT. Re-running resumes; --shard i/N splits the work "
+            "across machines; under torchrun each rank takes its own shards."
+        ),
+    )
+    p.add_argument("input", help="rows (a save_to_disk directory, JSONL, Parquet, ...)")
+    p.add_argument("model", help="local model directory")
+    p.add_argument("output", help="output directory")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: MODEL)")
+    p.add_argument("--text-column", default="text", help="column holding the text")
+    p.add_argument("--top-k", type=int, default=10, help="logits kept per position (default 10)")
+    p.add_argument("--dtype", choices=_DTYPES, default="auto", help="model dtype (default auto)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--attn-implementation", default=None, help="attention implementation")
+    p.add_argument("--no-eos", action="store_true", help="do not append the EOS token")
+    p.add_argument("--add-special-tokens", action="store_true", help="add BOS etc.")
+    p.add_argument("--per-step-ce", action="store_true", help="store per-position CE too")
+    p.add_argument("--rows-per-shard", type=int, default=2048, help="rows per shard (2048)")
+    p.add_argument("--max-tokens-per-batch", type=int, default=16384, help="padded tokens/batch")
+    p.add_argument("--max-batch-size", type=int, default=256, help="rows per batch")
+    p.add_argument(
+        "--compression", choices=["zstd", "lz4", "none"], default="zstd", help="shard compression"
+    )
+    p.add_argument("--shard", default=None, help="i/N: compute only this worker's shards")
+    p.add_argument("--overwrite", action="store_true", help="replace another run's output")
+    p.add_argument("--no-check-vocab", action="store_true", help="skip the vocabulary check")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--finalize", action="store_true", help="only check the shards and write the metadata"
+    )
+    p.set_defaults(func=_extract_cli)
+    return p
+
+
+def _extract_cli(args: argparse.Namespace) -> int:
+    if args.finalize:
+        manifest = finalize_extract(args.output)
+        t = manifest["totals"]
+        print(f"{args.output}: complete, {t['num_rows']} rows, {t['num_tokens']} tokens")
+        return 0
+    report = extract_topk(
+        args.input,
+        args.model,
+        args.output,
+        tokenizer=args.tokenizer,
+        text_column=args.text_column,
+        top_k=args.top_k,
+        dtype=args.dtype,
+        device=args.device,
+        attn_implementation=args.attn_implementation,
+        append_eos=not args.no_eos,
+        add_special_tokens=args.add_special_tokens,
+        per_step_ce=args.per_step_ce,
+        rows_per_shard=args.rows_per_shard,
+        max_tokens_per_batch=args.max_tokens_per_batch,
+        max_batch_size=args.max_batch_size,
+        compression=None if args.compression == "none" else args.compression,
+        shard=args.shard,
+        overwrite=args.overwrite,
+        check_vocab=not args.no_check_vocab,
+        progress=False if args.no_progress else None,
+    )
+    state = "complete" if report.complete else "partial (other shards pending)"
+    print(
+        f"{args.output}: {state}; wrote {len(report.shards_written)} shard(s), skipped "
+        f"{len(report.shards_skipped)}; {report.num_tokens} tokens in {report.seconds:.1f} s "
+        f"({report.tokens_per_second:.0f} tokens/s)"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fusellm.extract`` (e.g. under ``torchrun``)."""
+    parser = argparse.ArgumentParser(prog="python -m fusellm.extract")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_extract_parser(sub)
+    args = parser.parse_args(["extract", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

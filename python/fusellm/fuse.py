@@ -1,0 +1,851 @@
+"""Fusion losses, the packed-data schema that training reads, and the batch collator.
+
+The loss (spec section 7)
+-------------------------
+Candidates are ``ref`` (the target model's own top-K) and the aligned sources. Each candidate has,
+per position ``t`` of a packed block, a row of at most ``K`` (id, logit) pairs, and one score per
+block (a cross-entropy, lower is better) turned into ``s_c = exp(-score_c)``. A row with no valid
+entry is "empty" and is replaced by the ref row at that position.
+
+- teacher distribution of a row: ``P^c_t = softmax(logits / T)`` over its valid entries only;
+- MinCE (``fusion="mince"``): per block ``c* = argmax_c s_c`` (ties: first, i.e. ref), ``Q = P^c*``;
+- AvgCE (``fusion="avgce"``): per block ``w = softmax(s)`` across candidates, ``Q = Σ_c w_c P^c``;
+- ``L_fuse = Σ_t m_t · (-Σ_v Q_t[v] · log softmax(z_t)[v]) / Σ_t m_t`` with ``m`` the attention
+  mask and NO shift: teacher row ``t`` and student logits ``z_t`` both predict token ``t + 1``;
+  ``distill_loss="kl"`` adds ``Σ_v Q log Q`` (a constant: same gradient, the value is a KL);
+- ``L = λ L_clm + (1-λ) L_fuse`` (``combine="hard"``); ``"hard_and_decay"`` raises ``λ`` linearly
+  to 1 over training (``λ + (1-λ)·progress``); ``"soft"`` uses ``(1-s_max) L_clm + s_max L_fuse``
+  with ``s_max`` the block's largest candidate score.
+
+With several blocks in a batch every term is a token-level mean over the batch (as the usual CLM
+loss is): per-block weights (``soft``) multiply that block's token losses before the sums.
+
+Trade-off: the reference builds a dense ``[L, V]`` target per candidate and stacks them (gigabytes
+per sample). The same loss needs only a gather of at most ``K`` student log-probabilities per
+position per candidate, so this module never materialises a dense teacher tensor. The student's
+float32 log-softmax is never stored either: :func:`log_softmax_gather` computes it once, in
+float32 and in chunks of rows, gathers the CLM target and the teacher ids from the same pass, and
+recomputes the softmax chunk by chunk in the backward pass. Its peak memory is the logits and their
+gradient, below a plain CLM step's (which also keeps a float32 log-softmax and a dense gradient of
+it), and it runs torch's fused softmax kernels, as fast as the plain cross-entropy.
+
+Packed-data schema (one row = one block of ``L`` tokens)
+--------------------------------------------------------
+==================================== ================= ==========================================
+column                               type              meaning
+==================================== ================= ==========================================
+``input_ids``                        int32 ``[L]``     target-model token ids
+``attention_mask`` (optional)        int ``[L]``       1 = real token (default: all ones)
+``position_ids`` (optional)          int ``[L]``       passed to the model as is
+``{c}_ids``                          int32 ``[L, K]``  candidate ``c``'s top-K ids, ``-1`` padded
+``{c}_logits``                       float16/32        matching logits, ``-inf`` padded
+                                     ``[L, K]``
+``{c}_metric_ce``                    float32           ``c``'s mean next-token CE on the block
+``{c}_metric_ce_per_byte``           float32           ``c``'s CE per byte of the block's text
+(for ``score="ce_per_byte"``)                          (nats); or, instead, ``num_bytes`` (block)
+                                                       and ``{c}_num_tokens`` (tokens ``c``
+                                                       scored; ref defaults to the block's tokens)
+==================================== ================= ==========================================
+
+Candidates ``c`` are ``"ref"`` and the source names. An entry is valid when its id is ``>= 0``
+and its logit is ``> -inf``; a row with no valid entry is empty. Rows must not repeat an id (the
+alignment stage guarantees it); a repeated id would count twice. Blocks may be shorter than the
+others (the remainder block): the collator pads to the longest block of the batch. ``K`` may
+differ between candidates. :func:`build_packed_dataset` writes this schema from arrays.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+
+from .errors import InputError, InputTypeError
+
+if TYPE_CHECKING:
+    import datasets
+
+__all__ = [
+    "REF",
+    "FusionCollator",
+    "FusionLossOutput",
+    "build_packed_dataset",
+    "detect_candidates",
+    "fusion_loss",
+    "log_softmax_gather",
+    "validate_packed",
+]
+
+#: Name of the target model's own candidate.
+REF = "ref"
+
+Fusion = Literal["mince", "avgce"]
+Combine = Literal["hard", "hard_and_decay", "soft"]
+DistillLoss = Literal["ce", "kl"]
+Score = Literal["ce", "ce_per_byte"]
+
+FUSIONS = ("mince", "avgce")
+COMBINES = ("hard", "hard_and_decay", "soft")
+DISTILL_LOSSES = ("ce", "kl")
+SCORES = ("ce", "ce_per_byte")
+
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+#: Float32 elements per chunk of rows in :func:`log_softmax_gather`, by device type: chunks that
+#: stay in cache between the softmax and the scaled write (CPU: 1 MiB, ~2x faster than one pass
+#: over the whole tensor; CUDA: 16 MiB, a third of an H100's L2, a few dozen launches per step).
+CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 22}
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    """Raise :class:`InputError` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise InputError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_candidate_name(name: object) -> str:
+    """Return ``name`` if it is a usable candidate (column prefix) name."""
+    if not isinstance(name, str):
+        raise InputTypeError(f"a candidate name must be a str, got {type(name).__name__}")
+    if not _NAME.match(name) or name in ("input", "position", "labels", "attention"):
+        raise InputError(
+            f"bad candidate name {name!r}: use letters, digits, '_', '.', '-'; start with a letter"
+        )
+    return name
+
+
+# ------------------------------------------------------------------------------------------------
+# The sparse loss
+# ------------------------------------------------------------------------------------------------
+
+
+class _LogSoftmaxGather(torch.autograd.Function):
+    """``log_softmax(logits.float())`` gathered at ``index``, without storing the log-softmax.
+
+    Forward and backward run chunk by chunk of rows through torch's fused (log-)softmax kernels:
+    one pass over each chunk forward, one softmax pass plus one scaled write backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+        n = logits.shape[0]
+        out = torch.empty(index.shape, dtype=torch.float32, device=logits.device)
+        for a in range(0, n, rows):
+            lp = torch.log_softmax(logits[a : a + rows].float(), dim=-1)
+            out[a : a + rows] = lp.gather(1, index[a : a + rows])
+            del lp
+        ctx.save_for_backward(logits, index)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        logits, index = ctx.saved_tensors
+        rows = ctx.rows
+        grad = torch.empty_like(logits)
+        grad_out = grad_out.float()
+        neg_total = grad_out.sum(-1, keepdim=True).neg_()
+        for a in range(0, logits.shape[0], rows):
+            # d(z_i - lse)/dz = e_i - softmax(z): minus p * the summed gradient, plus a scatter.
+            p = torch.softmax(logits[a : a + rows].float(), dim=-1)
+            g = grad[a : a + rows]
+            if g.dtype == torch.float32:
+                torch.mul(p, neg_total[a : a + rows], out=g)
+                g.scatter_add_(1, index[a : a + rows], grad_out[a : a + rows])
+            else:
+                p.mul_(neg_total[a : a + rows])
+                p.scatter_add_(1, index[a : a + rows], grad_out[a : a + rows])
+                g.copy_(p)
+            del p
+        return grad, None, None
+
+
+def log_softmax_gather(
+    logits: torch.Tensor, index: torch.Tensor, *, chunk_elements: int | None = None
+) -> torch.Tensor:
+    """Float32 ``log_softmax(logits, -1).gather(-1, index)``, differentiable w.r.t. ``logits``.
+
+    ``logits`` is ``[..., V]`` in any float dtype, ``index`` ``[..., J]`` (same leading shape,
+    values in ``[0, V)``). The log-softmax is computed once per row in float32, ``chunk_elements``
+    floats at a time (default: :data:`CHUNK_ELEMENTS` for the device), and only the gathered
+    values are kept; nothing of size ``[..., V]`` is saved
+    for the backward pass except ``logits`` itself (the softmax is recomputed chunk by chunk), and
+    the gradient is returned in ``logits.dtype``.
+    """
+    if logits.shape[:-1] != index.shape[:-1]:
+        raise InputError(
+            f"logits {tuple(logits.shape)} and index {tuple(index.shape)} leading shapes differ"
+        )
+    lead = logits.shape[:-1]
+    v = logits.shape[-1]
+    if chunk_elements is None:
+        chunk_elements = CHUNK_ELEMENTS.get(logits.device.type, 1 << 22)
+    rows = max(1, chunk_elements // max(1, v))
+    flat = _LogSoftmaxGather.apply(
+        logits.reshape(-1, v), index.reshape(-1, index.shape[-1]).long(), rows
+    )
+    return flat.view(*lead, index.shape[-1])
+
+
+@dataclass
+class FusionLossOutput:
+    """What :func:`fusion_loss` returns.
+
+    Attributes:
+        loss: the training loss (scalar, float32, differentiable).
+        clm_loss: the CLM term alone (detached), this batch's mean per token.
+        fusion_loss: the fusion term alone (detached), this batch's mean per position.
+        lm_weight: the effective weight of the CLM term, per block ``[B]`` (detached).
+        candidate_weights: ``[B, C]`` each block's weight per stacked candidate: a one-hot
+            selection for MinCE, the softmax weights for AvgCE (zeros for non-candidates).
+    """
+
+    loss: torch.Tensor
+    clm_loss: torch.Tensor
+    fusion_loss: torch.Tensor
+    lm_weight: torch.Tensor
+    candidate_weights: torch.Tensor
+
+
+def _teacher_probs(
+    ids: torch.Tensor, logits: torch.Tensor, temperature: float, ref_index: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty rows replaced by the ref row; ``softmax(logits / T)`` over valid entries.
+
+    Returns ``(ids int64 [B, C, L, K] with invalid entries set to 0, probs float32)``.
+    """
+    ids = ids.long()
+    logits = logits.float()
+    valid = (ids >= 0) & (logits > -math.inf)
+    if ref_index is not None:
+        empty = ~valid.any(-1, keepdim=True)  # [B, C, L, 1]
+        sl = slice(ref_index, ref_index + 1)
+        ids = torch.where(empty, ids[:, sl], ids)
+        logits = torch.where(empty, logits[:, sl], logits)
+        valid = torch.where(empty, valid[:, sl], valid)
+    z = torch.where(valid, logits / temperature, -math.inf)
+    zmax = z.amax(-1, keepdim=True)
+    zmax = torch.where(torch.isfinite(zmax), zmax, torch.zeros_like(zmax))
+    e = torch.exp(z - zmax)  # exactly 0 on invalid entries
+    probs = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.where(valid, ids, torch.zeros_like(ids)), probs
+
+
+def _neg_entropy(ids: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``Σ_v Q[v] log Q[v]`` per row of a sparse ``Q`` given as entries (ids, q); ids may repeat."""
+    sid, perm = ids.sort(-1)
+    sq = q.gather(-1, perm)
+    new = torch.ones_like(sid, dtype=torch.bool)
+    new[..., 1:] = sid[..., 1:] != sid[..., :-1]
+    group = new.long().cumsum(-1) - 1
+    merged = torch.zeros_like(sq).scatter_add_(-1, group, sq)
+    return torch.where(merged > 0, merged * torch.log(merged), torch.zeros_like(merged)).sum(-1)
+
+
+def fusion_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_scores: torch.Tensor,
+    *,
+    fusion: Fusion = "mince",
+    combine: Combine = "hard",
+    distill_loss: DistillLoss = "ce",
+    lm_loss_weight: float = 0.9,
+    temperature: float = 1.0,
+    progress: float = 0.0,
+    ref_index: int | None = 0,
+    candidate_mask: Sequence[bool] | torch.Tensor | None = None,
+    clm_denominator: torch.Tensor | float | None = None,
+    fusion_denominator: torch.Tensor | float | None = None,
+    chunk_elements: int | None = None,
+) -> FusionLossOutput:
+    """The FuseLLM loss ``λ L_clm + (1-λ) L_fuse`` from sparse teacher rows (module docstring).
+
+    Args:
+        logits: student logits ``[B, L, V]``, any float dtype (the loss runs in float32).
+        labels: ``[B, L]`` CLM targets (``-100``: none); ``logits[:, t]`` predicts
+            ``labels[:, t + 1]``.
+        attention_mask: ``[B, L]``, the fusion term's mask ``m`` (no shift).
+        teacher_ids: ``[B, C, L, K]`` stacked candidates' ids, ``-1`` padded.
+        teacher_logits: ``[B, C, L, K]`` matching logits, ``-inf`` padded.
+        teacher_scores: ``[B, C]`` per-block CE of each candidate (lower is better).
+        fusion, combine, distill_loss, lm_loss_weight, temperature: see the module docstring.
+        progress: training progress in ``[0, 1]`` (``combine="hard_and_decay"``).
+        ref_index: the stacked index of the ref rows that replace empty rows (None: no ref rows).
+        candidate_mask: ``[C]`` which stacked rows take part in the fusion (default: all); a ref
+            excluded here still fills empty rows.
+        clm_denominator, fusion_denominator: token counts to normalise the sums by (e.g. over a
+            whole gradient-accumulation window); default: this batch's counts.
+        chunk_elements: float32 elements per chunk of the student log-softmax (default: by
+            device, :data:`CHUNK_ELEMENTS`).
+    """
+    check_choice("fusion", fusion, FUSIONS)
+    check_choice("combine", combine, COMBINES)
+    check_choice("distill_loss", distill_loss, DISTILL_LOSSES)
+    if not temperature > 0:
+        raise InputError(f"temperature must be > 0, got {temperature}")
+    if logits.dim() != 3:
+        raise InputError(f"logits must be [B, L, V], got shape {tuple(logits.shape)}")
+    b, length, _ = logits.shape
+    if teacher_ids.dim() != 4 or teacher_ids.shape != teacher_logits.shape:
+        raise InputError(
+            f"teacher ids {tuple(teacher_ids.shape)} and logits {tuple(teacher_logits.shape)} "
+            "must both be [B, C, L, K]"
+        )
+    c = teacher_ids.shape[1]
+    if teacher_ids.shape[0] != b or teacher_ids.shape[2] != length:
+        raise InputError(
+            f"teacher rows {tuple(teacher_ids.shape)} do not match logits {tuple(logits.shape)}"
+        )
+    if tuple(labels.shape) != (b, length) or tuple(attention_mask.shape) != (b, length):
+        raise InputError("labels and attention_mask must be [B, L] like the logits")
+    if tuple(teacher_scores.shape) != (b, c):
+        raise InputError(
+            f"teacher_scores must be [B, C] = {(b, c)}, got {tuple(teacher_scores.shape)}"
+        )
+    if ref_index is not None and not 0 <= ref_index < c:
+        raise InputError(f"ref_index {ref_index} out of range for {c} candidates")
+    device = logits.device
+    if candidate_mask is None:
+        cmask = torch.ones(c, dtype=torch.bool, device=device)
+    else:
+        cmask = torch.as_tensor(candidate_mask, dtype=torch.bool, device=device)
+        if cmask.shape != (c,) or not bool(cmask.any()):
+            raise InputError(f"candidate_mask must be [C] = [{c}] with at least one True")
+
+    with torch.no_grad():
+        ids, probs = _teacher_probs(teacher_ids, teacher_logits, temperature, ref_index)
+        s = torch.exp(-teacher_scores.float())  # [B, C]
+        s_masked = torch.where(cmask, s, -math.inf)
+        if fusion == "mince":
+            pick = s_masked.argmax(1)  # the first maximum: ref on ties
+            weights = torch.nn.functional.one_hot(pick, c).float()
+            rows = torch.arange(b, device=device)
+            sel_ids, q = ids[rows, pick], probs[rows, pick]  # [B, L, K]
+        else:
+            weights = torch.softmax(s_masked, dim=1)
+            k = ids.shape[-1]
+            sel_ids = ids.permute(0, 2, 1, 3).reshape(b, length, c * k)
+            q = (weights[:, :, None, None] * probs).permute(0, 2, 1, 3).reshape(b, length, c * k)
+        s_max = s_masked.amax(1)  # [B]
+        # CLM target of position t: labels[t + 1].
+        nxt = torch.full_like(labels, -100)
+        nxt[:, :-1] = labels[:, 1:]
+        clm_mask = nxt != -100
+        index = torch.cat([nxt.clamp_min(0).unsqueeze(-1), sel_ids], dim=-1)
+        m = attention_mask.float()
+        if distill_loss == "kl":
+            neg_ent = _neg_entropy(sel_ids, q)
+
+    logp = log_softmax_gather(logits, index, chunk_elements=chunk_elements)  # [B, L, 1 + J]
+    clm_tok = torch.where(clm_mask, -logp[..., 0], torch.zeros((), device=device))
+    fuse_tok = -(q * logp[..., 1:]).sum(-1)
+    if distill_loss == "kl":
+        fuse_tok = fuse_tok + neg_ent
+    fuse_tok = fuse_tok * m
+
+    if combine == "soft":
+        lm_w = 1.0 - s_max
+    else:
+        lam = lm_loss_weight
+        if combine == "hard_and_decay":
+            lam = lam + (1.0 - lam) * min(max(float(progress), 0.0), 1.0)
+        lm_w = torch.full((b,), float(lam), device=device)
+
+    clm_n = clm_mask.sum().clamp_min(1)
+    fuse_n = m.sum().clamp_min(1)
+    clm_den = clm_n if clm_denominator is None else clm_denominator
+    fuse_den = fuse_n if fusion_denominator is None else fusion_denominator
+    clm_sum = clm_tok.sum(-1)  # [B]
+    fuse_sum = fuse_tok.sum(-1)
+    loss = (lm_w * clm_sum).sum() / clm_den + ((1.0 - lm_w) * fuse_sum).sum() / fuse_den
+    return FusionLossOutput(
+        loss=loss,
+        clm_loss=(clm_sum.sum() / clm_n).detach(),
+        fusion_loss=(fuse_sum.sum() / fuse_n).detach(),
+        lm_weight=lm_w.detach(),
+        candidate_weights=weights,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Schema: scores, detection, validation, building
+# ------------------------------------------------------------------------------------------------
+
+
+def detect_candidates(column_names: Iterable[str]) -> list[str]:
+    """Candidate names present in a packed dataset's columns (``{c}_logits``), ref first."""
+    names = sorted(col[: -len("_logits")] for col in column_names if col.endswith("_logits"))
+    return sorted(names, key=lambda n: n != REF)
+
+
+def score_columns(candidate: str, score: Score, column_names: Iterable[str]) -> list[str]:
+    """The columns :func:`block_scores` reads for ``candidate`` (raises if they are missing)."""
+    cols = set(column_names)
+    if score == "ce":
+        need = [f"{candidate}_metric_ce"]
+    elif f"{candidate}_metric_ce_per_byte" in cols:
+        need = [f"{candidate}_metric_ce_per_byte"]
+    else:
+        need = [f"{candidate}_metric_ce", "num_bytes"]
+        if candidate != REF or f"{candidate}_num_tokens" in cols:
+            need.append(f"{candidate}_num_tokens")
+    missing = [n for n in need if n not in cols]
+    if missing:
+        hint = (
+            f" (score='ce_per_byte' needs {candidate}_metric_ce_per_byte, or num_bytes and "
+            f"{candidate}_num_tokens; use score='ce' for per-token CE)"
+            if score == "ce_per_byte"
+            else ""
+        )
+        raise InputError(f"candidate {candidate!r}: missing column(s) {missing}{hint}")
+    return need
+
+
+def block_scores(
+    get: Callable[[str], np.ndarray],
+    candidates: Sequence[str],
+    score: Score,
+    column_names: Iterable[str],
+    num_tokens: np.ndarray,
+) -> np.ndarray:
+    """``float32 [N, C]`` block scores (lower is better) from a column getter.
+
+    ``num_tokens`` is each block's number of real tokens (the ref's token count for per-byte CE).
+    """
+    cols = list(column_names)
+    out = []
+    for c in candidates:
+        need = score_columns(c, score, cols)
+        if need[0].endswith("_per_byte") or score == "ce":
+            v = np.asarray(get(need[0]), dtype=np.float64)
+        else:
+            n_tok = (
+                np.asarray(get(need[2]), dtype=np.float64)
+                if len(need) > 2
+                else np.asarray(num_tokens, dtype=np.float64)
+            )
+            n_bytes = np.asarray(get("num_bytes"), dtype=np.float64)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                v = np.asarray(get(need[0]), dtype=np.float64) * n_tok / n_bytes
+            v = np.where(n_bytes > 0, v, np.nan)
+        out.append(v)
+    return np.stack(out, axis=-1).astype(np.float32).reshape(-1, len(candidates))
+
+
+def _flat_chunks(col: Any) -> Iterable[Any]:
+    """The leaf values of a (possibly nested, possibly extension-typed) Arrow column."""
+    import pyarrow as pa
+
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    for arr in chunks:
+        while True:
+            if isinstance(arr, pa.ExtensionArray):
+                arr = arr.storage
+            elif isinstance(arr, (pa.ListArray, pa.LargeListArray, pa.FixedSizeListArray)):
+                arr = arr.flatten()
+            else:
+                break
+        yield arr
+
+
+def _list_lengths(col: Any) -> np.ndarray:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    out = []
+    for arr in chunks:
+        if isinstance(arr, pa.ExtensionArray):
+            arr = arr.storage
+        out.append(pc.list_value_length(arr).to_numpy(zero_copy_only=False))
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def _rows(where: np.ndarray, offset: int) -> str:
+    idx = np.flatnonzero(where)[:5] + offset
+    return ", ".join(map(str, idx.tolist())) + (" ..." if np.count_nonzero(where) > 5 else "")
+
+
+def validate_packed(
+    dataset: datasets.Dataset,
+    *,
+    sources: Sequence[str],
+    with_ref: bool,
+    score: Score,
+    vocab_size: int | None,
+    full: bool = True,
+    batch_size: int = 1024,
+) -> list[str]:
+    """Check a packed dataset against the training configuration before the first step.
+
+    Raises :class:`InputError` naming the column and rows when: a configured candidate is missing
+    or the data holds candidates the configuration does not list; an id is ``>= vocab_size`` (the
+    model's logits width) or below ``-1``; lengths disagree between ``input_ids``, ``{c}_ids`` and
+    ``{c}_logits``, or a candidate's ``K`` is not constant; a logit is NaN or ``+inf``; a score
+    is NaN or infinite. With ``full`` it reads every column once (Arrow compute, batch by batch);
+    without, it checks only the column names.
+
+    Returns the stacked candidate order (``["ref", *sources]``, ref only when its columns exist).
+    """
+    cols = set(dataset.column_names)
+    if "input_ids" not in cols:
+        raise InputError("packed dataset has no 'input_ids' column")
+    for s in sources:
+        check_candidate_name(s)
+    if len(set(sources)) != len(sources):
+        raise InputError(f"sources has duplicates: {list(sources)}")
+    if REF in sources:
+        raise InputError(f"{REF!r} is the target's own candidate; do not list it in sources")
+    present = detect_candidates(cols)
+    expected = ([REF] if with_ref else []) + list(sources)
+    missing = [c for c in expected if c not in present]
+    extra = [c for c in present if c not in expected and c != REF]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"configured but absent from the data: {missing}")
+        if extra:
+            parts.append(f"in the data but not configured (add them to sources): {extra}")
+        raise InputError(
+            "packed data's candidate columns do not match the config: "
+            + "; ".join(parts)
+            + f" (data candidates: {present}, config: with_ref={with_ref}, sources={list(sources)})"
+        )
+    stack = ([REF] if REF in present else []) + list(sources)
+    for c in stack:
+        if f"{c}_ids" not in cols:
+            raise InputError(f"candidate {c!r} has {c}_logits but no {c}_ids column")
+    needed = {"input_ids"}
+    for c in stack:
+        needed |= {f"{c}_ids", f"{c}_logits"}
+        if c in expected:
+            needed |= set(score_columns(c, score, cols))
+    if "attention_mask" in cols:
+        needed.add("attention_mask")
+    if not full:
+        return stack
+
+    view = dataset.select_columns(sorted(needed)).with_format("arrow")
+    offset = 0
+    ks: dict[str, int] = {}
+    for table in view.iter(batch_size=batch_size):
+        lengths = _list_lengths(table.column("input_ids"))
+        for leaf in _flat_chunks(table.column("input_ids")):
+            x = leaf.to_numpy(zero_copy_only=False)
+            if x.size and (x.min() < 0 or (vocab_size is not None and x.max() >= vocab_size)):
+                raise InputError(
+                    f"input_ids hold ids outside [0, {vocab_size}) (min {x.min()}, max {x.max()}) "
+                    f"in blocks {offset}..{offset + table.num_rows - 1}: the data does not match "
+                    "the model's vocabulary"
+                )
+        for c in stack:
+            for kind in ("ids", "logits"):
+                name = f"{c}_{kind}"
+                col = table.column(name)
+                outer = _list_lengths(col)
+                if not np.array_equal(outer, lengths):
+                    raise InputError(
+                        f"{name}: row count differs from len(input_ids) in blocks "
+                        f"{_rows(outer != lengths, offset)}"
+                    )
+                for leaf in _flat_chunks(col):
+                    if leaf.null_count:
+                        raise InputError(f"{name} has null values near block {offset}")
+                ks_here = np.concatenate([_inner_lengths(ch) for ch in col.chunks] or [[]])
+                if ks_here.size:
+                    k_min, k_max = int(ks_here.min()), int(ks_here.max())
+                    if k_min != k_max or ks.setdefault(c, k_max) != k_max:
+                        raise InputError(
+                            f"{name}: rows of different widths K ({k_min}..{k_max}, first seen "
+                            f"{ks.get(c)}); every row of a candidate must have the same K"
+                        )
+                for leaf in _flat_chunks(col):
+                    x = leaf.to_numpy(zero_copy_only=False)
+                    if not x.size:
+                        continue
+                    if kind == "ids":
+                        lo, hi = int(x.min()), int(x.max())
+                        if lo < -1:
+                            raise InputError(f"{name} holds id {lo} < -1 near block {offset}")
+                        if vocab_size is not None and hi >= vocab_size:
+                            raise InputError(
+                                f"{name} holds id {hi} >= the model's logits width {vocab_size} "
+                                f"near block {offset}: the data does not match the model's "
+                                "vocabulary"
+                            )
+                    elif np.isnan(x).any() or np.isposinf(x).any():
+                        raise InputError(f"{name} holds NaN or +inf logits near block {offset}")
+        scored = [c for c in stack if c in expected]
+        if "attention_mask" in table.column_names:
+            am = np.concatenate(
+                [
+                    leaf.to_numpy(zero_copy_only=False)
+                    for leaf in _flat_chunks(table["attention_mask"])
+                ]
+                or [np.zeros(0)]
+            )
+            cs = np.concatenate([[0.0], np.cumsum(am > 0, dtype=np.float64)])
+            ends = np.cumsum(lengths)
+            ntok = cs[ends] - cs[ends - lengths]
+        else:
+            ntok = lengths.astype(np.float64)
+        sc = block_scores(
+            lambda n, t=table: t.column(n).to_numpy(zero_copy_only=False),
+            scored,
+            score,
+            table.column_names,
+            ntok,
+        )
+        bad = ~np.isfinite(sc)
+        if bad.any():
+            j = int(np.flatnonzero(bad.any(0))[0])
+            raise InputError(
+                f"candidate {scored[j]!r}: score ({score}) is NaN or infinite in blocks "
+                f"{_rows(bad[:, j], offset)}; drop or repair those blocks before training"
+            )
+        offset += table.num_rows
+    if offset == 0:
+        raise InputError("packed dataset is empty")
+    return stack
+
+
+def _inner_lengths(chunk: Any) -> np.ndarray:
+    """Lengths of the inner lists of a ``list<list<...>>`` (or Array2D) chunk."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+    inner = arr.flatten()
+    if isinstance(inner, pa.ExtensionArray):
+        inner = inner.storage
+    return pc.list_value_length(inner).to_numpy(zero_copy_only=False)
+
+
+def build_packed_dataset(
+    input_ids: Sequence[Any] | np.ndarray,
+    candidates: Mapping[str, Mapping[str, Any]],
+    *,
+    attention_mask: Sequence[Any] | np.ndarray | None = None,
+    position_ids: Sequence[Any] | np.ndarray | None = None,
+    num_bytes: Sequence[int] | np.ndarray | None = None,
+    logits_dtype: str = "float32",
+) -> datasets.Dataset:
+    """A packed dataset in the training schema, from arrays (for tests and small experiments).
+
+    Args:
+        input_ids: ``N`` blocks, each ``[L_i]`` (or an ``[N, L]`` array).
+        candidates: name -> ``{"ids": N x [L_i, K], "logits": N x [L_i, K], "metric_ce": [N]}``
+            plus optional ``"metric_ce_per_byte"`` and ``"num_tokens"`` (``[N]``).
+        attention_mask, position_ids: optional, like ``input_ids``.
+        num_bytes: optional ``[N]`` bytes of text per block.
+        logits_dtype: ``"float32"`` or ``"float16"``.
+    """
+    import datasets
+
+    if logits_dtype not in ("float16", "float32"):
+        raise InputError(f"logits_dtype must be 'float16' or 'float32', got {logits_dtype!r}")
+    blocks = [np.asarray(x, dtype=np.int32).reshape(-1) for x in input_ids]
+    n = len(blocks)
+    data: dict[str, Any] = {"input_ids": blocks}
+    feats: dict[str, Any] = {"input_ids": datasets.Sequence(datasets.Value("int32"))}
+    for key, val in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+        if val is not None:
+            data[key] = [np.asarray(x, dtype=np.int32).reshape(-1) for x in val]
+            feats[key] = datasets.Sequence(datasets.Value("int32"))
+    if num_bytes is not None:
+        data["num_bytes"] = np.asarray(num_bytes, dtype=np.int64)
+        feats["num_bytes"] = datasets.Value("int64")
+    for name, cols in candidates.items():
+        check_candidate_name(name)
+        ids = [np.asarray(x, dtype=np.int32) for x in cols["ids"]]
+        logits = [np.asarray(x, dtype=np.dtype(logits_dtype)) for x in cols["logits"]]
+        if len(ids) != n or len(logits) != n:
+            raise InputError(f"candidate {name!r}: expected {n} blocks of ids and logits")
+        k = ids[0].shape[1] if ids and ids[0].ndim == 2 else 0
+        for i, (a, z) in enumerate(zip(ids, logits, strict=True)):
+            if a.ndim != 2 or a.shape != z.shape or a.shape[0] != blocks[i].size or a.shape[1] != k:
+                raise InputError(
+                    f"candidate {name!r} block {i}: ids {a.shape} / logits {z.shape} must be "
+                    f"[{blocks[i].size}, {k}]"
+                )
+        data[f"{name}_ids"] = ids
+        data[f"{name}_logits"] = logits
+        feats[f"{name}_ids"] = datasets.Array2D(shape=(None, k), dtype="int32")
+        feats[f"{name}_logits"] = datasets.Array2D(shape=(None, k), dtype=logits_dtype)
+        for key, dtype in (
+            ("metric_ce", "float32"),
+            ("metric_ce_per_byte", "float32"),
+            ("num_tokens", "int64"),
+        ):
+            if key in cols:
+                data[f"{name}_{key}"] = np.asarray(cols[key], dtype=dtype).reshape(n)
+                feats[f"{name}_{key}"] = datasets.Value(dtype)
+    return datasets.Dataset.from_dict(data, features=datasets.Features(feats))
+
+
+# ------------------------------------------------------------------------------------------------
+# The collator
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FusionCollator:
+    """Pads packed blocks into a batch and stacks the teacher candidates.
+
+    Output keys: ``input_ids`` / ``attention_mask`` / ``labels`` ``[B, L]`` (int64; labels are the
+    input ids with ``-100`` on padding), ``position_ids`` when the data has them,
+    ``teacher_ids`` ``int32 [B, C, L, K]`` (``-1`` padded), ``teacher_logits`` ``float32
+    [B, C, L, K]`` (``-inf`` padded) and ``teacher_scores`` ``float32 [B, C]``, candidates in
+    :attr:`stack` order. Blocks are padded on the right to the longest block (times
+    ``pad_to_multiple_of``), candidates to the largest ``K``.
+
+    Args:
+        sources: the source candidates' names, in order.
+        with_ref: whether ref is a fusion candidate.
+        ref_rows: whether ref rows are stacked (to fill empty rows) although ``with_ref`` is False.
+        score: ``"ce"`` or ``"ce_per_byte"``: which block score to read.
+        vocab_size: when set, ids ``>= vocab_size`` raise :class:`InputError`.
+    """
+
+    sources: Sequence[str]
+    with_ref: bool = True
+    ref_rows: bool = True
+    score: Score = "ce_per_byte"
+    pad_token_id: int = 0
+    pad_to_multiple_of: int | None = None
+    vocab_size: int | None = None
+    stack: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        check_choice("score", self.score, SCORES)
+        self.sources = tuple(check_candidate_name(s) for s in self.sources)
+        use_ref = self.with_ref or self.ref_rows
+        self.stack = ((REF,) if use_ref else ()) + tuple(self.sources)
+        if not self.with_ref and not self.sources:
+            raise InputError("no fusion candidate: with_ref is False and sources is empty")
+
+    @property
+    def ref_index(self) -> int | None:
+        """Index of the ref rows in the stack (they replace empty rows), or None."""
+        return 0 if self.stack and self.stack[0] == REF else None
+
+    @property
+    def candidate_mask(self) -> list[bool]:
+        """Which stacked candidates take part in the fusion."""
+        return [c != REF or self.with_ref for c in self.stack]
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise InputError("empty batch")
+        b = len(features)
+        blocks = [np.asarray(f["input_ids"], dtype=np.int64).reshape(-1) for f in features]
+        lens = [x.size for x in blocks]
+        length = max(lens)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = np.full((b, length), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((b, length), dtype=np.int64)
+        labels = np.full((b, length), -100, dtype=np.int64)
+        has_pos = "position_ids" in features[0]
+        pos = np.zeros((b, length), dtype=np.int64) if has_pos else None
+        for i, f in enumerate(features):
+            n = lens[i]
+            input_ids[i, :n] = blocks[i]
+            am = (
+                np.asarray(f["attention_mask"], dtype=np.int64).reshape(-1)
+                if "attention_mask" in f
+                else np.ones(n, np.int64)
+            )
+            if am.size != n:
+                raise InputError(f"attention_mask has {am.size} entries for {n} tokens")
+            mask[i, :n] = am
+            lab = np.asarray(f["labels"], np.int64).reshape(-1) if "labels" in f else blocks[i]
+            labels[i, :n] = np.where(am > 0, lab, -100)
+            if pos is not None:
+                pos[i, :n] = np.asarray(f["position_ids"], dtype=np.int64).reshape(-1)
+        if self.vocab_size is not None and (
+            input_ids.max() >= self.vocab_size or input_ids.min() < 0
+        ):
+            raise InputError(
+                f"input_ids outside [0, {self.vocab_size}): the data does not match the model's "
+                "vocabulary"
+            )
+
+        rows: list[list[tuple[np.ndarray, np.ndarray]]] = []
+        kmax = 1
+        for c in self.stack:
+            per = []
+            for i, f in enumerate(features):
+                try:
+                    ids = _as_2d(f[f"{c}_ids"], np.int32)
+                    lg = _as_2d(f[f"{c}_logits"], np.float32)
+                except KeyError as e:
+                    raise InputError(
+                        f"batch lacks column {e.args[0]!r} of candidate {c!r}"
+                    ) from None
+                if ids.shape != lg.shape or ids.shape[0] != lens[i]:
+                    raise InputError(
+                        f"candidate {c!r}: ids {ids.shape} / logits {lg.shape} do not match a "
+                        f"block of {lens[i]} tokens"
+                    )
+                kmax = max(kmax, ids.shape[1])
+                per.append((ids, lg))
+            rows.append(per)
+        t_ids = np.full((b, len(self.stack), length, kmax), -1, dtype=np.int32)
+        t_logits = np.full((b, len(self.stack), length, kmax), -np.inf, dtype=np.float32)
+        for j, per in enumerate(rows):
+            for i, (ids, lg) in enumerate(per):
+                t_ids[i, j, : ids.shape[0], : ids.shape[1]] = ids
+                t_logits[i, j, : lg.shape[0], : lg.shape[1]] = lg
+        if t_ids.size:
+            if t_ids.min() < -1 or (self.vocab_size is not None and t_ids.max() >= self.vocab_size):
+                raise InputError(
+                    f"teacher ids outside [-1, {self.vocab_size}): the data does not match the "
+                    "model's vocabulary"
+                )
+            if np.isnan(t_logits).any() or np.isposinf(t_logits).any():
+                raise InputError("teacher logits hold NaN or +inf")
+
+        scored = [c for c, keep in zip(self.stack, self.candidate_mask, strict=True) if keep]
+        cols = list(features[0].keys())
+        sc = block_scores(
+            lambda n: np.asarray([f[n] for f in features]),
+            scored,
+            self.score,
+            cols,
+            mask.sum(1),
+        )
+        scores = np.zeros((b, len(self.stack)), dtype=np.float32)
+        scores[:, [j for j, keep in enumerate(self.candidate_mask) if keep]] = sc
+        if not np.isfinite(scores).all():
+            raise InputError(f"NaN or infinite {self.score} score in the batch")
+        out = {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(mask),
+            "labels": torch.from_numpy(labels),
+            "teacher_ids": torch.from_numpy(t_ids),
+            "teacher_logits": torch.from_numpy(t_logits),
+            "teacher_scores": torch.from_numpy(scores),
+        }
+        if pos is not None:
+            out["position_ids"] = torch.from_numpy(pos)
+        return out
+
+
+def _as_2d(x: Any, dtype: Any) -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype == object:  # a list of per-row arrays
+        a = np.stack([np.asarray(r) for r in a]) if len(a) else np.zeros((0, 0))
+    if a.ndim == 1 and a.size == 0:
+        a = a.reshape(0, 0)
+    if a.ndim != 2:
+        raise InputError(f"teacher rows must be [L, K], got shape {a.shape}")
+    return a.astype(dtype, copy=False)

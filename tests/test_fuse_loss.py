@@ -1,0 +1,579 @@
+"""The sparse fusion loss against the dense formula of spec section 7, the collator, the schema.
+
+The dense reference below is written straight from the spec, loop by loop: a ``[V]`` target per
+candidate and position, empty rows replaced by the ref row, MinCE / AvgCE on ``exp(-CE)``, then
+``-Σ_v Q log softmax(z)`` with no shift. The sparse loss must agree with it to 1e-6 in float32,
+value and gradient, for every fusion / combine / distill_loss combination.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fusellm import InputError, InputTypeError
+from fusellm.fuse import (
+    FusionCollator,
+    build_packed_dataset,
+    detect_candidates,
+    fusion_loss,
+    log_softmax_gather,
+    validate_packed,
+)
+
+# ------------------------------------------------------------------------------------------------
+# The dense reference
+# ------------------------------------------------------------------------------------------------
+
+
+def dense_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    t_ids: torch.Tensor,
+    t_logits: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    fusion: str,
+    combine: str,
+    distill_loss: str,
+    lam: float,
+    temperature: float,
+    progress: float,
+    ref_index: int | None,
+    cand_mask: list[bool],
+) -> torch.Tensor:
+    b, length, v = logits.shape
+    c = t_ids.shape[1]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    dense = torch.zeros(b, c, length, v)
+    for i, j, t in itertools.product(range(b), range(c), range(length)):
+        ids, lg = t_ids[i, j, t], t_logits[i, j, t]
+        ok = (ids >= 0) & (lg > -math.inf)
+        if not ok.any() and ref_index is not None:
+            ids, lg = t_ids[i, ref_index, t], t_logits[i, ref_index, t]
+            ok = (ids >= 0) & (lg > -math.inf)
+        if ok.any():
+            p = torch.softmax(lg[ok].float() / temperature, dim=0)
+            for idx, pv in zip(ids[ok].tolist(), p, strict=True):
+                dense[i, j, t, idx] += pv
+    s = torch.exp(-scores.float())
+    cands = [j for j in range(c) if cand_mask[j]]
+    total_clm = logits.new_zeros((), dtype=torch.float32)
+    total_fuse = logits.new_zeros((), dtype=torch.float32)
+    n_clm = n_fuse = 0
+    for i in range(b):
+        if fusion == "mince":
+            best = max(s[i, j].item() for j in cands)
+            pick = next(j for j in cands if s[i, j].item() == best)  # first max: ref on ties
+            q = dense[i, pick]
+        else:
+            w = torch.softmax(s[i, cands], dim=0)
+            q = sum(w[n] * dense[i, j] for n, j in enumerate(cands))
+        s_max = max(s[i, j] for j in cands)
+        if combine == "soft":
+            lm_w = 1 - s_max
+        elif combine == "hard_and_decay":
+            lm_w = lam + (1 - lam) * progress
+        else:
+            lm_w = lam
+        fuse_rows = -(q * logp[i]).sum(-1)
+        if distill_loss == "kl":
+            qlogq = torch.where(q > 0, q * torch.log(q.clamp_min(1e-45)), torch.zeros_like(q))
+            fuse_rows = fuse_rows + qlogq.sum(-1)
+        for t in range(length):
+            if mask[i, t]:
+                total_fuse = total_fuse + (1 - lm_w) * fuse_rows[t]
+                n_fuse += 1
+            if t + 1 < length and labels[i, t + 1] != -100:
+                total_clm = total_clm + lm_w * -logp[i, t, labels[i, t + 1]]
+                n_clm += 1
+    return total_clm / max(n_clm, 1) + total_fuse / max(n_fuse, 1)
+
+
+def random_batch(
+    seed: int, *, b: int = 3, c: int = 3, length: int = 7, k: int = 4, v: int = 23
+) -> dict[str, Any]:
+    """Random inputs with every special case: empty rows (also in ref), ties, padding."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, length, v, generator=g) * 2
+    input_ids = torch.randint(0, v, (b, length), generator=g)
+    mask = torch.ones(b, length, dtype=torch.long)
+    mask[1, length - 2 :] = 0  # padding at the end of block 1
+    mask[2, length - 1 :] = 0
+    labels = torch.where(mask > 0, input_ids, -100)
+    # Distinct ids per row (the alignment stage guarantees it).
+    t_ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(b * c * length)]).view(
+        b, c, length, k
+    )
+    t_logits = torch.randn(b, c, length, k, generator=g) * 3
+    drop = torch.rand(b, c, length, k, generator=g) < 0.3
+    t_ids = torch.where(drop, -1, t_ids)
+    t_logits = torch.where(drop, -math.inf, t_logits)
+    # Some entries have a valid id but a -inf logit: invalid too.
+    t_logits[0, 1, 0, 0] = -math.inf
+    empty = torch.rand(b, c, length, generator=g) < 0.25
+    t_ids[empty] = -1
+    t_logits[empty] = -math.inf
+    t_ids[0, 0, 3] = -1  # an empty ref row: the whole position has no target where sources are
+    t_logits[0, 0, 3] = -math.inf  # empty too
+    t_ids[0, 1:, 3] = -1
+    t_logits[0, 1:, 3] = -math.inf
+    scores = torch.rand(b, c, generator=g) * 3
+    scores[0, 2] = scores[0, 0]  # a tie between ref and a source in block 0: ref wins
+    scores[1, 1] = scores[1, 2] = scores[1, 0] - 0.5  # a tie between two sources in block 1
+    return {
+        "logits": logits,
+        "labels": labels,
+        "attention_mask": mask,
+        "teacher_ids": t_ids.int(),
+        "teacher_logits": t_logits,
+        "teacher_scores": scores,
+    }
+
+
+COMBOS = list(
+    itertools.product(("mince", "avgce"), ("hard", "hard_and_decay", "soft"), ("ce", "kl"))
+)
+
+
+@pytest.mark.parametrize(("fusion", "combine", "distill_loss"), COMBOS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparse_loss_equals_dense_reference(
+    fusion: str, combine: str, distill_loss: str, seed: int
+) -> None:
+    batch = random_batch(seed)
+    kw = {
+        "fusion": fusion,
+        "combine": combine,
+        "distill_loss": distill_loss,
+        "temperature": [1.0, 0.7, 2.0][seed],
+        "progress": 0.3,
+    }
+    logits = batch["logits"].clone().requires_grad_(True)
+    out = fusion_loss(
+        logits,
+        batch["labels"],
+        batch["attention_mask"],
+        batch["teacher_ids"],
+        batch["teacher_logits"],
+        batch["teacher_scores"],
+        lm_loss_weight=0.9,
+        chunk_elements=50,  # several chunks per batch
+        **kw,
+    )
+    out.loss.backward()
+    ref_logits = batch["logits"].clone().requires_grad_(True)
+    ref = dense_reference(
+        ref_logits,
+        batch["labels"],
+        batch["attention_mask"],
+        batch["teacher_ids"],
+        batch["teacher_logits"],
+        batch["teacher_scores"],
+        lam=0.9,
+        ref_index=0,
+        cand_mask=[True] * 3,
+        **kw,
+    )
+    ref.backward()
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fusion", ["mince", "avgce"])
+@pytest.mark.parametrize(
+    ("ref_index", "cand_mask"), [(0, [False, True, True]), (None, [True, True, True])]
+)
+def test_ref_not_a_candidate_or_absent(
+    fusion: str, ref_index: int | None, cand_mask: list[bool]
+) -> None:
+    batch = random_batch(5)
+    kw = {"fusion": fusion, "combine": "soft", "distill_loss": "ce", "temperature": 1.0}
+    out = fusion_loss(
+        batch["logits"],
+        batch["labels"],
+        batch["attention_mask"],
+        batch["teacher_ids"],
+        batch["teacher_logits"],
+        batch["teacher_scores"],
+        ref_index=ref_index,
+        candidate_mask=cand_mask,
+        **kw,
+    )
+    ref = dense_reference(
+        batch["logits"],
+        batch["labels"],
+        batch["attention_mask"],
+        batch["teacher_ids"],
+        batch["teacher_logits"],
+        batch["teacher_scores"],
+        lam=0.9,
+        progress=0.0,
+        ref_index=ref_index,
+        cand_mask=cand_mask,
+        **kw,
+    )
+    torch.testing.assert_close(out.loss, ref, rtol=1e-6, atol=1e-6)
+    assert (out.candidate_weights[:, 0] == 0).all() == (not cand_mask[0])
+
+
+def test_mince_ties_go_to_ref_and_selection_is_reported() -> None:
+    batch = random_batch(0)
+    scores = torch.tensor([[1.0, 1.0, 1.0], [2.0, 0.5, 0.5], [0.1, 3.0, 0.2]])
+    out = fusion_loss(
+        batch["logits"],
+        batch["labels"],
+        batch["attention_mask"],
+        batch["teacher_ids"],
+        batch["teacher_logits"],
+        scores,
+    )
+    assert out.candidate_weights.tolist() == [[1, 0, 0], [0, 1, 0], [1, 0, 0]]
+    avg = fusion_loss(
+        batch["logits"],
+        batch["labels"],
+        batch["attention_mask"],
+        batch["teacher_ids"],
+        batch["teacher_logits"],
+        scores,
+        fusion="avgce",
+    )
+    torch.testing.assert_close(avg.candidate_weights.sum(1), torch.ones(3))
+    torch.testing.assert_close(avg.candidate_weights[0], torch.full((3,), 1 / 3))
+
+
+def test_lambda_one_is_plain_clm_and_matches_cross_entropy() -> None:
+    batch = random_batch(3)
+    out = fusion_loss(
+        batch["logits"],
+        batch["labels"],
+        batch["attention_mask"],
+        batch["teacher_ids"],
+        batch["teacher_logits"],
+        batch["teacher_scores"],
+        lm_loss_weight=1.0,
+    )
+    shift = batch["labels"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(
+        batch["logits"][:, :-1].reshape(-1, batch["logits"].shape[-1]), shift.reshape(-1)
+    )
+    torch.testing.assert_close(out.loss, ce, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.clm_loss, ce, rtol=1e-6, atol=1e-6)
+
+
+def test_denominators_normalise_over_a_window() -> None:
+    batch = random_batch(4)
+    args = [batch[k] for k in ("logits", "labels", "attention_mask")]
+    teacher = [batch[k] for k in ("teacher_ids", "teacher_logits", "teacher_scores")]
+    local = fusion_loss(*args, *teacher)
+    n_clm = int((batch["labels"][:, 1:] != -100).sum())
+    n_fuse = int(batch["attention_mask"].sum())
+    doubled = fusion_loss(*args, *teacher, clm_denominator=2 * n_clm, fusion_denominator=2 * n_fuse)
+    torch.testing.assert_close(doubled.loss, local.loss / 2)
+    torch.testing.assert_close(doubled.clm_loss, local.clm_loss)  # reported per batch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_log_softmax_gather_matches_autograd(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 5, 37, generator=g) * 4).to(dtype)
+    idx = torch.randint(0, 37, (2, 5, 6), generator=g)
+    a = x.clone().requires_grad_(True)
+    b = x.clone().requires_grad_(True)
+    w = torch.randn(2, 5, 6, generator=g)
+    ours = log_softmax_gather(a, idx, chunk_elements=80)
+    theirs = torch.log_softmax(b.float(), -1).gather(-1, idx)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    (ours * w).sum().backward()
+    (theirs * w).sum().backward()
+    assert a.grad is not None
+    assert a.grad.dtype == dtype
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_log_softmax_gather_gradcheck() -> None:
+    x = torch.randn(3, 4, 11, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, 11, (3, 4, 5))
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        # float64 in, float32 inside: compare on a float64 re-implementation of the same map.
+        return log_softmax_gather(t, idx, chunk_elements=30).double()
+
+    got = f(x)
+    want = torch.log_softmax(x, -1).gather(-1, idx)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class _BigAllocations(TorchDispatchMode):
+    """Counts op outputs with at least ``limit`` elements."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.big: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        flat = [*args, *(kwargs or {}).values()]
+        seen = {a.untyped_storage().data_ptr() for a in flat if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() in seen:
+                continue  # a view of an input, no allocation
+            if t.numel() >= self.limit:
+                self.big.append(str(func))
+        return out
+
+
+def test_no_dense_teacher_and_no_stored_log_softmax() -> None:
+    """The forward pass allocates nothing of size [B, L, V]; the backward only the gradient."""
+    batch = random_batch(1, b=3, c=3, length=16, k=4, v=101)
+    logits = batch["logits"].clone().requires_grad_(True)
+    n = logits.numel()
+    with _BigAllocations(n) as fwd:
+        out = fusion_loss(
+            logits,
+            batch["labels"],
+            batch["attention_mask"],
+            batch["teacher_ids"],
+            batch["teacher_logits"],
+            batch["teacher_scores"],
+            fusion="avgce",
+            distill_loss="kl",
+            chunk_elements=8 * 101,
+        )
+    assert fwd.big == []
+    with _BigAllocations(n) as bwd:
+        out.loss.backward()
+    assert len(bwd.big) == 1, bwd.big  # the gradient of the logits itself
+
+
+def test_loss_rejects_bad_arguments() -> None:
+    batch = random_batch(0)
+    args = [batch[k] for k in ("logits", "labels", "attention_mask")]
+    teacher = [batch[k] for k in ("teacher_ids", "teacher_logits", "teacher_scores")]
+    with pytest.raises(InputError, match="fusion"):
+        fusion_loss(*args, *teacher, fusion="max")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="temperature"):
+        fusion_loss(*args, *teacher, temperature=0.0)
+    with pytest.raises(InputError, match="teacher_scores"):
+        fusion_loss(*args, *teacher[:2], teacher[2][:, :2])
+    with pytest.raises(InputError, match="candidate_mask"):
+        fusion_loss(*args, *teacher, candidate_mask=[False, False, False])
+
+
+# ------------------------------------------------------------------------------------------------
+# Schema, collator, validation
+# ------------------------------------------------------------------------------------------------
+
+V = 50
+
+
+def make_rows(n: int, lengths: list[int], k: int, seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    ids = [rng.integers(0, V, (ln, k)).astype(np.int32) for ln in lengths]
+    logits = [rng.normal(size=(ln, k)).astype(np.float32) for ln in lengths]
+    for a, z in zip(ids, logits, strict=True):
+        a[::3, k - 1] = -1
+        z[::3, k - 1] = -np.inf
+    return {
+        "ids": ids,
+        "logits": logits,
+        "metric_ce": rng.uniform(1, 3, n),
+        "metric_ce_per_byte": rng.uniform(0.1, 1, n),
+        "num_tokens": rng.integers(3, 9, n),
+    }
+
+
+def make_packed(logits_dtype: str = "float16", edit: Any = None) -> Any:
+    lengths = [6, 6, 4]
+    rng = np.random.default_rng(0)
+    cands = {"ref": make_rows(3, lengths, 3, 1), "a": make_rows(3, lengths, 5, 2)}
+    if edit is not None:
+        edit(cands)
+    return build_packed_dataset(
+        [rng.integers(0, V, ln) for ln in lengths],
+        cands,
+        num_bytes=[20, 30, 10],
+        logits_dtype=logits_dtype,
+    )
+
+
+@pytest.fixture
+def packed() -> Any:
+    return make_packed()
+
+
+def test_collator_pads_blocks_and_candidates(packed: Any) -> None:
+    col = FusionCollator(["a"], score="ce")
+    feats = list(packed.with_format("numpy"))
+    batch = col(feats)
+    assert col.stack == ("ref", "a")
+    assert batch["input_ids"].shape == (3, 6)
+    assert batch["teacher_ids"].shape == (3, 2, 6, 5)
+    assert batch["teacher_ids"].dtype == torch.int32
+    assert batch["teacher_logits"].dtype == torch.float32
+    assert batch["attention_mask"][2].tolist() == [1, 1, 1, 1, 0, 0]
+    assert batch["labels"][2, 4:].tolist() == [-100, -100]
+    # ref has K = 3: columns 3 and 4 are padding
+    assert (batch["teacher_ids"][:, 0, :, 3:] == -1).all()
+    assert torch.isneginf(batch["teacher_logits"][:, 0, :, 3:]).all()
+    assert (batch["teacher_ids"][2, :, 4:] == -1).all()
+    want = np.stack([packed["ref_metric_ce"], packed["a_metric_ce"]], 1)
+    np.testing.assert_allclose(batch["teacher_scores"].numpy(), want)
+    # Plain lists (no numpy format) give the same batch.
+    again = col([packed[i] for i in range(3)])
+    for key in batch:
+        torch.testing.assert_close(again[key], batch[key])
+
+
+def test_collator_scores_per_byte(packed: Any) -> None:
+    feats = list(packed.with_format("numpy"))
+    direct = FusionCollator(["a"], score="ce_per_byte")(feats)
+    want = np.stack([packed["ref_metric_ce_per_byte"], packed["a_metric_ce_per_byte"]], 1)
+    np.testing.assert_allclose(direct["teacher_scores"].numpy(), want)
+    # Derived from num_bytes and num_tokens when the per-byte column is absent.
+    stripped = packed.remove_columns(["ref_metric_ce_per_byte", "a_metric_ce_per_byte"])
+    feats = list(stripped.with_format("numpy"))
+    derived = FusionCollator(["a"], score="ce_per_byte")(feats)
+    nb = np.asarray(packed["num_bytes"], np.float64)
+    for j, c in enumerate(["ref", "a"]):
+        ce = np.asarray(packed[f"{c}_metric_ce"], np.float64)
+        nt = np.asarray(packed[f"{c}_num_tokens"], np.float64)
+        np.testing.assert_allclose(derived["teacher_scores"][:, j].numpy(), ce * nt / nb, rtol=1e-6)
+    # ref defaults to the block's own token count.
+    no_nt = stripped.remove_columns(["ref_num_tokens"])
+    got = FusionCollator(["a"], score="ce_per_byte")(list(no_nt.with_format("numpy")))
+    ce = np.asarray(packed["ref_metric_ce"], np.float64)
+    np.testing.assert_allclose(
+        got["teacher_scores"][:, 0].numpy(), ce * np.array([6, 6, 4]) / nb, rtol=1e-6
+    )
+
+
+def test_collator_errors(packed: Any) -> None:
+    feats = list(packed.with_format("numpy"))
+    with pytest.raises(InputError, match="'b_ids'"):
+        FusionCollator(["a", "b"], score="ce")(feats)
+    with pytest.raises(InputError, match="vocabulary"):
+        FusionCollator(["a"], score="ce", vocab_size=10)(feats)
+    with pytest.raises(InputError, match="no fusion candidate"):
+        FusionCollator([], with_ref=False)
+    with pytest.raises(InputTypeError):
+        FusionCollator([3])  # type: ignore[list-item]
+    bad = [dict(f) for f in feats]
+    bad[0]["a_metric_ce"] = np.float32("nan")
+    with pytest.raises(InputError, match="NaN"):
+        FusionCollator(["a"], score="ce")(bad)
+
+
+def test_detect_candidates() -> None:
+    cols = ["input_ids", "position_ids", "b_ids", "b_logits", "ref_logits", "ref_ids", "a_logits"]
+    assert detect_candidates(cols) == ["ref", "a", "b"]
+
+
+def test_validate_packed_accepts_good_data(packed: Any) -> None:
+    stack = validate_packed(packed, sources=["a"], with_ref=True, score="ce", vocab_size=V)
+    assert stack == ["ref", "a"]
+    # ref is stacked to fill empty rows even when it is not a candidate.
+    assert validate_packed(packed, sources=["a"], with_ref=False, score="ce", vocab_size=V) == [
+        "ref",
+        "a",
+    ]
+    # a filtered view (indices mapping) is validated through the view
+    validate_packed(packed.select([2, 0]), sources=["a"], with_ref=True, score="ce", vocab_size=V)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "kwargs", "match"),
+    [
+        (lambda d: d, {"sources": ["a", "b"]}, "absent from the data: \\['b'\\]"),
+        (lambda d: d, {"sources": []}, "not configured .*\\['a'\\]"),
+        (lambda d: d.remove_columns(["ref_ids", "ref_logits"]), {}, "absent from the data"),
+        (lambda d: d, {"vocab_size": 20}, "vocabulary"),
+        (lambda d: d.remove_columns(["a_metric_ce"]), {}, "a_metric_ce"),
+        (
+            lambda d: d.remove_columns(["a_metric_ce_per_byte", "a_num_tokens"]),
+            {"score": "ce_per_byte"},
+            "ce_per_byte",
+        ),
+    ],
+)
+def test_validate_packed_rejects_mismatches(
+    packed: Any, mutate: Any, kwargs: dict[str, Any], match: str
+) -> None:
+    args: dict[str, Any] = {"sources": ["a"], "with_ref": True, "score": "ce", "vocab_size": V}
+    args.update(kwargs)
+    with pytest.raises(InputError, match=match):
+        validate_packed(mutate(packed), **args)
+
+
+def _replace_column(ds: Any, name: str, values: list[Any]) -> Any:
+    feature = ds.features[name]
+    return ds.remove_columns([name]).add_column(name, values, feature=feature)
+
+
+def test_validate_packed_rejects_nan_scores_and_logits(packed: Any) -> None:
+    args: dict[str, Any] = {"sources": ["a"], "with_ref": True, "vocab_size": V}
+    ce = list(packed["a_metric_ce"])
+    ce[1] = float("nan")
+    bad = _replace_column(packed, "a_metric_ce", ce)
+    with pytest.raises(InputError, match=r"'a'.*NaN.*blocks 1"):
+        validate_packed(bad, score="ce", **args)
+    validate_packed(bad, score="ce_per_byte", **args)  # the per-token CE is not used
+
+    def nan_logit(c: dict[str, Any]) -> None:
+        c["ref"]["logits"][2][1, 0] = np.nan
+
+    for dtype in ("float16", "float32"):
+        with pytest.raises(InputError, match=r"ref_logits.*NaN"):
+            validate_packed(make_packed(dtype, nan_logit), score="ce", **args)
+    nb = list(packed["num_bytes"])
+    nb[0] = 0
+    bad = _replace_column(packed.remove_columns(["a_metric_ce_per_byte"]), "num_bytes", nb)
+    with pytest.raises(InputError, match="NaN or infinite"):
+        validate_packed(bad, score="ce_per_byte", **args)
+
+
+def test_validate_packed_rejects_bad_shapes(packed: Any) -> None:
+    ids = [np.asarray(x) for x in packed["a_ids"]]
+    ids[1] = ids[1][:-1]
+    with pytest.raises(InputError, match="must be"):
+        build_packed_dataset(
+            packed["input_ids"],
+            {"a": {"ids": ids, "logits": packed["a_logits"], "metric_ce": [1, 1, 1]}},
+        )
+    # The packing stage may write plain nested lists: ragged K and short rows are caught.
+    import datasets
+
+    def plain(ref_ids: list[Any], ref_logits: list[Any]) -> Any:
+        return datasets.Dataset.from_dict(
+            {
+                "input_ids": [[1, 2], [3, 4]],
+                "ref_ids": ref_ids,
+                "ref_logits": ref_logits,
+                "ref_metric_ce": [1.0, 2.0],
+            }
+        )
+
+    args: dict[str, Any] = {"sources": [], "with_ref": True, "score": "ce", "vocab_size": V}
+    ragged = plain(
+        [[[1, 2], [3, 4]], [[1, 2], [3]]], [[[0.0, 1.0], [0.0, 1.0]], [[0.0, 1.0], [0.0]]]
+    )
+    with pytest.raises(InputError, match="widths K"):
+        validate_packed(ragged, **args)
+    short = plain([[[1, 2], [3, 4]], [[1, 2]]], [[[0.0, 1.0], [0.0, 1.0]], [[0.0, 1.0]]])
+    with pytest.raises(InputError, match=r"ref_ids: row count differs.*blocks 1"):
+        validate_packed(short, **args)
+    ok = plain([[[1, 2], [3, -1]]] * 2, [[[0.0, 1.0], [0.0, -math.inf]]] * 2)
+    assert validate_packed(ok, **args) == ["ref"]
+    batch = FusionCollator([], score="ce")(list(ok.with_format("numpy")))
+    assert batch["teacher_ids"].shape == (2, 1, 2, 2)
+    assert batch["teacher_ids"][0, 0, 1].tolist() == [3, -1]
