@@ -33,10 +33,12 @@ datasets = pytest.importorskip("datasets")
 
 from fusellm.extract import (  # noqa: E402
     KILL_ENV,
+    TopKEngine,
     add_extract_parser,
     extract_topk,
     finalize_extract,
     grouped_topk,
+    pad_batch,
     plan_batches,
 )
 
@@ -235,6 +237,50 @@ def test_grouped_topk_is_exact(n: int, v: int, k: int, masked: int, seed: int) -
     ref_vals, ref_idx = torch.topk(x, k)
     torch.testing.assert_close(vals, ref_vals, rtol=0, atol=0)
     assert torch.equal(idx, ref_idx)  # continuous random values: no ties
+    # With the group maxima computed elsewhere (as the fused CE kernel does).
+    gmax = x[:, : (v // 8) * 8].reshape(n, -1, 8).amax(-1)
+    vals2, idx2 = grouped_topk(x, k, group=8, group_max=gmax)
+    assert torch.equal(vals2, ref_vals)
+    assert torch.equal(idx2, ref_idx)
+
+
+def test_engine_excludes_listed_ids_and_pads_exactly(tiny_llama: TinyModel) -> None:
+    lm, tok = load(tiny_llama)
+    rows = [np.asarray(tok(t, add_special_tokens=False)["input_ids"]) for t in TEXTS[:3]]
+    ids, lengths = pad_batch(rows)
+    first = TopKEngine(lm, top_k=K).collect(TopKEngine(lm, top_k=K).submit(ids, lengths))
+    banned = sorted(set(first.ids[0, 0, :3].tolist()) | {5})
+    engine = TopKEngine(lm, top_k=K, invalid_ids=banned, per_step_ce=True)
+    (out,) = engine.run([(ids, lengths)])
+    for j, row in enumerate(rows):
+        n = len(row)
+        assert not np.isin(out.ids[j, :n], banned).any()
+        ref = reference_row(lm, row.tolist(), tiny_llama.num_tokens, K + len(banned))
+        keep = ~np.isin(ref["ids"], banned)
+        expected = np.stack([r[k][:K] for r, k in zip(ref["ids"], keep, strict=True)])
+        np.testing.assert_array_equal(out.ids[j, :n], expected)
+        assert out.per_step_ce.shape[1] == ids.shape[1] - 1
+        assert (out.per_step_ce[j, n - 1 :] == 0).all()  # padding is not scored
+
+
+@pytest.mark.slow
+def test_fused_ce_equals_eager(tiny_llama: TinyModel, llama_run: Any, tmp_path: Path) -> None:
+    """The compiled log-sum-exp (the CUDA default) on the CPU; needs a C++ compiler."""
+    report = run(tiny_llama, tmp_path / "fused", per_step_ce=True, fused_ce=True)
+    if report.ce_path != "fused":
+        pytest.skip("torch.compile is unavailable here")
+    a = report.load().with_format("numpy")
+    b = llama_run.load().with_format("numpy")
+    np.testing.assert_allclose(a["metric_ce"], b["metric_ce"], atol=1e-5)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["per_step_indices"], y["per_step_indices"])
+        np.testing.assert_allclose(x["per_step_metric_ce"], y["per_step_metric_ce"], atol=1e-5)
+
+
+def test_lazy_exports() -> None:
+    assert fusellm.extract_topk is extract_topk
+    assert fusellm.split_texts.__module__ == "fusellm.split"
+    assert {"ExtractReport", "SplitStats", "finalize_extract", "run_split"} <= set(fusellm.__all__)
 
 
 def test_plan_batches() -> None:

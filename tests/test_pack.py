@@ -68,7 +68,12 @@ def first_fit(lengths: list[int], block_size: int) -> int:
 
 def blocks_of(p: PackedBlocks) -> list[list[tuple[int, int, int]]]:
     segs = list(
-        zip(p.segment_rows.tolist(), p.segment_starts.tolist(), p.segment_lengths.tolist())
+        zip(
+            p.segment_rows.tolist(),
+            p.segment_starts.tolist(),
+            p.segment_lengths.tolist(),
+            strict=True,
+        )
     )
     o = p.segment_offsets.tolist()
     return [segs[o[b] : o[b + 1]] for b in range(p.num_blocks)]
@@ -116,7 +121,8 @@ def test_concat_is_the_reference(lengths, block_size, k, seed) -> None:
     # every token exactly once, in order; every column cut identically
     for name, col in cols.items():
         got = p.columns[name]
-        assert got.dtype == col.dtype and got.shape == col.shape
+        assert got.dtype == col.dtype
+        assert got.shape == col.shape
         np.testing.assert_array_equal(got, col)
     lens = p.block_lengths.tolist()
     assert all(0 < n <= block_size for n in lens)
@@ -137,7 +143,8 @@ def test_concat_worked_example() -> None:
     assert p.scores["ce"].tolist() == [(3 * 1 + 1 * 2) / 4, 2.0, 4.0]
     assert p.num_blocks == len(p) == 3
     b = p.block(1)
-    assert b["input_ids"].tolist() == [4, 5, 6, 7] and b["ce"] == 2.0
+    assert b["input_ids"].tolist() == [4, 5, 6, 7]
+    assert b["ce"] == 2.0
     assert p.block(-1)["input_ids"].tolist() == [8, 9]
     with pytest.raises(IndexError):
         p.block(3)
@@ -174,7 +181,8 @@ def test_bfd_properties(lengths, block_size, seed) -> None:
         else:
             assert got.shape[0] == 0
     # positions restart at every document
-    assert p.position_ids is not None and p.position_ids.dtype == np.int32
+    assert p.position_ids is not None
+    assert p.position_ids.dtype == np.int32
     want_pos = [i for pieces in blocks for _, _, n in pieces for i in range(n)]
     assert p.position_ids.tolist() == want_pos
     assert p.scores["ce"].tolist() == oracle_means(blocks, ce)
@@ -184,7 +192,8 @@ def test_bfd_beats_first_fit_on_a_known_case() -> None:
     # first fit in row order needs 3 blocks of 7 here, best-fit decreasing 2
     lengths = [3, 5, 2, 4]
     p = pack({"x": np.arange(14)}, offsets_of(lengths), block_size=7, mode="bfd")
-    assert first_fit(lengths, 7) == 3 and p.num_blocks == 2
+    assert first_fit(lengths, 7) == 3
+    assert p.num_blocks == 2
     assert p.columns["x"].tolist() == [0, 1, 2, 10, 11, 12, 13, 3, 4, 5, 6, 7, 8, 9]
     assert p.position_ids is not None
     assert p.position_ids.tolist() == [0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1]
@@ -209,7 +218,8 @@ def test_nan_scores() -> None:
     off = [0, 2, 4, 6]
     ce = [float("nan"), 3.0, 5.0]
     p = pack({"x": np.zeros(6)}, off, block_size=4, scores={"ce": ce})
-    assert np.isnan(p.scores["ce"][0]) and p.scores["ce"][1] == 5.0
+    assert np.isnan(p.scores["ce"][0])
+    assert p.scores["ce"][1] == 5.0
     p = pack({"x": np.zeros(6)}, off, block_size=4, scores={"ce": ce}, nan_scores="omit")
     assert p.scores["ce"].tolist() == [3.0, 5.0]
     p = pack({"x": np.zeros(2)}, [0, 2], block_size=4, scores={"ce": [np.nan]}, nan_scores="omit")
@@ -221,11 +231,15 @@ def test_nan_scores() -> None:
 
 def test_edge_cases() -> None:
     p = pack({"x": np.zeros(0, dtype=np.int32)}, [0], block_size=4, scores={"ce": []})
-    assert p.num_blocks == 0 and p.columns["x"].shape == (0,) and p.scores["ce"].shape == (0,)
+    assert p.num_blocks == 0
+    assert p.columns["x"].shape == (0,)
+    assert p.scores["ce"].shape == (0,)
     p = pack({"x": np.zeros((0, 3), dtype=np.float32)}, [0, 0, 0], block_size=4, mode="bfd")
-    assert p.num_blocks == 0 and p.columns["x"].shape == (0, 3)
+    assert p.num_blocks == 0
+    assert p.columns["x"].shape == (0, 3)
     p = pack({}, [0, 5, 7], block_size=4)
-    assert p.block_offsets.tolist() == [0, 4, 7] and p.columns == {}
+    assert p.block_offsets.tolist() == [0, 4, 7]
+    assert p.columns == {}
     # non-contiguous and big-endian input
     a = np.arange(20, dtype=">i4").reshape(10, 2)[:, ::-1]
     p = pack({"a": a}, [0, 4, 10], block_size=3)

@@ -158,6 +158,11 @@ def test_other_columns_follow_their_document(toks: list[Any]) -> None:
         assert row["id"] == "abc"[row["doc_index"]]
         assert row["score"] == float(row["doc_index"] + 1)
     assert out.features["score"] == ds.features["score"]
+    # One document dropped and one cut in two: as many rows as documents, but not the same ones.
+    ds2 = datasets.Dataset.from_dict({"id": ["a", "b"], "text": ["", LONG_DOC[:700]]})
+    out2 = split_texts(ds2, toks, block_size=BLOCK, margin=MARGIN, progress=False)
+    assert len(out2) == 2
+    assert out2["id"] == ["b", "b"]
     bare = split_texts(ds, toks, keep_columns=False, progress=False)
     assert bare.column_names == ["text", "doc_index", "chunk_index"]
 

@@ -377,20 +377,22 @@ def test_config_rejects_bad_values(tmp_path: Path, kw: dict[str, Any], match: st
         config(tmp_path, **kw)
 
 
-def test_deepspeed_shorthand_and_launcher_check(
+def test_deepspeed_without_a_launcher_fails_up_front(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Not at the first step, looking for mpi4py. (With the rank variables set, building a
+    DeepSpeed config initialises a process group: the 2-rank run in test_deepspeed.py covers
+    that path, the shorthand included.)"""
+    import importlib.util
+
+    if importlib.util.find_spec("mpi4py") is not None:
+        pytest.skip("with mpi4py, DeepSpeed can discover the ranks through MPI")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")  # restored after the test
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(InputError, match=r"launcher.*torchrun"):
         config(tmp_path, deepspeed="zero2")
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-    for k, v in {**env, "MASTER_PORT": "29999"}.items():
-        monkeypatch.setenv(k, v)
-    cfg = config(tmp_path, deepspeed="zero2_offload")
-    assert cfg.deepspeed == deepspeed_config_path("zero2_offload")
-    assert Path(cfg.deepspeed).is_file()
+    assert Path(deepspeed_config_path("zero3_offload")).is_file()
     with pytest.raises(InputError, match="deepspeed config"):
         deepspeed_config_path("zero4")
 

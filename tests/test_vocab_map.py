@@ -76,7 +76,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
 
 
 BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
@@ -166,9 +166,10 @@ def test_mined_and_exact_equal_the_definition(base, blend, markers, threads) -> 
             base, blend, base_marker=bm, blend_marker=xm, method=method, num_threads=threads
         )
         assert vm.base_ids.tolist() == oracle_map(base, blend, bm, xm, method)
-        for i, (b, d) in enumerate(zip(vm.base_ids.tolist(), vm.distances.tolist())):
+        for i, (b, d) in enumerate(zip(vm.base_ids.tolist(), vm.distances.tolist(), strict=True)):
             if b < 0:
-                assert d == -1 and vm.kinds[i] == MAP_UNMAPPED
+                assert d == -1
+                assert vm.kinds[i] == MAP_UNMAPPED
             else:
                 t = blend[i].replace(xm, bm)  # type: ignore[union-attr]
                 assert d == levenshtein(t, base[b])  # type: ignore[arg-type]
@@ -256,7 +257,7 @@ def test_complete_map_of_a_small_real_pair(qwen, mistral) -> None:
     small = [s if i % 64 == 0 else None for i, s in enumerate(mistral.vocab)]
     sample = keys[::97]
     ids, dist = _native.nearest_brute_force(small, sample, None)
-    assert [(int(i), int(d)) for i, d in zip(ids, dist)] == [
+    assert [(int(i), int(d)) for i, d in zip(ids, dist, strict=True)] == [
         oracle_nearest(small, t) for t in sample
     ]
 
@@ -277,15 +278,17 @@ def test_real_map_statistics(qwen, mistral, qwen_on_mistral) -> None:
     assert s["blend_tokens"] == len(qwen.vocab)
     assert s["exact"] + s["mined"] + s["unmapped"] == len(qwen.vocab)
     assert sum(s["by_distance"].values()) == s["mined"]
-    assert s["exact"] > 10_000 and s["unmapped"] == 0
+    assert s["exact"] > 10_000
+    assert s["unmapped"] == 0
     d = vm.to_dict()
     assert d["▁the"] == "▁the"
     assert all(mistral.index[v] >= 0 for v in d.values())
 
 
 def test_surface_fixes_byte_spellings(qwen, mistral) -> None:
-    vm = VocabMap.build(mistral.vocab, qwen.vocab, base_marker=SPM, blend_marker=BBPE,
-                        method="surface")  # fmt: skip
+    vm = VocabMap.build(
+        mistral.vocab, qwen.vocab, base_marker=SPM, blend_marker=BBPE, method="surface"
+    )
     d = vm.to_dict()
     assert d["Ċ"] == "<0x0A>"
     assert d["ĊĊ"] != "<0x0A>"  # two newlines: no single-token surface, MinED decides
@@ -313,10 +316,14 @@ def test_to_dict_and_arrays() -> None:
     base, blend = _small()
     vm = VocabMap.build(base, blend, base_marker=SPM, blend_marker=BBPE, method="surface")
     assert vm.to_dict() == {"▁the": "▁the", "Ċ": "<0x0A>", "âĢĶ": "—", "▁tha": "▁the", "zz": "▁a"}
-    assert vm.base_ids.dtype == np.int32 and vm.base_ids.tolist() == [1, 0, 3, 1, 2, -1, 1]
+    assert vm.base_ids.dtype == np.int32
+    assert vm.base_ids.tolist() == [1, 0, 3, 1, 2, -1, 1]
     assert vm.kinds.tolist() == [MAP_EXACT, MAP_SURFACE, MAP_SURFACE, 3, 3, 0, MAP_EXACT]
     assert not vm.base_ids.flags.writeable
-    assert len(vm) == 5 and vm["Ċ"] == "<0x0A>" and "zz" in vm and list(vm)[0] == "▁the"
+    assert len(vm) == 5
+    assert vm["Ċ"] == "<0x0A>"
+    assert "zz" in vm
+    assert next(iter(vm)) == "▁the"
     assert vm.stats() == {
         "blend_tokens": 7,
         "exact": 2,
@@ -337,13 +344,15 @@ def test_save_load_round_trip(tmp_path) -> None:
         assert json.load(f) == vm.to_dict()  # the reference format, exactly
     meta = json.loads((tmp_path / "map.json.meta.json").read_text(encoding="utf-8"))
     assert meta["stats"] == vm.stats()
-    assert meta["method"] == "mined" and meta["blend_marker"] == BBPE
+    assert meta["method"] == "mined"
+    assert meta["blend_marker"] == BBPE
     assert meta["base_vocab"] == {"size": len(base), "sha256": vocab_checksum(base)}
     assert sorted(os.listdir(tmp_path)) == ["map.json", "map.json.meta.json"]  # no temp files
     back = VocabMap.load(path, base, blend)
     assert back.base_ids.tolist() == vm.base_ids.tolist()
     assert back.distances.tolist() == vm.distances.tolist()
-    assert back.method == "mined" and back.stats() == vm.stats()
+    assert back.method == "mined"
+    assert back.stats() == vm.stats()
     vm.save(path)  # overwriting is fine
 
 
@@ -379,8 +388,9 @@ def test_from_dict_imports_a_reference_map() -> None:
     assert back.base_ids.tolist() == vm.base_ids.tolist()
     assert back.kinds.tolist() == vm.kinds.tolist()
     assert back.method == "imported"
-    partial = VocabMap.from_dict({"zz": "x", "unknown": "x"}, base, blend,
-                                 base_marker=SPM, blend_marker=BBPE)  # fmt: skip
+    partial = VocabMap.from_dict(
+        {"zz": "x", "unknown": "x"}, base, blend, base_marker=SPM, blend_marker=BBPE
+    )
     assert partial.base_ids.tolist() == [-1, -1, -1, -1, 4, -1, -1]
     with pytest.raises(InputError, match="not a base token"):
         VocabMap.from_dict({"zz": "nope"}, base, blend, base_marker=SPM, blend_marker=BBPE)
@@ -422,6 +432,7 @@ def test_bad_input() -> None:
         VocabMap.from_dict({"a": 1}, base, blend, **kw)  # type: ignore[dict-item]
     # empty vocabularies are valid: nothing to map
     empty = VocabMap.build([], [], **kw)
-    assert empty.base_ids.tolist() == [] and empty.to_dict() == {}
+    assert empty.base_ids.tolist() == []
+    assert empty.to_dict() == {}
     none_base = VocabMap.build([None], ["a"], **kw)
     assert none_base.base_ids.tolist() == [-1]

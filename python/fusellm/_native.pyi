@@ -1,4 +1,4 @@
-# Hand-written stub of the Rust extension; checked against it by `python -m mypy.stubtest fusellm._native`.
+# Hand-written stub of the Rust extension; checked by `python -m mypy.stubtest fusellm._native`.
 from typing import final
 
 import numpy as np
@@ -13,6 +13,7 @@ def mined_base_to_blend(
     base_marker: str,
     blend_marker: str,
 ) -> list[list[int]]: ...
+
 @final
 class Aligner:
     def __new__(
@@ -54,6 +55,7 @@ class Aligner:
             int,
         ]
     ]: ...
+
 def build_vocab_map(
     base_vocab: list[str | None],
     blend_vocab: list[str | None],
@@ -80,6 +82,7 @@ def nearest_indexed(
     num_threads: int | None,
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]: ...
 def surface_bytes(token: str, marker: str) -> bytes | None: ...
+
 @final
 class PackPlan:
     def __new__(
@@ -103,7 +106,5 @@ class PackPlan:
     def gather_u16(self, src: npt.NDArray[np.uint16], width: int) -> npt.NDArray[np.uint16]: ...
     def gather_u32(self, src: npt.NDArray[np.uint32], width: int) -> npt.NDArray[np.uint32]: ...
     def gather_u64(self, src: npt.NDArray[np.uint64], width: int) -> npt.NDArray[np.uint64]: ...
-    def block_means(
-        self, scores: npt.NDArray[np.float64], nan: str
-    ) -> npt.NDArray[np.float64]: ...
+    def block_means(self, scores: npt.NDArray[np.float64], nan: str) -> npt.NDArray[np.float64]: ...
     def position_ids(self) -> npt.NDArray[np.int32]: ...

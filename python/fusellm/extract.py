@@ -18,9 +18,11 @@ mask is passed: under causal attention a real position never sees the padding af
 are those of unpadded single-row passes, and the fastest (causal) attention kernels apply. The top-K
 is exact and cheap: the maximum of each group of 64 logits is taken in one pass, the K best groups
 are selected, and the top-K is taken among their ``64 K`` candidates (the K best values always lie
-in the K groups with the best maxima). On CUDA the cross-entropy's log-sum-exp is one fused
-``torch.compile`` reduction over the bf16 logits (no float32 copy of the logits); elsewhere, or if
-compilation fails, it is ``cross_entropy`` over float32 chunks. On CUDA the device->host copies of a
+in the K groups with the best maxima). On CUDA (or with ``fused_ce=True``) the group maxima and
+the cross-entropy's float32 log-sum-exp come from one fused ``torch.compile`` kernel reading the
+bf16 logits once (no float32 copy of the logits); otherwise, or if compilation fails, the CE is
+``cross_entropy`` over float32 chunks. What remains is O(vocabulary) per position, against the
+forward pass's O(width x vocabulary + layers). On CUDA the device->host copies of a
 batch overlap the next batch's forward pass, and tokenization and writing run in a background
 thread.
 
@@ -34,7 +36,8 @@ that. Compressed shards are decompressed into memory when loaded; pass ``compres
 memory-mapped shards.
 
 Robustness. Shard ``i`` always holds the rows ``[i R, (i + 1) R)`` (``R = rows_per_shard``) and is
-computed in a fixed batch order, so its bytes do not depend on which process computes it or when.
+computed in a fixed batch order, so its bytes do not depend on which process computes it or when
+(on the same kind of device, with the same number of threads: floating-point sums depend on them).
 A shard is written under a temporary name and renamed, then its sidecar (``shards/*.json``: rows,
 tokens, size, SHA-256) is written; a shard is finished when both exist and agree. A manifest
 (``fusellm_manifest.json``) records the fingerprints of the model (config and weights), the
@@ -107,23 +110,27 @@ _COMPRESSIONS = ("zstd", "lz4", None)
 # --- the compute engine (torch only) -------------------------------------------------------------
 
 
-def grouped_topk(x: Any, k: int, group: int = _GROUP) -> tuple[Any, Any]:
+def grouped_topk(x: Any, k: int, group: int = _GROUP, *, group_max: Any = None) -> tuple[Any, Any]:
     """Exact ``torch.topk(x, k, dim=-1)`` of a contiguous 2-D tensor, via group maxima.
 
     The maximum of each run of ``group`` columns is taken in one pass; the top-K values lie in the
     ``k`` groups with the largest maxima (a group holding one of them has a maximum at least as
     large), so the top-K of those ``k * group`` candidates is the top-K of the row. Values are
     exact; among EQUAL values the ids chosen may differ from ``torch.topk``'s (both are valid).
-    Returns ``(values, indices)`` sorted by descending value.
+    ``group_max`` may hold the maxima of the ``v // group`` full groups, computed elsewhere (the
+    fused CE kernel computes them in the same pass). Returns ``(values, indices)`` sorted by
+    descending value.
     """
     import torch
 
     n, v = x.shape
-    group = max(group, k)
+    if group < k:
+        group, group_max = k, None
     if v < 4 * group * k:
         return torch.topk(x, k, dim=-1)
     ng = v // group
-    gmax = x[:, : ng * group].reshape(n, ng, group).amax(-1)
+    # unfold: a view [n, ng, group], no copy whatever v is.
+    gmax = x.unfold(1, group, group).amax(-1) if group_max is None else group_max.to(x.dtype)
     if v % group:
         gmax = torch.cat([gmax, x[:, ng * group :].amax(-1, keepdim=True)], dim=1)
     _, gidx = torch.topk(gmax, k, dim=-1, sorted=False)
@@ -137,14 +144,18 @@ def grouped_topk(x: Any, k: int, group: int = _GROUP) -> tuple[Any, Any]:
     return top, cand.gather(1, j)
 
 
-def _ce_fused_impl(x: Any, targets: Any) -> Any:
-    """Per-row ``logsumexp(x) - x[target]`` in float32; compiled, one read of ``x``."""
+def _stats_fused_impl(x: Any, targets: Any, group: int) -> tuple[Any, Any]:
+    """Compiled: the maxima of the full groups of ``group`` logits (for :func:`grouped_topk`) and
+    each row's ``logsumexp(x) - x[target]`` in float32, fused into one pass over ``x``."""
     import torch
 
     xf = x.float()
+    n, v = xf.shape
+    ng = v // group
+    gmax = xf[:, : ng * group].reshape(n, ng, group).amax(-1)
     m = xf.amax(-1, keepdim=True)
     lse = torch.log(torch.exp(xf - m).sum(-1)) + m.squeeze(-1)
-    return lse - xf.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return gmax, lse - xf.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 _COMPILED: dict[str, Any] = {}
@@ -226,21 +237,26 @@ class TopKEngine:
         self.fused_ce = self.cuda if fused_ce is None else bool(fused_ce)
         self.ce_path = "fused" if self.fused_ce else "eager"
 
-    def _ce(self, x: Any, targets: Any) -> Any:
+    def _topk_and_ce(self, x: Any, targets: Any) -> tuple[Any, Any, Any]:
+        """(top-K values, top-K ids, per-row CE) of the masked logits ``x`` ``[N, V]``."""
         if self.fused_ce:
             import torch
 
-            fn = _COMPILED.get("ce")
+            fn = _COMPILED.get("stats")
             if fn is None:
-                fn = _COMPILED["ce"] = torch.compile(_ce_fused_impl, dynamic=True)
+                fn = _COMPILED["stats"] = torch.compile(_stats_fused_impl, dynamic=True)
             try:
-                return fn(x, targets)
+                gmax, ce = fn(x, targets, self.group)
             except Exception as e:  # no compiler / backend: fall back, once, loudly
                 logger.warning("fused CE unavailable (%s: %s); using eager", type(e).__name__, e)
                 self.fused_ce = False
                 self.ce_path = "eager"
+            else:
+                vals, idx = grouped_topk(x, self.top_k, self.group, group_max=gmax)
+                return vals, idx, ce
+        vals, idx = grouped_topk(x, self.top_k, self.group)
         rows = max(1, self.ce_chunk_bytes // (4 * x.shape[1]))
-        return _ce_eager(x, targets, rows)
+        return vals, idx, _ce_eager(x, targets, rows)
 
     def forward_logits(self, input_ids: Any) -> Any:
         """The bare forward pass this engine runs (right padding, no attention mask)."""
@@ -262,10 +278,10 @@ class TopKEngine:
                 x[:, self.num_valid :] = -math.inf
             if self.invalid is not None:
                 x.index_fill_(1, self.invalid, -math.inf)
-            vals, idx = grouped_topk(x, self.top_k, self.group)
             targets = torch.zeros_like(ids)
             targets[:, :-1] = ids[:, 1:]
-            ce = self._ce(x, targets.reshape(-1)).reshape(b, length)[:, :-1]
+            vals, idx, ce = self._topk_and_ce(x, targets.reshape(-1))
+            ce = ce.reshape(b, length)[:, :-1]
             steps = torch.arange(length - 1, device=self.device)
             lens = torch.from_numpy(lengths).to(self.device, non_blocking=True)
             scored = steps.unsqueeze(0) < (lens - 1).unsqueeze(1)
@@ -500,6 +516,8 @@ class ExtractReport:
     #: Wall time of the whole call, and of the shard loop alone (tokenize, forward, top-K, write).
     seconds: float = 0.0
     process_seconds: float = 0.0
+    #: CPU time of the whole process (all threads) during the shard loop.
+    process_cpu_seconds: float = 0.0
     nan_rows: list[int] = field(default_factory=list)
     bytes_written: int = 0
     attn_implementation: str = ""
@@ -762,6 +780,16 @@ def extract_topk(
         "ids_without_token": len(holes),
     }
     _check_output_dir(out, previous, key, overwrite)
+    if (
+        previous is not None
+        and previous.get("key") == key
+        and previous.get("complete")
+        and all(_shard_done(out, s, num_shards) for s in range(num_shards))
+    ):  # nothing to do: do not even load the weights
+        report = ExtractReport(out, num_rows, num_shards, (worker, workers), complete=True)
+        report.shards_skipped = [s for s in range(num_shards) if s % workers == worker]
+        report.seconds = time.perf_counter() - t_start
+        return report
 
     # 4. The weights (may still fail: nothing is written yet).
     attn = attn_implementation or _default_attn(dev, torch_dtype)
@@ -804,13 +832,6 @@ def extract_topk(
         from .io import write_manifest
 
         write_manifest(out, manifest)
-    elif current.get("complete") and all(
-        _shard_done(out, s, num_shards) for s in range(num_shards)
-    ):
-        report = ExtractReport(out, num_rows, num_shards, (worker, workers), complete=True)
-        report.shards_skipped = [s for s in range(num_shards) if s % workers == worker]
-        report.seconds = time.perf_counter() - t_start
-        return report
 
     run = _Run(
         out=out,
@@ -855,9 +876,10 @@ def extract_topk(
         else:
             todo.append(s)
     _remove_stale_tmp(out, todo, num_shards)
-    t_process = time.perf_counter()
+    t_process, cpu_process = time.perf_counter(), time.process_time()
     _process_shards(run, engine, todo, report, progress)
     report.process_seconds = time.perf_counter() - t_process
+    report.process_cpu_seconds = time.process_time() - cpu_process
     report.ce_path = engine.ce_path
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -1008,6 +1030,11 @@ def _assemble(
             flat_steps[step_offsets[row] : step_offsets[row + 1]] = batch.per_step_ce[
                 j, : length - 1
             ]
+    if total * k >= 2**31:
+        raise InputError(
+            f"shard {shard['index']} holds {total} positions: too many for one Arrow list column; "
+            "lower rows_per_shard"
+        )
     scored = lengths - 1
     with np.errstate(invalid="ignore", divide="ignore"):
         metric = np.where(scored > 0, ce_sum / np.maximum(scored, 1), np.nan).astype(np.float32)

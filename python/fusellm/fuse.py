@@ -101,7 +101,7 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 22}
 
 
-def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
     """Raise :class:`InputError` unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise InputError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
@@ -559,7 +559,9 @@ def validate_packed(
                 for leaf in _flat_chunks(col):
                     if leaf.null_count:
                         raise InputError(f"{name} has null values near block {offset}")
-                ks_here = np.concatenate([_inner_lengths(ch) for ch in col.chunks] or [[]])
+                ks_here = np.concatenate(
+                    [_inner_lengths(ch) for ch in col.chunks] or [np.zeros(0, np.int64)]
+                )
                 if ks_here.size:
                     k_min, k_max = int(ks_here.min()), int(ks_here.max())
                     if k_min != k_max or ks.setdefault(c, k_max) != k_max:
@@ -598,7 +600,7 @@ def validate_packed(
         else:
             ntok = lengths.astype(np.float64)
         sc = block_scores(
-            lambda n, t=table: t.column(n).to_numpy(zero_copy_only=False),
+            _column_getter(table),
             scored,
             score,
             table.column_names,
@@ -615,6 +617,13 @@ def validate_packed(
     if offset == 0:
         raise InputError("packed dataset is empty")
     return stack
+
+
+def _column_getter(table: Any) -> Callable[[str], np.ndarray]:
+    def get(name: str) -> np.ndarray:
+        return np.asarray(table.column(name).to_numpy(zero_copy_only=False))
+
+    return get
 
 
 def _inner_lengths(chunk: Any) -> np.ndarray:

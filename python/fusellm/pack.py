@@ -116,9 +116,7 @@ def _column(name: str, x: Any, total: int) -> tuple[np.ndarray, np.ndarray, int]
     if a.dtype.kind not in "biufcmM":
         raise InputTypeError(f"column {name!r} must be numeric, got dtype {a.dtype}")
     if a.shape[0] != total:
-        raise InputError(
-            f"column {name!r} has {a.shape[0]} tokens but offsets[-1] is {total}"
-        )
+        raise InputError(f"column {name!r} has {a.shape[0]} tokens but offsets[-1] is {total}")
     a = np.ascontiguousarray(a)
     width = math.prod(a.shape[1:])
     size = a.dtype.itemsize

@@ -473,7 +473,7 @@ def split_texts(
     chunk_index = (np.arange(num_rows, dtype=np.int64) - np.repeat(first_row, rows_per_doc)).astype(
         np.int32
     )
-    identity = num_rows == table.num_rows
+    identity = bool((rows_per_doc == 1).all())
     arrays, names = [], []
     for name in table.column_names:
         if name == text_column:

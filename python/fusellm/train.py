@@ -68,7 +68,7 @@ DEEPSPEED_CONFIGS = ("zero2", "zero2_offload", "zero3", "zero3_offload")
 def deepspeed_config_path(name: str) -> str:
     """Path of a shipped DeepSpeed configuration (one of :data:`DEEPSPEED_CONFIGS`)."""
     check_choice("deepspeed config", name, DEEPSPEED_CONFIGS)
-    return str(resources.files("fusellm").joinpath("configs", f"{name}.json"))
+    return str(resources.files("fusellm").joinpath("configs").joinpath(f"{name}.json"))
 
 
 @dataclass
@@ -549,7 +549,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     ``--config FILE.yaml`` supplies any of them, options given on the command line win. The
     parser's ``func`` default runs the command: ``args.func(args)`` returns an exit status.
     """
-    fields_parser = HfArgumentParser(FusionConfig, add_help=False)
+    fields_parser = HfArgumentParser(FusionConfig, add_help=False)  # type: ignore[arg-type]
     for action in fields_parser._actions:
         # Only options given on the command line reach the namespace (YAML fills the rest).
         action.default = argparse.SUPPRESS
@@ -586,7 +586,7 @@ def config_from_args(args: argparse.Namespace) -> FusionConfig:
     if unknown:
         raise InputError(f"unknown FusionConfig field(s) in {args.config}: {unknown}")
     values.update({k: v for k, v in vars(args).items() if k in names})
-    (config,) = HfArgumentParser(FusionConfig).parse_dict(values)
+    (config,) = HfArgumentParser(FusionConfig).parse_dict(values)  # type: ignore[arg-type]
     return config
 
 
@@ -595,5 +595,9 @@ def _cli_train(args: argparse.Namespace) -> int:
     trainer = run_train(config, args.data, args.model)
     if trainer.is_world_process_zero():
         last = trainer.state.log_history[-1] if trainer.state.log_history else {}
-        print(json.dumps({"output_dir": config.output_dir, **last}, default=str))
+        print(json.dumps({"output_dir": config.output_dir, **last}, default=str), flush=True)
+    # Tear the process group down before interpreter shutdown, not during it.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        trainer.accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
     return 0

@@ -8,13 +8,14 @@ The key of a blend token ``x`` is ``t``, ``x`` with the blend marker replaced by
   token, otherwise the base token with the smallest Levenshtein distance to ``t`` over code
   points, markers included, ties to the lowest base id. Bit-identical to the brute-force
   definition, but answered by an exact index instead of ``|V_blend| x |V_base|`` distances:
-  strings within four edits come from deletion neighbourhoods (every string within ``k`` edits
-  shares a string with the query after at most ``k`` deletions on each side), the rest from a
-  best-first search of a trie of the base vocabulary that carries one Levenshtein DP row per
-  node and skips subtrees whose lower bound (from the row, the remaining lengths and the query
-  characters absent below) cannot beat the best (distance, id) so far. Trade-off: the work per
-  token grows with its distance to the base vocabulary; long tokens with no close match (code
-  identifiers, CJK byte pieces) cost the most.
+  exact keys by hashing; strings within up to four edits from deletion neighbourhoods (every
+  string within ``k`` edits shares a string with the query after at most ``k`` deletions on each
+  side); the rest by a best-first search of a trie of the base vocabulary that carries one
+  Levenshtein DP row per node and skips subtrees whose lower bound (from the row, the remaining
+  lengths and the query characters absent below) cannot beat the best (distance, id) so far.
+  Trade-off: the work per token grows with its distance to the base vocabulary; long tokens with
+  no close match (code identifiers, CJK byte pieces) cost the most, and the deletion index takes
+  memory (about 2.6 million keys for a 32k base vocabulary).
 - ``method="surface"`` (recommended for new pipelines): compare what the tokens stand for, not
   how they are spelled. Both vocabularies are decoded to bytes (``Ġ`` vocabularies through the
   GPT-2 byte-to-unicode table, so ``Ċ`` is a newline and ``âĢĶ`` an em dash; ``▁`` vocabularies
@@ -28,7 +29,7 @@ The map is a function of ``t``, so it round-trips through the reference pipeline
 a plain JSON object ``{t: base string}`` (:meth:`VocabMap.save` writes exactly that, loadable by
 ``json.load``). fusellm's own metadata (method, markers, statistics, a SHA-256 of each
 vocabulary and of the map file) goes to a sidecar ``<path>.meta.json``, so the mapping file stays
-byte-compatible with the reference while :meth:`VocabMap.load` can refuse a map built for other
+exactly the reference format while :meth:`VocabMap.load` can refuse a map built for other
 vocabularies (:class:`~fusellm.errors.StaleArtifactError`).
 """
 
@@ -305,7 +306,7 @@ class VocabMap:
         if self._dict is None:
             base, bm, xm = self._base_vocab, self.base_marker, self.blend_marker
             out: dict[str, str] = {}
-            for x, b in zip(self._blend_vocab, self.base_ids.tolist()):
+            for x, b in zip(self._blend_vocab, self.base_ids.tolist(), strict=True):
                 if x is None or b < 0:
                     continue
                 t = x.replace(xm, bm) if xm != bm else x
@@ -364,7 +365,7 @@ class VocabMap:
             "exact": int(kinds[MAP_EXACT]),
             "surface": int(kinds[MAP_SURFACE]),
             "mined": int(kinds[MAP_MINED]),
-            "by_distance": {str(int(k)): int(v) for k, v in zip(d, n)},
+            "by_distance": {str(int(k)): int(v) for k, v in zip(d, n, strict=True)},
             "unmapped": int(kinds[MAP_UNMAPPED]),
         }
 

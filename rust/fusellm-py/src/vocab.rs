@@ -25,12 +25,18 @@ fn map_arrays(py: Python<'_>, m: core::VocabMapping) -> MapArrays<'_> {
     )
 }
 
-fn nearest_arrays(
-    py: Python<'_>,
-    found: Vec<Option<(u32, u32)>>,
-) -> (Bound<'_, PyArray1<i32>>, Bound<'_, PyArray1<i32>>) {
-    let ids: Vec<i32> = found.iter().map(|f| f.map_or(-1, |(i, _)| i as i32)).collect();
-    let dist: Vec<i32> = found.iter().map(|f| f.map_or(-1, |(_, d)| d as i32)).collect();
+/// (base id, distance) per query, `-1` where the base has no string at all.
+type Nearest<'py> = (Bound<'py, PyArray1<i32>>, Bound<'py, PyArray1<i32>>);
+
+fn nearest_arrays(py: Python<'_>, found: Vec<Option<(u32, u32)>>) -> Nearest<'_> {
+    let ids: Vec<i32> = found
+        .iter()
+        .map(|f| f.map_or(-1, |(i, _)| i as i32))
+        .collect();
+    let dist: Vec<i32> = found
+        .iter()
+        .map(|f| f.map_or(-1, |(_, d)| d as i32))
+        .collect();
     (ids.into_pyarray(py), dist.into_pyarray(py))
 }
 
@@ -105,8 +111,7 @@ fn nearest_brute_force<'py>(
     queries: Vec<String>,
     num_threads: Option<usize>,
 ) -> (Bound<'py, PyArray1<i32>>, Bound<'py, PyArray1<i32>>) {
-    let found =
-        py.detach(|| vocab_map::nearest_brute_force(&base_vocab, &queries, num_threads));
+    let found = py.detach(|| vocab_map::nearest_brute_force(&base_vocab, &queries, num_threads));
     nearest_arrays(py, found)
 }
 
@@ -119,7 +124,7 @@ fn nearest_indexed<'py>(
     base_vocab: Vec<Option<String>>,
     queries: Vec<String>,
     num_threads: Option<usize>,
-) -> PyResult<(Bound<'py, PyArray1<i32>>, Bound<'py, PyArray1<i32>>)> {
+) -> PyResult<Nearest<'py>> {
     let found = py
         .detach(|| {
             let index = core::NearestIndex::new(&base_vocab, &queries, num_threads)?;
