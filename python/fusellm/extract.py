@@ -905,11 +905,16 @@ def _check_output_dir(
     if not out.is_dir():
         raise InputError(f"{out} exists and is not a directory")
     if previous is None:
-        if any(out.iterdir()):
+        from .io import is_tmp_name, read_manifest
+
+        if not any(not is_tmp_name(p.name) for p in out.iterdir()):
+            return  # empty, or only another worker's files being written
+        # Under torchrun another rank may have written the manifest since it was read.
+        previous = read_manifest(out)
+        if previous is None:
             raise InputError(
                 f"{out} is not empty and holds no fusellm manifest: choose another output directory"
             )
-        return
     if previous.get("stage") != "extract":
         raise StaleArtifactError(
             f"{out} holds the output of stage {previous.get('stage')!r}, not an extraction"

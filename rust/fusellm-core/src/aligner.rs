@@ -170,6 +170,10 @@ pub struct Aligner {
     hard_target: Vec<u32>,
     map_target: Vec<u32>,
     soft_target: Vec<u32>,
+    /// The same tables as `u16` when the base vocabulary allows (half the cache footprint: the
+    /// look-ups of top-K ids into a 150k-entry table are the hot loop's memory traffic).
+    hard_target16: Option<Vec<u16>>,
+    soft_target16: Option<Vec<u16>>,
     base_stripped: Vec<Vec<char>>,
     blend_stripped: Vec<Vec<char>>,
     base_guide: Vec<u32>,
@@ -247,7 +251,12 @@ impl Aligner {
                 .map(|s| s.as_deref().map_or(0, |s| surface_len(s, marker)))
                 .collect()
         };
+        let compact = |t: &[u32]| -> Option<Vec<u16>> {
+            (base.len() < usize::from(u16::MAX - 1)).then(|| t.iter().map(|&v| narrow(v)).collect())
+        };
         Ok(Aligner {
+            hard_target16: compact(&hard_target),
+            soft_target16: compact(&soft_target),
             base_stripped: strip_all(&base, base_marker),
             blend_stripped: strip_all(&blend, blend_marker),
             base_guide: guide_all(&base, base_marker),
@@ -426,6 +435,10 @@ impl Aligner {
         let (m, k) = (inp.base_ids.len(), inp.k);
         let (pairing, exact) = self.pair(inp, method)?;
         let targets = self.targets(mode);
+        let compact = match mode {
+            VocabMode::Hard => self.hard_target16.as_deref(),
+            VocabMode::Soft => self.soft_target16.as_deref(),
+        };
         let mut out = SeqOutput {
             ids: vec![-1; m * k],
             logits: vec![f32::NEG_INFINITY; m * k],
@@ -446,43 +459,27 @@ impl Aligner {
                 let j = j as usize;
                 let src_ids = &inp.topk_ids[j * k..(j + 1) * k];
                 let src_logits = &inp.topk_logits[j * k..(j + 1) * k];
-                let order: &[usize] = if is_descending(src_logits) {
+                let descending = is_descending(src_logits);
+                let order: &[usize] = if descending {
                     &identity
                 } else {
                     descending_order(src_logits, &mut order);
                     &order
                 };
-                let mut len = 0usize;
-                let mut merged = false;
-                for &r in order {
-                    let target = targets.get(src_ids[r] as usize).copied().unwrap_or(UNKNOWN);
-                    if target >= UNKNOWN {
-                        if target == UNKNOWN {
-                            out.num_unknown += 1;
-                        } else {
-                            out.num_unmapped += 1;
-                        }
-                        continue;
-                    }
-                    let target = target as i32;
-                    let logit = src_logits[r];
-                    match row_ids[..len].iter().position(|&x| x == target) {
-                        Some(p) => {
-                            if !self.compat {
-                                row_logits[p] = logaddexp(row_logits[p], logit);
-                                merged = true;
-                            }
-                        }
-                        None => {
-                            row_ids[len] = target;
-                            row_logits[len] = logit;
-                            len += 1;
-                        }
-                    }
-                }
-                if merged {
-                    sort_row(&mut row_ids[..len], &mut row_logits[..len]);
-                }
+                let mut row = Row {
+                    ids: row_ids,
+                    logits: row_logits,
+                    merge: !self.compat,
+                    num_unknown: &mut out.num_unknown,
+                    num_unmapped: &mut out.num_unmapped,
+                };
+                let fast = descending && k <= FAST_K;
+                let len = match (&compact, fast) {
+                    (Some(t), true) => row.fill_descending(t, src_ids, src_logits),
+                    (Some(t), false) => row.fill(t, src_ids, src_logits, order),
+                    (None, true) => row.fill_descending(targets, src_ids, src_logits),
+                    (None, false) => row.fill(targets, src_ids, src_logits, order),
+                };
                 out.status[i] = if len > 0 {
                     status::MATCHED
                 } else {
@@ -502,6 +499,157 @@ impl Aligner {
             }
         }
         Ok(out)
+    }
+}
+
+/// A target-table cell: a base id, [`NONE`] or [`UNKNOWN`].
+trait Cell: Copy {
+    fn widen(self) -> u32;
+}
+
+impl Cell for u32 {
+    #[inline(always)]
+    fn widen(self) -> u32 {
+        self
+    }
+}
+
+impl Cell for u16 {
+    #[inline(always)]
+    fn widen(self) -> u32 {
+        // 0xFFFE and 0xFFFF are UNKNOWN and NONE; real ids are below them.
+        if self >= u16::MAX - 1 {
+            u32::from(self) | 0xFFFF_0000
+        } else {
+            u32::from(self)
+        }
+    }
+}
+
+/// The `u16` form of a target-table cell whose base ids are below `u16::MAX - 1`.
+fn narrow(v: u32) -> u16 {
+    match v {
+        NONE => u16::MAX,
+        UNKNOWN => u16::MAX - 1,
+        v => v as u16,
+    }
+}
+
+/// Rows of up to this many entries that are already sorted take [`Row::fill_descending`].
+const FAST_K: usize = 32;
+
+/// One output row being filled from a blend top-K row.
+struct Row<'a> {
+    ids: &'a mut [i32],
+    logits: &'a mut [f32],
+    /// Merge duplicates by summing probabilities (default); otherwise the first one wins.
+    merge: bool,
+    num_unknown: &'a mut u64,
+    num_unmapped: &'a mut u64,
+}
+
+impl Row<'_> {
+    /// Maps the entries of a blend top-K row (visited in `order`, highest logit first) to base
+    /// ids through `table`; returns the number of entries written. The row ends sorted by
+    /// descending logit.
+    ///
+    /// Duplicates (two blend ids with one base id) are rare: a 64-bit filter of the ids already
+    /// written (bit `id % 64`) skips the search for almost every entry.
+    #[inline]
+    fn fill<T: Cell>(
+        &mut self,
+        table: &[T],
+        src_ids: &[i32],
+        src_logits: &[f32],
+        order: &[usize],
+    ) -> usize {
+        let mut filter = 0u64;
+        let mut len = 0usize;
+        let mut merged = false;
+        for &r in order {
+            let target = table
+                .get(src_ids[r] as usize)
+                .map_or(UNKNOWN, |c| c.widen());
+            if target >= UNKNOWN {
+                if target == UNKNOWN {
+                    *self.num_unknown += 1;
+                } else {
+                    *self.num_unmapped += 1;
+                }
+                continue;
+            }
+            let bit = 1u64 << (target & 63);
+            let target = target as i32;
+            let logit = src_logits[r];
+            let dup = if filter & bit != 0 {
+                self.ids[..len].iter().position(|&x| x == target)
+            } else {
+                None
+            };
+            match dup {
+                Some(p) => {
+                    if self.merge {
+                        self.logits[p] = logaddexp(self.logits[p], logit);
+                        merged = true;
+                    }
+                }
+                None => {
+                    filter |= bit;
+                    self.ids[len] = target;
+                    self.logits[len] = logit;
+                    len += 1;
+                }
+            }
+        }
+        if merged {
+            sort_row(&mut self.ids[..len], &mut self.logits[..len]);
+        }
+        len
+    }
+
+    /// [`Row::fill`] for a row already in descending order with at most [`FAST_K`] entries:
+    /// the same result, without branches except on a (rare) possible duplicate. Entries are
+    /// gathered in fixed-size scratch arrays and copied into the row at the end.
+    #[inline]
+    fn fill_descending<T: Cell>(
+        &mut self,
+        table: &[T],
+        src_ids: &[i32],
+        src_logits: &[f32],
+    ) -> usize {
+        let mut ids = [0i32; FAST_K];
+        let mut logits = [0f32; FAST_K];
+        let (mut len, mut filter, mut merged) = (0usize, 0u64, false);
+        let (mut unknown, mut unmapped) = (0u64, 0u64);
+        for (&id, &logit) in src_ids.iter().zip(src_logits) {
+            let target = table.get(id as usize).map_or(UNKNOWN, |c| c.widen());
+            let valid = target < UNKNOWN;
+            unknown += u64::from(target == UNKNOWN);
+            unmapped += u64::from(target == NONE);
+            let bit = u64::from(valid) << (target & 63);
+            if filter & bit != 0 {
+                if let Some(p) = ids[..len].iter().position(|&x| x == target as i32) {
+                    if self.merge {
+                        logits[p] = logaddexp(logits[p], logit);
+                        merged = true;
+                    }
+                    continue;
+                }
+            }
+            filter |= bit;
+            // Always in bounds (len < FAST_K here); an invalid entry is overwritten later.
+            ids[len % FAST_K] = target as i32;
+            logits[len % FAST_K] = logit;
+            len += usize::from(valid);
+        }
+        *self.num_unknown += unknown;
+        *self.num_unmapped += unmapped;
+        if merged {
+            sort_row(&mut ids[..len], &mut logits[..len]);
+        }
+        self.ids[..len].copy_from_slice(&ids[..len]);
+        self.logits[..len].copy_from_slice(&logits[..len]);
+        len
     }
 }
 

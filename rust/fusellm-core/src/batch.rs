@@ -69,6 +69,9 @@ where
 }
 
 /// Validates and aligns a batch; the error of the lowest failing sequence wins.
+///
+/// Each worker validates the sequences it aligns (validation reads every input once, and would
+/// otherwise be a serial prefix of the parallel work); a sequence is only aligned once valid.
 pub fn align_batch(
     aligner: &Aligner,
     inputs: &[SeqInput],
@@ -76,10 +79,8 @@ pub fn align_batch(
     mode: VocabMode,
     num_threads: Option<usize>,
 ) -> Result<Vec<SeqOutput>> {
-    for (seq, inp) in inputs.iter().enumerate() {
-        aligner.validate(seq, inp, method)?;
-    }
     par_map(inputs.len(), num_threads, |i| {
+        aligner.validate(i, &inputs[i], method)?;
         aligner.align_one(&inputs[i], method, mode)
     })
     .into_iter()
