@@ -32,6 +32,48 @@ use rustc_hash::FxHashMap;
 
 const INF: u32 = u32::MAX;
 
+/// Allocations reused across the pairs one thread aligns: the cost table, the match-mask tables
+/// and the DP band. Fresh multi-megabyte allocations per pair cost page faults and allocator
+/// work, and serialize threads in the kernel; reusing them keeps a pair's work in user space.
+/// Buffers above [`KEEP_BYTES`] are released after use.
+#[derive(Default)]
+struct Scratch {
+    dense: Vec<u16>,
+    peq: Vec<u64>,
+    text_peq: Vec<u64>,
+    vals: Vec<u32>,
+}
+
+/// Largest buffer a thread keeps between pairs.
+const KEEP_BYTES: usize = 64 << 20;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+impl Scratch {
+    fn take() -> Scratch {
+        SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()))
+    }
+
+    fn give(self) {
+        fn keep<T>(v: Vec<T>) -> Vec<T> {
+            if v.capacity() * std::mem::size_of::<T>() <= KEEP_BYTES {
+                v
+            } else {
+                Vec::new()
+            }
+        }
+        let kept = Scratch {
+            dense: keep(self.dense),
+            peq: keep(self.peq),
+            text_peq: keep(self.text_peq),
+            vals: keep(self.vals),
+        };
+        SCRATCH.with(|s| *s.borrow_mut() = kept);
+    }
+}
+
 /// Largest `n * m` accepted: MinED is quadratic in the worst case.
 pub const MAX_CELLS: u64 = 1 << 33;
 
@@ -134,21 +176,39 @@ struct Costs<'a> {
 
 impl<'a> Costs<'a> {
     fn new(xs: &'a [&'a [char]], ys: &'a [&'a [char]]) -> Self {
+        Self::in_scratch(xs, ys, &mut Scratch::default())
+    }
+
+    /// Builds the table in `scratch`'s allocations (taken; [`Costs::release`] returns them).
+    fn in_scratch(xs: &'a [&'a [char]], ys: &'a [&'a [char]], scratch: &mut Scratch) -> Self {
         let cells = xs.len() as u64 * ys.len() as u64;
         let use_dense = cells <= (1 << 24);
+        let mut dense = std::mem::take(&mut scratch.dense);
+        dense.clear();
+        if use_dense {
+            dense.resize(cells as usize, 0);
+        }
+        let (peq, text_peq) = (
+            std::mem::take(&mut scratch.peq),
+            std::mem::take(&mut scratch.text_peq),
+        );
         Costs {
             xs,
             ys,
             xkey: xs.iter().map(|s| Key::new(s)).collect(),
             ykey: ys.iter().map(|s| Key::new(s)).collect(),
-            fast: PatternSet::new(ys, xs, 1 << 21),
-            dense: if use_dense {
-                vec![0; cells as usize]
-            } else {
-                Vec::new()
-            },
+            fast: PatternSet::with_buffers(ys, xs, 1 << 21, peq, text_peq),
+            dense,
             sparse: FxHashMap::default(),
             use_dense,
+        }
+    }
+
+    /// Returns the reusable allocations to `scratch`.
+    fn release(self, scratch: &mut Scratch) {
+        scratch.dense = self.dense;
+        if let Some((set, _)) = self.fast {
+            (scratch.peq, scratch.text_peq) = set.into_buffers();
         }
     }
 
@@ -539,15 +599,17 @@ fn pruned_forward(
     costs: &mut Costs,
     bound: u32,
     suffix: &SuffixBounds,
+    mut vals: Vec<u32>,
 ) -> Option<Band> {
     let (n, m) = (x.ids.len(), y.ids.len());
+    vals.clear();
     // A cell (i, j) is kept iff D + max(rows[i + 1], cols[j + 1]) <= bound, i.e. D < limit.
     let limit = |lb: u32| (bound + 1).saturating_sub(lb);
     let col_limit: Vec<u32> = suffix.cols[1..].iter().map(|&lb| limit(lb)).collect();
     let mut band = Band {
         lo: Vec::with_capacity(n),
         start: Vec::with_capacity(n + 1),
-        vals: Vec::new(),
+        vals,
     };
     band.start.push(0);
     let mut cur: Vec<u32> = Vec::new();
@@ -690,17 +752,33 @@ pub fn mined_dtw(x: &Interned, y: &Interned) -> Result<Alignment> {
              method=\"offsets\""
         )));
     }
-    let mut costs = Costs::new(&x.strings, &y.strings);
+    let mut scratch = Scratch::take();
+    let mut costs = Costs::in_scratch(&x.strings, &y.strings, &mut scratch);
     let bound = banded_cost(x, y, &mut costs).min(u64::from(INF - 1)) as u32;
     let suffix = SuffixBounds::new(x, y, &mut costs);
-    let band = match pruned_forward(x, y, &mut costs, bound, &suffix) {
-        Some(band) => band,
+    let vals = std::mem::take(&mut scratch.vals);
+    let band = match pruned_forward(x, y, &mut costs, bound, &suffix, vals) {
+        Some(band) => Some(band),
         // Unreachable for a valid bound; an unpruned pass keeps the result exact regardless.
-        None => pruned_forward(x, y, &mut costs, INF - 1, &SuffixBounds::zero(n, m)).ok_or_else(
-            || Error::Value("MinED alignment: path costs overflow 32 bits".to_string()),
-        )?,
+        None => pruned_forward(
+            x,
+            y,
+            &mut costs,
+            INF - 1,
+            &SuffixBounds::zero(n, m),
+            Vec::new(),
+        ),
     };
-    Ok(backtrack(&band, n, m))
+    costs.release(&mut scratch);
+    let result = band
+        .map(|band| {
+            let al = backtrack(&band, n, m);
+            scratch.vals = band.vals;
+            al
+        })
+        .ok_or_else(|| Error::Value("MinED alignment: path costs overflow 32 bits".to_string()));
+    scratch.give();
+    result
 }
 
 /// MinED DTW on token strings: strips each side's marker, interns, aligns.

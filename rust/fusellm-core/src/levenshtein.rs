@@ -73,6 +73,18 @@ impl<'a> PatternSet<'a> {
         texts: &[&[char]],
         max_words: usize,
     ) -> Option<(Self, Vec<Encoded>)> {
+        Self::with_buffers(patterns, texts, max_words, Vec::new(), Vec::new())
+    }
+
+    /// As [`PatternSet::new`], building the two tables in the given buffers (reused allocations;
+    /// their contents are overwritten). [`PatternSet::into_buffers`] hands them back.
+    pub fn with_buffers(
+        patterns: &'a [&'a [char]],
+        texts: &[&[char]],
+        max_words: usize,
+        peq_buffer: Vec<u64>,
+        text_peq_buffer: Vec<u64>,
+    ) -> Option<(Self, Vec<Encoded>)> {
         let mut ids: rustc_hash::FxHashMap<char, u16> = rustc_hash::FxHashMap::default();
         let encode = |s: &[char], ids: &mut rustc_hash::FxHashMap<char, u16>| -> Option<Encoded> {
             s.iter()
@@ -97,8 +109,9 @@ impl<'a> PatternSet<'a> {
         if alphabet.checked_mul(patterns.len() + texts.len())? > max_words {
             return None;
         }
-        let tables = |strings: &[Encoded]| -> Vec<u64> {
-            let mut peq = vec![0u64; alphabet * strings.len()];
+        let tables = |strings: &[Encoded], mut peq: Vec<u64>| -> Vec<u64> {
+            peq.clear();
+            peq.resize(alphabet * strings.len(), 0);
             for (p, codes) in strings.iter().enumerate() {
                 if codes.len() <= 64 {
                     let row = &mut peq[p * alphabet..(p + 1) * alphabet];
@@ -109,8 +122,8 @@ impl<'a> PatternSet<'a> {
             }
             peq
         };
-        let peq = tables(&pattern_codes);
-        let text_peq = tables(&texts);
+        let peq = tables(&pattern_codes, peq_buffer);
+        let text_peq = tables(&texts, text_peq_buffer);
         Some((
             PatternSet {
                 patterns,
@@ -123,6 +136,11 @@ impl<'a> PatternSet<'a> {
         ))
     }
 
+    /// The two table allocations, for reuse by [`PatternSet::with_buffers`].
+    pub fn into_buffers(self) -> (Vec<u64>, Vec<u64>) {
+        (self.peq, self.text_peq)
+    }
+
     /// Edit distance between pattern `p` and text `t`, given as code points and encoded (the
     /// `t`-th string returned by [`PatternSet::new`]).
     #[inline]
@@ -132,28 +150,19 @@ impl<'a> PatternSet<'a> {
         if m == 0 || n == 0 {
             return m.max(n) as u32;
         }
-        // Run over the shorter string, with the longer one's match masks.
-        let (table, len, codes) = if n <= m && m <= 64 {
-            (
-                &self.peq[p * self.alphabet..(p + 1) * self.alphabet],
-                m,
-                encoded,
-            )
-        } else if n <= 64 {
-            (
-                &self.text_peq[t * self.alphabet..(t + 1) * self.alphabet],
-                n,
-                self.pattern_codes[p].as_slice(),
-            )
+        // Run over the shorter string with the longer one's match masks (one word operation
+        // group per character). On equal lengths, and when only the text fits a word, use the
+        // text's masks: callers vary the pattern fastest (a DP row fixes the text), so that
+        // table row stays in cache across calls.
+        let text_masks = (n, t, self.pattern_codes[p].as_slice());
+        let (rows, row, len, codes) = if n <= 64 && (m <= n || m > 64) {
+            (&self.text_peq, text_masks.1, text_masks.0, text_masks.2)
         } else if m <= 64 {
-            (
-                &self.peq[p * self.alphabet..(p + 1) * self.alphabet],
-                m,
-                encoded,
-            )
+            (&self.peq, p, m, encoded)
         } else {
             return levenshtein(pattern, text);
         };
+        let table = &rows[row * self.alphabet..(row + 1) * self.alphabet];
         bit_parallel(table, len, codes)
     }
 }
