@@ -1,0 +1,859 @@
+"""The Markdown report of a pipeline run: what was aligned, how training went, what it gained.
+
+:func:`write_report` reads a pipeline work directory (the layout the orchestrator writes) and
+writes ``report.md`` plus PNG plots into ``<workdir>/report`` (or ``output_dir``)::
+
+    <workdir>/config.yaml                  the resolved run config
+    <workdir>/vocab_map/<source>.json      vocabulary maps, <source>.json.meta.json: statistics
+    <workdir>/align/align_stats.json       per-source alignment counters
+    <workdir>/train/<run>/trainer_state.json   HF Trainer state per run ("fused", "clm",
+                                           "fused-seed1", "clm-seed1", ...)
+    <workdir>/evaluate/perplexity.json     the fusellm.evaluate.run_evaluate output
+    <workdir>/timings.json                 {"stages": {stage: seconds}} (optional)
+
+Sections: run summary (stages present, key settings of the config, the headline fused-vs-CLM
+result), vocabulary-map statistics per source, alignment statistics per source (the share of
+base positions that receive a source distribution, exact-span and fallback rates, empty and
+masked rows, top-K entries dropped as unknown or unmapped ids), each candidate's MinCE selection
+share or AvgCE weight over training (a line plot per fused run), loss curves (total, CLM, fusion;
+fused runs against the CLM-only control), the held-out perplexity and bits per byte per model and
+domain with the fused-minus-CLM difference per domain and, when several seeds were trained, the
+mean and the sample standard deviation across seeds, and the stage timings.
+
+Choices and trade-offs:
+
+- A missing piece (a stage that did not run) gives the line "not available (stage not run)"
+  in its section, never an error: a report of a partial run is useful. A file that exists but is
+  not valid JSON / YAML, or lacks the structure above, raises :class:`~fusellm.errors.InputError`
+  naming the file: a silently empty section would hide a broken run.
+- A candidate's share over training is the mean of the logged values weighted by the optimizer
+  steps each log covers (the Trainer logs a mean over its logging interval), so a short last
+  interval does not count as much as a full one.
+- Seeds are recognised from the model labels and run names ``fused``, ``fused-seed1``, ...
+  (``clm`` likewise); differences are paired by seed where both runs exist.
+- Plots use matplotlib's object-oriented API on an Agg canvas (no ``pyplot``, no global backend
+  switch), imported inside the function; every file (PNGs, then ``report.md``) is written
+  atomically, so a reader never sees a torn report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError, InputTypeError
+
+__all__ = ["NOT_AVAILABLE", "add_report_parser", "write_report"]
+
+#: What a section says when its stage has not run.
+NOT_AVAILABLE = "not available (stage not run)"
+#: Most configuration entries listed in the run summary.
+_MAX_CONFIG_ROWS = 80
+_MAX_VALUE_CHARS = 120
+_SEED_LABEL = re.compile(r"^(fused|clm)(?:[-_ ]?seed[-_ ]?(\d+))?$", re.IGNORECASE)
+_SELECT = "fusion/select_"
+_WEIGHT = "fusion/weight_"
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    """The parsed JSON file, ``None`` when it does not exist; InputError when unreadable."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path}: {e}") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON: {e}") from e
+
+
+def _read_object(path: Path) -> dict[str, Any] | None:
+    obj = _read_json(path)
+    if obj is not None and not isinstance(obj, dict):
+        raise InputError(f"{path} does not hold a JSON object (got {type(obj).__name__})")
+    return obj
+
+
+def _read_yaml(path: Path) -> dict[str, Any] | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path}: {e}") from e
+    import yaml
+
+    try:
+        obj = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InputError(f"{path} is not valid YAML: {e}") from e
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise InputError(f"{path} does not hold a mapping (got {type(obj).__name__})")
+    return obj
+
+
+def _number(value: Any, path: Path, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{path}: {what} must be a number, got {value!r}")
+    return float(value)
+
+
+@dataclass
+class _Run:
+    name: str
+    path: Path
+    state: dict[str, Any]
+    logs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def fused(self) -> bool:
+        if self.name.lower().startswith("fused"):
+            return True
+        if self.name.lower().startswith("clm"):
+            return False
+        return any(k.startswith((_SELECT, _WEIGHT)) for e in self.logs for k in e)
+
+
+@dataclass
+class _Workdir:
+    root: Path
+    config: dict[str, Any] | None
+    vocab_maps: dict[str, dict[str, Any] | None] | None
+    align: dict[str, Any] | None
+    runs: list[_Run]
+    perplexity: dict[str, Any] | None
+    timings: dict[str, Any] | None
+    files: dict[str, bool]
+
+
+def _collect(root: Path) -> _Workdir:
+    config = _read_yaml(root / "config.yaml")
+
+    vocab_maps: dict[str, dict[str, Any] | None] | None = None
+    vdir = root / "vocab_map"
+    if vdir.is_dir():
+        vocab_maps = {}
+        for f in sorted(vdir.glob("*.json")):
+            if f.name.endswith(".meta.json") or f.name.startswith("."):
+                continue
+            meta = _read_object(f.with_name(f.name + ".meta.json"))
+            if meta is not None and not isinstance(meta.get("stats"), dict):
+                raise InputError(f"{f.name}.meta.json in {vdir} has no 'stats' object")
+            vocab_maps[f.name.removesuffix(".json")] = meta
+        for f in sorted(vdir.glob("*.json.meta.json")):  # a sidecar whose map is missing
+            name = f.name.removesuffix(".json.meta.json")
+            if name not in vocab_maps and not f.name.startswith("."):
+                meta = _read_object(f)
+                if meta is not None and not isinstance(meta.get("stats"), dict):
+                    raise InputError(f"{f} has no 'stats' object")
+                vocab_maps[name] = meta
+        if not vocab_maps:
+            vocab_maps = None
+
+    align_path = root / "align" / "align_stats.json"
+    align = _read_object(align_path)
+    if align is not None:
+        if not isinstance(align.get("sources"), dict):
+            raise InputError(f"{align_path} has no 'sources' object")
+        for name, s in align["sources"].items():
+            if not isinstance(s, dict):
+                raise InputError(f"{align_path}: sources[{name!r}] is not an object")
+
+    runs: list[_Run] = []
+    tdir = root / "train"
+    if tdir.is_dir():
+        for sub in sorted(p for p in tdir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            path = sub / "trainer_state.json"
+            state = _read_object(path)
+            if state is None:
+                continue
+            history = state.get("log_history", [])
+            if not isinstance(history, list) or not all(isinstance(e, dict) for e in history):
+                raise InputError(f"{path}: log_history must be a list of objects")
+            logs = [e for e in history if "loss" in e and "step" in e]
+            for e in logs:
+                _number(e["step"], path, "log_history step")
+            runs.append(_Run(sub.name, path, state, logs))
+
+    ppl_path = root / "evaluate" / "perplexity.json"
+    perplexity = _read_object(ppl_path)
+    if perplexity is not None:
+        models = perplexity.get("models")
+        if not isinstance(models, dict):
+            raise InputError(f"{ppl_path} has no 'models' object")
+        for label, entry in models.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("groups"), dict):
+                raise InputError(f"{ppl_path}: models[{label!r}] has no 'groups' object")
+
+    timings_path = root / "timings.json"
+    timings = _read_object(timings_path)
+    if timings is not None:
+        stages = timings.get("stages")
+        if not isinstance(stages, dict):
+            raise InputError(f"{timings_path} has no 'stages' object")
+        for stage, seconds in stages.items():
+            _number(seconds, timings_path, f"stages[{stage!r}]")
+
+    files = {
+        "config": config is not None,
+        "vocab_map": vocab_maps is not None,
+        "align": align is not None,
+        "train": bool(runs),
+        "evaluate": perplexity is not None,
+        "timings": timings is not None,
+    }
+    return _Workdir(root, config, vocab_maps, align, runs, perplexity, timings, files)
+
+
+# --- formatting ----------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    text = str(value).replace("\n", " ")
+    if len(text) > _MAX_VALUE_CHARS:
+        text = text[: _MAX_VALUE_CHARS - 1] + "…"
+    return text.replace("|", "\\|")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], numeric_from: int = 1) -> str:
+    align = ["---" if i < numeric_from else "---:" for i in range(len(headers))]
+    lines = ["| " + " | ".join(_cell(h) for h in headers) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _f(x: Any, digits: int = 3, signed: bool = False) -> str:
+    if not _finite(x):
+        return "–"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def _g(x: Any) -> str:
+    return f"{x:.3g}" if _finite(x) else "–"
+
+
+def _int(x: Any) -> str:
+    return f"{int(x):,}" if _finite(x) else "–"
+
+
+def _pct(num: Any, den: Any) -> str:
+    if not (_finite(num) and _finite(den)) or den == 0:
+        return "–"
+    share = 100.0 * num / den
+    if 0 < abs(share) < 0.05:
+        return "<0.1%" if share > 0 else "-<0.1%"
+    return f"{share:.1f}%"
+
+
+def _count_pct(num: Any, den: Any) -> str:
+    if not _finite(num):
+        return "–"
+    share = _pct(num, den)
+    return f"{_int(num)} ({share})" if share != "–" else _int(num)
+
+
+def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    if isinstance(obj, Mapping):
+        if not obj and prefix:
+            out.append((prefix, "{}"))
+        for k, v in obj.items():
+            out += _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, list) and any(isinstance(v, (Mapping, list)) for v in obj):
+        for i, v in enumerate(obj):
+            out += _flatten(v, f"{prefix}[{i}]")
+    elif isinstance(obj, list):
+        out.append((prefix, ", ".join(str(v) for v in obj) if obj else "[]"))
+    else:
+        out.append((prefix, "null" if obj is None else obj))
+    return out
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    mean = math.fsum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    var = math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var)
+
+
+def _pm(values: Sequence[float], digits: int, signed: bool = False) -> str:
+    if not values:
+        return "–"
+    mean, std = _mean_std(values)
+    text = _f(mean, digits, signed)
+    return f"{text} ± {_f(std, digits)}" if std is not None else text
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
+
+
+# --- series --------------------------------------------------------------------------------------
+
+
+def _series(run: _Run, key: str) -> tuple[list[float], list[float]]:
+    steps, values = [], []
+    for e in run.logs:
+        v = e.get(key)
+        if _finite(v):
+            steps.append(float(e["step"]))
+            values.append(float(v))
+    return steps, values
+
+
+def _clm_key(run: _Run) -> str:
+    """The CLM loss of a run: ``clm_loss``, or for a control without it, its total loss."""
+    return "clm_loss" if run.fused or _series(run, "clm_loss")[0] else "loss"
+
+
+def _last(run: _Run, key: str) -> float | None:
+    values = _series(run, key)[1]
+    return values[-1] if values else None
+
+
+def _candidates(run: _Run) -> tuple[str, list[str]]:
+    """("select" | "weight", candidate names, ref first then by first appearance)."""
+    names: dict[str, None] = {}
+    kind = ""
+    for e in run.logs:
+        for k in e:
+            for prefix, what in ((_SELECT, "select"), (_WEIGHT, "weight")):
+                if k.startswith(prefix):
+                    kind = kind or what
+                    names.setdefault(k[len(prefix) :], None)
+    ordered = sorted(names, key=lambda n: n != "ref")
+    return kind, ordered
+
+
+def _step_weighted_mean(steps: list[float], values: list[float]) -> float:
+    """Mean over training steps: each log covers the steps since the previous log."""
+    weights = []
+    prev = 0.0
+    for s in steps:
+        weights.append(s - prev)
+        prev = s
+    if any(w <= 0 for w in weights):  # unordered or repeated steps: plain mean
+        weights = [1.0] * len(values)
+    return math.fsum(w * v for w, v in zip(weights, values, strict=True)) / math.fsum(weights)
+
+
+# --- plots ---------------------------------------------------------------------------------------
+
+
+def _figure(ncols: int = 1) -> tuple[Any, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.0 * ncols, 3.6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _selection_plot(run: _Run, kind: str, names: list[str]) -> bytes:
+    fig, (ax,) = _figure()
+    prefix = _SELECT if kind == "select" else _WEIGHT
+    for name in names:
+        steps, values = _series(run, prefix + name)
+        if steps:
+            ax.plot(steps, values, marker="." if len(steps) < 50 else None, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("selection share (MinCE)" if kind == "select" else "mean weight (AvgCE)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{run.name}: fusion candidates")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    return _png(fig)
+
+
+def _loss_plot(runs: list[_Run]) -> bytes | None:
+    panels = [("total loss", "loss"), ("CLM loss", "clm_loss"), ("fusion loss", "fusion_loss")]
+    fig, axes = _figure(len(panels))
+    drawn = False
+    for ax, (title, key) in zip(axes, panels, strict=True):
+        lines = 0
+        for i, run in enumerate(runs):
+            k = _clm_key(run) if key == "clm_loss" else key
+            steps, values = _series(run, k)
+            if steps:
+                style = "-" if run.fused else "--"
+                label = run.name if run.fused else f"{run.name} (control)"
+                ax.plot(steps, values, style, color=f"C{i % 10}", label=label)
+                lines += 1
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if lines:
+            ax.legend(loc="best", fontsize="small")
+            drawn = True
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+    return _png(fig) if drawn else None
+
+
+# --- sections ------------------------------------------------------------------------------------
+
+
+def _summary(wd: _Workdir, headline: str | None) -> list[str]:
+    out = ["## Run summary", "", f"Work directory: `{wd.root}`", ""]
+    stages = [
+        ("config", "config.yaml"),
+        ("vocab_map", "vocab_map/"),
+        ("align", "align/align_stats.json"),
+        ("train", "train/*/trainer_state.json"),
+        ("evaluate", "evaluate/perplexity.json"),
+        ("timings", "timings.json"),
+    ]
+    rows = [
+        [name, f"`{path}`", "present" if wd.files[name] else NOT_AVAILABLE] for name, path in stages
+    ]
+    out += [_table(["stage", "file", "status"], rows, numeric_from=99), ""]
+    if headline:
+        out += [headline, ""]
+    out += ["### Settings", ""]
+    if wd.config is None:
+        out += [NOT_AVAILABLE, ""]
+    else:
+        items = _flatten(wd.config)
+        if not items:
+            out += ["The configuration is empty.", ""]
+        else:
+            shown = items[:_MAX_CONFIG_ROWS]
+            out += [_table(["setting", "value"], shown, numeric_from=99), ""]
+            if len(items) > len(shown):
+                out += [f"… and {len(items) - len(shown)} more in `config.yaml`.", ""]
+    return out
+
+
+def _vocab_section(wd: _Workdir) -> list[str]:
+    out = ["## Vocabulary maps", ""]
+    if wd.vocab_maps is None:
+        return [*out, NOT_AVAILABLE, ""]
+    rows = []
+    for source, meta in wd.vocab_maps.items():
+        if meta is None:
+            rows.append([source, "no statistics (no .meta.json sidecar)", *["–"] * 6])
+            continue
+        s = meta["stats"]
+        n = s.get("blend_tokens")
+        by = s.get("by_distance") or {}
+        dist = ", ".join(f"{d}: {_int(c)}" for d, c in sorted(by.items(), key=lambda x: int(x[0])))
+        rows.append(
+            [
+                source,
+                meta.get("method", "–"),
+                _int(n),
+                _count_pct(s.get("exact"), n),
+                _count_pct(s.get("surface"), n),
+                _count_pct(s.get("mined"), n),
+                dist or "–",
+                _count_pct(s.get("unmapped"), n),
+            ]
+        )
+    headers = [
+        "source",
+        "method",
+        "blend tokens",
+        "exact",
+        "surface",
+        "mined",
+        "mined by edit distance",
+        "unmapped",
+    ]
+    out += [_table(headers, rows, numeric_from=2), ""]
+    out += [
+        "Shares are of the source (blend) vocabulary: *exact* = the marker-swapped string is a "
+        "target token, *surface* = same decoded bytes, *mined* = nearest target string by edit "
+        "distance.",
+        "",
+    ]
+    return out
+
+
+def _align_section(wd: _Workdir) -> list[str]:
+    out = ["## Alignment", ""]
+    if wd.align is None:
+        return [*out, NOT_AVAILABLE, ""]
+    a = wd.align
+    base = a.get("base_positions")
+    out += [
+        f"Method: `{a.get('method', '–')}`, vocabulary mode: `{a.get('vocab', '–')}`, "
+        f"rows: {_int(a.get('rows'))}, target (base) positions: {_int(base)}.",
+        "",
+    ]
+    rows = []
+    for source, s in a["sources"].items():
+        exact = s.get("exact_span")
+        topk = s.get("topk_entries")
+        rows.append(
+            [
+                source,
+                _count_pct(s.get("matched"), base),
+                _count_pct(exact, base) if exact is not None else "n/a",
+                _count_pct(s.get("fallback"), base),
+                _count_pct(s.get("empty"), base),
+                _count_pct(s.get("masked"), base),
+                _count_pct(s.get("unknown_ids"), topk),
+                _count_pct(s.get("unmapped_ids"), topk),
+                _int(topk),
+            ]
+        )
+    headers = [
+        "source",
+        "matched (receives a distribution)",
+        "exact span",
+        "fallback",
+        "empty",
+        "masked",
+        "unknown ids dropped",
+        "unmapped ids dropped",
+        "top-K entries",
+    ]
+    out += [_table(headers, rows), ""]
+    out += [
+        "Position shares are of the target positions; dropped ids are shares of the source top-K "
+        "entries at matched positions (*unknown*: no token string, e.g. padded vocabularies; "
+        "*unmapped*: no target token). *exact span* is n/a for MinED alignment.",
+        "",
+    ]
+    return out
+
+
+def _training_section(wd: _Workdir, plots: dict[str, bytes]) -> list[str]:
+    out = ["## Training", ""]
+    if not wd.runs:
+        return [*out, NOT_AVAILABLE, ""]
+    rows = []
+    for run in wd.runs:
+        steps, losses = _series(run, "loss")
+        rows.append(
+            [
+                run.name,
+                "fused" if run.fused else "control (CLM only)",
+                _int(run.state.get("global_step", steps[-1] if steps else None)),
+                _f(losses[0] if losses else None, 4),
+                _f(_last(run, "loss"), 4),
+                _f(_last(run, _clm_key(run)), 4),
+                _f(_last(run, "fusion_loss"), 4),
+                _g(_last(run, "optimizer/lr")),
+            ]
+        )
+    headers = [
+        "run",
+        "kind",
+        "steps",
+        "first loss",
+        "last loss",
+        "last CLM loss",
+        "last fusion loss",
+        "last lr",
+    ]
+    out += [_table(headers, rows, numeric_from=2), ""]
+    betas = []
+    for run in wd.runs:
+        b1, b2 = _last(run, "optimizer/beta1"), _last(run, "optimizer/beta2")
+        if b1 is not None and b2 is not None:
+            betas.append(f"{run.name}: ({b1:g}, {b2:g})")
+    if betas:
+        out += ["Effective Adam betas: " + "; ".join(betas) + ".", ""]
+
+    out += ["### Fusion candidates", ""]
+    fused = [r for r in wd.runs if r.fused]
+    any_candidates = False
+    for run in fused:
+        kind, names = _candidates(run)
+        if not names:
+            continue
+        any_candidates = True
+        what = "selection share (MinCE)" if kind == "select" else "mean weight (AvgCE)"
+        prefix = _SELECT if kind == "select" else _WEIGHT
+        crow = []
+        for name in names:
+            steps, values = _series(run, prefix + name)
+            crow.append(
+                [
+                    name,
+                    _pct(_step_weighted_mean(steps, values), 1) if values else "–",
+                    _pct(values[0], 1) if values else "–",
+                    _pct(values[-1], 1) if values else "–",
+                ]
+            )
+        png = f"selection_{_safe_name(run.name)}.png"
+        plots[png] = _selection_plot(run, kind, names)
+        out += [
+            f"**{run.name}**: each candidate's {what}, over the training steps.",
+            "",
+            _table(["candidate", "over training", "first log", "last log"], crow),
+            "",
+            f"![{run.name}: fusion candidates]({png})",
+            "",
+        ]
+    if not any_candidates:
+        out += [NOT_AVAILABLE if not fused else "No fusion candidate was logged.", ""]
+
+    out += ["### Loss curves", ""]
+    png = _loss_plot(wd.runs)
+    if png is None:
+        out += ["No loss was logged.", ""]
+    else:
+        plots["loss_curves.png"] = png
+        out += [
+            "Total, CLM and fusion losses per logged step; dashed: the CLM-only control.",
+            "",
+            "![loss curves](loss_curves.png)",
+            "",
+        ]
+    return out
+
+
+def _seed_groups(labels: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``{"fused": {seed: label}, "clm": {seed: label}}``; the unsuffixed run is seed ``""``."""
+    out: dict[str, dict[str, str]] = {"fused": {}, "clm": {}}
+    for label in labels:
+        m = _SEED_LABEL.match(label.strip())
+        if m:
+            out[m.group(1).lower()][m.group(2) or ""] = label
+    return out
+
+
+def _stat(models: Mapping[str, Any], label: str, group: str, key: str) -> float | None:
+    v = ((models.get(label) or {}).get("groups") or {}).get(group, {})
+    v = v.get(key) if isinstance(v, dict) else None
+    return float(v) if _finite(v) else None
+
+
+def _perplexity_section(wd: _Workdir) -> tuple[list[str], str | None]:
+    out = ["## Held-out perplexity", ""]
+    if wd.perplexity is None:
+        return [*out, NOT_AVAILABLE, ""], None
+    models: dict[str, Any] = wd.perplexity["models"]
+    if not models:
+        return [*out, "No model was evaluated.", ""], None
+    data = wd.perplexity.get("data") or {}
+    if isinstance(data, dict) and data:
+        desc = []
+        if data.get("source"):
+            desc.append(f"`{data['source']}`")
+        if data.get("rows") is not None:
+            desc.append(f"{_int(data.get('rows'))} documents")
+        if data.get("fingerprint"):
+            desc.append(f"fingerprint `{str(data['fingerprint'])[:12]}`")
+        if desc:
+            out += ["Data: " + ", ".join(desc) + ".", ""]
+    groups: list[str] = []
+    for entry in models.values():
+        for g in entry["groups"]:
+            if g not in groups and g != "all":
+                groups.append(g)
+    groups = [*sorted(groups), "all"]
+    for title, key, digits in (("Perplexity", "ppl", 3), ("Bits per byte", "bits_per_byte", 4)):
+        rows = [
+            [label, *[_f(_stat(models, label, g, key), digits) for g in groups]] for label in models
+        ]
+        out += [
+            f"**{title}** (rows: models, columns: domains)",
+            "",
+            _table(["model", *groups], rows),
+            "",
+        ]
+    out += [
+        "Bits per byte compare models with different tokenizers; perplexity compares models "
+        "that share one (the fused model and its CLM control).",
+        "",
+    ]
+
+    seeds = _seed_groups(list(models))
+    common = sorted(set(seeds["fused"]) & set(seeds["clm"]))
+    headline = None
+    out += ["### Fused vs CLM control", ""]
+    if not common:
+        out += ["not available (no `fused` and `clm` pair of models was evaluated)", ""]
+        return out, None
+    several = len(seeds["fused"]) > 1 or len(seeds["clm"]) > 1
+    rows = []
+    for g in groups:
+        vals: dict[str, list[float]] = {}
+        for kind in ("fused", "clm"):
+            for key in ("ppl", "bits_per_byte"):
+                found = (_stat(models, label, g, key) for label in seeds[kind].values())
+                vals[f"{kind} {key}"] = [v for v in found if v is not None]
+        dp, rel, db = [], [], []
+        for seed in common:
+            f_label, c_label = seeds["fused"][seed], seeds["clm"][seed]
+            fp, cp = _stat(models, f_label, g, "ppl"), _stat(models, c_label, g, "ppl")
+            fb = _stat(models, f_label, g, "bits_per_byte")
+            cb = _stat(models, c_label, g, "bits_per_byte")
+            if fp is not None and cp is not None:
+                dp.append(fp - cp)
+                rel.append(100.0 * (fp - cp) / cp)
+            if fb is not None and cb is not None:
+                db.append(fb - cb)
+        rows.append(
+            [
+                g,
+                _pm(vals["fused ppl"], 3),
+                _pm(vals["clm ppl"], 3),
+                _pm(dp, 3, True),
+                _pm(rel, 2, True) + ("%" if rel else ""),
+                _pm(vals["fused bits_per_byte"], 4),
+                _pm(vals["clm bits_per_byte"], 4),
+                _pm(db, 4, True),
+                str(len(dp)),
+            ]
+        )
+        if g == "all" and dp:
+            if several:
+                headline = (
+                    f"Headline: fused minus CLM-control perplexity on all held-out data: "
+                    f"{_pm(dp, 3, True)} ({_pm(rel, 2, True)}%) over {len(dp)} seed(s); "
+                    "negative is better."
+                )
+            else:
+                verdict = "lower (better)" if dp[0] < 0 else "higher (worse)" if dp[0] else "equal"
+                headline = (
+                    f"Headline: the fused model's held-out perplexity is "
+                    f"{_pm(vals['fused ppl'], 3)} against {_pm(vals['clm ppl'], 3)} for the "
+                    f"CLM-only control ({_pm(dp, 3, True)}, {_pm(rel, 2, True)}%: {verdict})."
+                )
+    headers = [
+        "domain",
+        "fused ppl",
+        "CLM ppl",
+        "Δ ppl",
+        "Δ ppl (relative)",
+        "fused bits/byte",
+        "CLM bits/byte",
+        "Δ bits/byte",
+        "pairs",
+    ]
+    if several:
+        n_f, n_c = len(seeds["fused"]), len(seeds["clm"])
+        out += [
+            f"Mean ± sample standard deviation across seeds ({n_f} fused, {n_c} CLM runs); "
+            "differences are paired by seed.",
+            "",
+        ]
+    out += [_table(headers, rows), "", "Δ = fused − CLM: negative is better.", ""]
+    return out, headline
+
+
+def _timings_section(wd: _Workdir) -> list[str]:
+    out = ["## Stage timings", ""]
+    if wd.timings is None:
+        return [*out, NOT_AVAILABLE, ""]
+    stages: dict[str, float] = {k: float(v) for k, v in wd.timings["stages"].items()}
+    if not stages:
+        return [*out, "No stage was timed.", ""]
+    total = math.fsum(stages.values())
+    rows = [[k, f"{v:.1f}", _hms(v), _pct(v, total)] for k, v in stages.items()]
+    rows.append(["total", f"{total:.1f}", _hms(total), "100.0%" if total else "–"])
+    return [*out, _table(["stage", "seconds", "h:mm:ss", "share"], rows), ""]
+
+
+def _hms(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# --- entry points --------------------------------------------------------------------------------
+
+
+def write_report(
+    workdir: str | os.PathLike[str], *, output_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """Writes ``report.md`` and its PNG plots for a pipeline work directory.
+
+    Args:
+        workdir: the pipeline work directory (layout in the module docstring).
+        output_dir: where to write (default ``<workdir>/report``).
+
+    Returns:
+        The path of ``report.md``.
+
+    Raises:
+        InputError: ``workdir`` is not a directory, or one of its files is not valid JSON / YAML
+            or lacks the expected structure (the message names the file).
+    """
+    from . import __version__
+    from .io import atomic_write_bytes
+
+    if not isinstance(workdir, (str, os.PathLike)):
+        raise InputTypeError(f"workdir must be a path, got {type(workdir).__name__}")
+    root = Path(workdir)
+    if not root.is_dir():
+        raise InputError(f"work directory {str(root)!r} does not exist")
+    out_dir = Path(output_dir) if output_dir is not None else root / "report"
+    wd = _collect(root)
+
+    plots: dict[str, bytes] = {}
+    ppl_lines, headline = _perplexity_section(wd)
+    lines = ["# FuseLLM run report", "", f"Generated by fusellm {__version__}.", ""]
+    lines += _summary(wd, headline)
+    lines += _vocab_section(wd)
+    lines += _align_section(wd)
+    lines += _training_section(wd, plots)
+    lines += ppl_lines
+    lines += _timings_section(wd)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob("selection_*.png"), out_dir / "loss_curves.png"]:
+        if stale.name not in plots and stale.is_file():
+            stale.unlink()
+    for name, data in plots.items():
+        atomic_write_bytes(out_dir / name, data)
+    text = "\n".join(lines).rstrip() + "\n"
+    return atomic_write_bytes(out_dir / "report.md", text.encode("utf-8"))
+
+
+def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds the ``report`` command to an ``argparse`` sub-parser collection."""
+    p = subparsers.add_parser(
+        "report",
+        help="write the Markdown report of a pipeline run",
+        description=(
+            "Write WORKDIR/report/report.md and PNG plots from a pipeline work directory: run "
+            "summary and settings, vocabulary-map and alignment statistics per source, each "
+            "fusion candidate's selection share over training, loss curves (fused vs the "
+            "CLM-only control), held-out perplexity and bits per byte per domain with the "
+            "fused-minus-control difference (mean ± standard deviation across seeds), and stage "
+            "timings. Stages that did not run are reported as not available."
+        ),
+    )
+    p.add_argument("workdir", metavar="WORKDIR", help="the pipeline work directory")
+    p.add_argument(
+        "--output", "-o", default=None, metavar="DIR", help="output directory (WORKDIR/report)"
+    )
+    p.set_defaults(func=_report_cli)
+    return p
+
+
+def _report_cli(args: argparse.Namespace) -> int:
+    path = write_report(args.workdir, output_dir=args.output)
+    print(path)
+    return 0
