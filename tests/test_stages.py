@@ -1,0 +1,713 @@
+"""Stages 3a (vocab map), 3b (align) and 4 (pack) on real extractions of tiny models.
+
+The target is a tiny Llama on Mistral's SentencePiece tokenizer; the sources are a tiny GPT-NeoX on
+DeepSeek's byte-level BPE and a tiny Qwen2 (padded vocabulary) on Qwen's. Every stored column is
+compared with an independent computation: the extraction it came from, a direct
+``Aligner.align_batch`` call on the same arrays (offsets computed here from the tokenizer), or a
+pure-Python token-weighted mean. Re-runs must skip, changed inputs must be refused, bad inputs
+must fail before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import fusellm
+from fusellm import Aligner, InputError, StaleArtifactError, VocabMap
+from fusellm.io import MANIFEST_NAME, read_manifest
+from fusellm.samples import SAMPLE_TEXTS
+from models import TinyModel, build_named, quiet
+
+torch = pytest.importorskip("torch")
+datasets = pytest.importorskip("datasets")
+
+from fusellm.bundled import load_tokenizer  # noqa: E402
+from fusellm.extract import extract_topk  # noqa: E402
+from fusellm.fuse import validate_packed  # noqa: E402
+from fusellm.stages import (  # noqa: E402
+    ALIGN_STATS_NAME,
+    add_align_parser,
+    add_pack_parser,
+    add_vocab_map_parser,
+    align_dataset,
+    pack_dataset,
+    run_vocab_map,
+)
+
+TEXTS = [
+    SAMPLE_TEXTS[0][:160],
+    "Hello",
+    "Héllo wörld 🙂 — naïve café, 1850 x.",
+    "Numbers: 1, 22, 333, 4444.",
+    SAMPLE_TEXTS[1][:120],
+    "A second line\nwith a newline and    spaces.",
+    "x",
+]
+SOURCES = {"neox": "neox", "qwen": "qwen2"}  # source name -> tiny model
+TOKENIZER = {"llama": "mistral", "neox": "deepseek", "qwen2": "qwen"}
+STATUS_KEYS = ("matched", "empty", "fallback", "masked")
+
+
+def listing(path: Path) -> dict[str, int]:
+    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
+
+
+def extract(model: TinyModel, out: Path, texts: list[str] = TEXTS) -> Path:
+    with quiet():
+        extract_topk(texts, model.path, out, progress=False, rows_per_shard=3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModel]:
+    root = tmp_path_factory.mktemp("models")
+    return {name: build_named(name, root) for name in ("llama", "neox", "qwen2")}
+
+
+@pytest.fixture(scope="module")
+def extracts(models: dict[str, TinyModel], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("extracts")
+    return {name: extract(m, root / name) for name, m in models.items()}
+
+
+@pytest.fixture(scope="module")
+def source_dirs(extracts: dict[str, Path]) -> dict[str, Path]:
+    return {s: extracts[m] for s, m in SOURCES.items()}
+
+
+@pytest.fixture(scope="module")
+def aligned(extracts: dict[str, Path], source_dirs: dict[str, Path], tmp_path_factory: Any) -> Any:
+    out = tmp_path_factory.mktemp("aligned") / "offsets"
+    return align_dataset(extracts["llama"], source_dirs, out, rows_per_batch=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def neox_map(models: dict[str, TinyModel], tmp_path_factory: Any) -> Path:
+    out = tmp_path_factory.mktemp("maps") / "neox.json"
+    run_vocab_map(models["llama"].path, models["neox"].path, out)
+    return out
+
+
+def load_rows(path: Path) -> Any:
+    return datasets.load_from_disk(str(path)).with_format("numpy")
+
+
+def offsets_of(tok: Any, text: str) -> tuple[list[int], np.ndarray]:
+    """Ids and character spans of ``text + eos``; the EOS gets one virtual character."""
+    enc = tok(text + tok.eos_token, add_special_tokens=False, return_offsets_mapping=True)
+    spans = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    tail = spans[:, 1] > len(text)
+    spans[tail] = [len(text), len(text) + 1]
+    return list(enc["input_ids"]), spans
+
+
+# --- 3a: vocabulary map --------------------------------------------------------------------------
+
+
+def test_vocab_map_builds_saves_skips_and_refuses(
+    models: dict[str, TinyModel], neox_map: Path
+) -> None:
+    base = fusellm.tokenizer_vocab(load_tokenizer("mistral"))
+    blend = fusellm.tokenizer_vocab(load_tokenizer("deepseek"))
+    # Built for exactly these vocabularies (checksums), markers and method.
+    loaded = VocabMap.load(neox_map, base, blend)
+    assert (loaded.method, loaded.base_marker, loaded.blend_marker) == ("surface", "▁", "Ġ")
+    meta = json.loads(neox_map.with_name("neox.json.meta.json").read_text())
+    assert meta["stats"] == loaded.stats()
+    assert loaded.stats()["surface"] > 0
+    assert loaded.stats()["unmapped"] == 0
+    assert json.loads(neox_map.read_text()) == loaded.to_dict()
+
+    before = listing(neox_map.parent)
+    again = run_vocab_map(models["llama"].path, "bundled:deepseek", neox_map)
+    assert listing(neox_map.parent) == before  # skipped: same vocabularies and method
+    np.testing.assert_array_equal(again.base_ids, loaded.base_ids)
+    with pytest.raises(StaleArtifactError, match="'surface' map, not 'exact'"):
+        run_vocab_map(models["llama"].path, models["neox"].path, neox_map, method="exact")
+    with pytest.raises(StaleArtifactError, match="different blend vocabulary"):
+        run_vocab_map(models["llama"].path, models["qwen2"].path, neox_map, method="exact")
+    assert listing(neox_map.parent) == before
+
+    other = neox_map.with_name("other.json")
+    shutil.copy(neox_map, other)
+    shutil.copy(neox_map.with_name("neox.json.meta.json"), other.with_name("other.json.meta.json"))
+    rebuilt = run_vocab_map(
+        models["llama"].path, models["qwen2"].path, other, method="exact", overwrite=True
+    )
+    assert rebuilt.method == "exact"
+    qwen = fusellm.tokenizer_vocab(load_tokenizer("qwen"))
+    assert VocabMap.load(other, base, qwen).method == "exact"
+    with pytest.raises(InputError, match=r"\.json"):
+        run_vocab_map(models["llama"].path, models["neox"].path, other.with_suffix(".txt"))
+    with pytest.raises(InputError, match="does not exist"):
+        run_vocab_map(other.parent / "nope", models["neox"].path, other)
+
+
+# --- 3b: align -----------------------------------------------------------------------------------
+
+
+def test_ref_and_row_columns_equal_the_extractions(aligned: Any, extracts: dict) -> None:
+    got = load_rows(aligned.output_dir)
+    base = load_rows(extracts["llama"])
+    assert len(got) == len(TEXTS) == aligned.rows
+    assert list(got["text"]) == TEXTS
+    assert [int(x) for x in got["row_index"]] == list(range(len(TEXTS)))
+    for r in range(len(TEXTS)):
+        a, b = got[r], base[r]
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+        np.testing.assert_array_equal(a["ref_ids"], b["per_step_indices"])
+        np.testing.assert_array_equal(a["ref_logits"], b["per_step_logits"])
+        assert a["ref_metric_ce"] == b["metric_ce"]
+        assert a["ref_num_tokens"] == b["num_tokens"] == len(b["input_ids"])
+        assert a["num_bytes"] == len(TEXTS[r].encode("utf-8"))
+        for s, m in SOURCES.items():
+            src = load_rows(extracts[m])[r]
+            assert a[f"{s}_metric_ce"] == src["metric_ce"]
+            assert a[f"{s}_num_tokens"] == src["num_tokens"]
+            assert a[f"{s}_ids"].shape == (len(b["input_ids"]), 10)
+    feats = datasets.load_from_disk(str(aligned.output_dir)).features
+    assert feats["neox_logits"] == datasets.List(datasets.List(datasets.Value("float16"), 10))
+    assert feats["ref_ids"] == datasets.List(datasets.List(datasets.Value("int32"), 10))
+    assert aligned.base_positions == sum(len(x) for x in got["input_ids"])
+
+
+def direct_rows(extracts: dict, source: str, **kw: Any) -> tuple[list[Any], list[Any], list[Any]]:
+    """Aligner.align_batch on the extraction arrays, with offsets computed here."""
+    model = SOURCES[source]
+    base_tok, src_tok = load_tokenizer("mistral"), load_tokenizer(TOKENIZER[model])
+    base = load_rows(extracts["llama"])
+    src = load_rows(extracts[model])
+    method = kw.pop("method", "offsets")
+    vocab_map = kw.pop("vocab_map", None)
+    aligner = Aligner(
+        fusellm.tokenizer_vocab(base_tok),
+        fusellm.tokenizer_vocab(src_tok),
+        base_marker="▁",
+        blend_marker="Ġ",
+        vocab_map=vocab_map,
+        compat=kw.pop("compat", None),
+    )
+    b_spans, s_spans = [], []
+    for r, text in enumerate(TEXTS):
+        ids, spans = offsets_of(base_tok, text)
+        assert ids == base[r]["input_ids"].tolist()
+        b_spans.append(spans)
+        ids, spans = offsets_of(src_tok, text)
+        assert ids == src[r]["input_ids"].tolist()
+        s_spans.append(spans)
+    rows = aligner.align_batch(
+        list(base["input_ids"]),
+        list(src["input_ids"]),
+        list(src["per_step_indices"]),
+        list(src["per_step_logits"]),
+        method=method,
+        base_offsets=b_spans if method == "offsets" else None,
+        blend_offsets=s_spans if method == "offsets" else None,
+        **kw,
+    )
+    return rows, b_spans, s_spans
+
+
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_source_columns_equal_a_direct_aligner_call(
+    aligned: Any, extracts: dict, source: str
+) -> None:
+    rows, b_spans, s_spans = direct_rows(extracts, source)
+    got = load_rows(aligned.output_dir)
+    stats = json.loads((aligned.output_dir / ALIGN_STATS_NAME).read_text())["sources"][source]
+    totals = dict.fromkeys([*STATUS_KEYS, "unknown_ids", "unmapped_ids"], 0)
+    exact = entries = 0
+    for r, row in enumerate(rows):
+        np.testing.assert_array_equal(got[r][f"{source}_ids"], row.ids)
+        np.testing.assert_array_equal(got[r][f"{source}_logits"], row.logits.astype(np.float16))
+        for k, v in row.counts().items():
+            totals[k] += v
+        entries += int((row.ids[row.status == fusellm.MATCHED] >= 0).sum())
+        for i in np.flatnonzero(row.status == fusellm.MATCHED):  # the paired source token
+            j = max(j for j, sp in enumerate(s_spans[r]) if sp[1] == b_spans[r][i][1])
+            exact += bool(s_spans[r][j][0] == b_spans[r][i][0])
+    assert {k: stats[k] for k in totals} == totals
+    assert sum(stats[k] for k in STATUS_KEYS) == aligned.base_positions
+    assert stats["topk_entries"] == entries
+    assert stats["exact_span"] == exact
+    assert 0 < exact <= stats["matched"] < aligned.base_positions
+    assert stats["fallback"] > 0  # the tokenizers disagree somewhere: next-token one-hots
+
+
+def test_align_stats_file_shape(aligned: Any) -> None:
+    stats = json.loads((aligned.output_dir / ALIGN_STATS_NAME).read_text())
+    assert stats == aligned.stats()
+    assert list(stats) == ["method", "vocab", "rows", "base_positions", "sources"]
+    assert (stats["method"], stats["vocab"], stats["rows"]) == ("offsets", "hard", len(TEXTS))
+    assert list(stats["sources"]) == list(SOURCES)
+    for counts in stats["sources"].values():
+        assert set(counts) == {
+            *STATUS_KEYS,
+            "exact_span",
+            "unknown_ids",
+            "unmapped_ids",
+            "topk_entries",
+        }
+        assert all(isinstance(v, int) for v in counts.values())
+    assert aligned.to_dict()["output_dir"] == str(aligned.output_dir)
+    manifest = read_manifest(aligned.output_dir)
+    assert manifest["stage"] == "align"
+    assert manifest["complete"]
+    assert manifest["candidates"] == ["ref", *SOURCES]
+
+
+def test_mined_soft_with_a_vocab_map(
+    extracts: dict, source_dirs: dict, neox_map: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "mined"
+    report = align_dataset(
+        extracts["llama"],
+        {"neox": source_dirs["neox"]},
+        out,
+        method="mined",
+        vocab="soft",
+        vocab_maps={"neox": neox_map},
+        logits_dtype="float32",
+        progress=False,
+    )
+    base = fusellm.tokenizer_vocab(load_tokenizer("mistral"))
+    blend = fusellm.tokenizer_vocab(load_tokenizer("deepseek"))
+    vm = VocabMap.load(neox_map, base, blend)
+    rows, _, _ = direct_rows(extracts, "neox", method="mined", vocab="soft", vocab_map=vm)
+    got = load_rows(out)
+    for r, row in enumerate(rows):
+        np.testing.assert_array_equal(got[r]["neox_ids"], row.ids)
+        np.testing.assert_array_equal(got[r]["neox_logits"], row.logits)
+    stats = report.sources["neox"]
+    assert stats["exact_span"] is None
+    assert stats["matched"] == sum(r.counts()["matched"] for r in rows)
+    # The soft map rescues entries the hard mode drops.
+    hard, _, _ = direct_rows(extracts, "neox", method="mined", vocab="hard")
+    assert stats["unmapped_ids"] < sum(r.num_unmapped for r in hard)
+
+    # The reference's rows (compat="fusellm"): one-hot fallback on the CURRENT token.
+    ref = align_dataset(
+        extracts["llama"],
+        {"neox": source_dirs["neox"]},
+        tmp_path / "compat",
+        method="mined",
+        compat="fusellm",
+        progress=False,
+    )
+    rows, _, _ = direct_rows(extracts, "neox", method="mined", compat="fusellm")
+    got = load_rows(tmp_path / "compat")
+    for r, row in enumerate(rows):
+        np.testing.assert_array_equal(got[r]["neox_ids"], row.ids)
+        fb = row.status == fusellm.FALLBACK
+        np.testing.assert_array_equal(row.ids[fb, 0], got[r]["input_ids"][fb])
+    assert ref.sources["neox"]["fallback"] == sum(r.counts()["fallback"] for r in rows) > 0
+
+
+def test_rerun_skips_and_changed_inputs_are_refused(
+    aligned: Any, extracts: dict, source_dirs: dict
+) -> None:
+    out = aligned.output_dir
+    before = listing(out)
+    again = align_dataset(extracts["llama"], source_dirs, out, rows_per_batch=5, progress=False)
+    assert again.skipped
+    assert again.stats() == aligned.stats()
+    assert listing(out) == before
+    with pytest.raises(StaleArtifactError, match="method"):
+        align_dataset(extracts["llama"], source_dirs, out, method="mined", progress=False)
+    swapped = {"neox": source_dirs["qwen"], "qwen": source_dirs["neox"]}
+    with pytest.raises(StaleArtifactError, match="sources"):
+        align_dataset(extracts["llama"], swapped, out, progress=False)
+    assert listing(out) == before
+
+
+def test_overwrite_replaces(extracts: dict, source_dirs: dict, tmp_path: Path) -> None:
+    out = tmp_path / "al"
+    align_dataset(extracts["llama"], {"qwen": source_dirs["qwen"]}, out, progress=False)
+    report = align_dataset(
+        extracts["llama"],
+        {"neox": source_dirs["neox"]},
+        out,
+        fallback="mask",
+        overwrite=True,
+        progress=False,
+    )
+    assert not report.skipped
+    ds = datasets.load_from_disk(str(out))
+    assert "neox_ids" in ds.column_names
+    assert "qwen_ids" not in ds.column_names
+    assert report.sources["neox"]["fallback"] == 0
+    assert report.sources["neox"]["masked"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["al"]
+
+
+def tamper(src: Path, out: Path, change: Any) -> Path:
+    """A copy of an extraction whose dataset was changed by ``change(dataset)``."""
+    ds = datasets.load_from_disk(str(src))
+    change(ds).save_to_disk(str(out))
+    shutil.copy(src / MANIFEST_NAME, out / MANIFEST_NAME)
+    return out
+
+
+def test_offsets_refuse_ids_that_do_not_retokenize(
+    extracts: dict, source_dirs: dict, tmp_path: Path
+) -> None:
+    def change(ds: Any) -> Any:
+        ids = [list(x) for x in ds["input_ids"]]
+        ids[3][2] = (ids[3][2] + 1) % 1000
+        return ds.remove_columns("input_ids").add_column("input_ids", ids)
+
+    bad = tamper(source_dirs["neox"], tmp_path / "bad", change)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"row 3: re-tokenizing .* position 2"):
+        align_dataset(extracts["llama"], {"neox": bad}, out, rows_per_batch=2, progress=False)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # no temporary left behind
+
+
+def test_row_count_and_text_mismatches_name_the_row(
+    models: dict[str, TinyModel], extracts: dict, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    short = extract(models["neox"], tmp_path / "short", TEXTS[:-1])
+    with pytest.raises(InputError, match=f"{len(TEXTS) - 1} rows but the target has {len(TEXTS)}"):
+        align_dataset(extracts["llama"], {"neox": short}, out, progress=False)
+    texts = list(TEXTS)
+    texts[4] = texts[4].upper()
+    other = extract(models["neox"], tmp_path / "other", texts)
+    with pytest.raises(InputError, match="row 4: the text of source 'neox' differs"):
+        align_dataset(extracts["llama"], {"neox": other}, out, progress=False)
+    assert not out.exists()
+
+
+def test_bad_inputs_write_nothing(
+    models: dict[str, TinyModel],
+    extracts: dict,
+    source_dirs: dict,
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    base = extracts["llama"]
+    neox = source_dirs["neox"]
+    missing = tamper(neox, tmp_path / "missing", lambda ds: ds.remove_columns("metric_ce"))
+    qwen_map = tmp_path / "qwen.json"
+    run_vocab_map(models["llama"].path, models["qwen2"].path, qwen_map, method="exact")
+    cases: list[tuple[Any, dict[str, Any], type, str]] = [
+        ({"Neox": neox}, {}, InputError, "source name 'Neox' is not valid"),
+        ({"ref": neox}, {}, InputError, "reserved"),
+        ({"input": neox}, {}, InputError, "clashes"),
+        ({}, {}, TypeError, "non-empty mapping"),
+        ({"neox": missing}, {}, InputError, r"lacks column\(s\) \['metric_ce'\]"),
+        ({"neox": tmp_path / "nope"}, {}, InputError, "does not exist"),
+        ({"neox": models["neox"].path}, {}, InputError, "not a fusellm extraction"),
+        ({"neox": neox}, {"vocab_maps": {"qwen": qwen_map}}, InputError, "unknown source"),
+        ({"neox": neox}, {"vocab_maps": {"neox": qwen_map}}, StaleArtifactError, "vocabulary"),
+        (
+            {"neox": neox},
+            {"source_tokenizers": {"neox": "bundled:qwen"}},
+            InputError,
+            "not the extraction's tokenizer",
+        ),
+        ({"neox": neox}, {"method": "dtw"}, InputError, "method"),
+        ({"neox": neox}, {"rows_per_batch": 0}, InputError, "rows_per_batch"),
+    ]
+    for sources, kw, err, match in cases:
+        with pytest.raises(err, match=match):
+            align_dataset(base, sources, out, progress=False, **kw)
+        assert not out.exists(), match
+    # A vocabulary map object built for other vocabularies.
+    b = fusellm.tokenizer_vocab(load_tokenizer("mistral"))
+    q = fusellm.tokenizer_vocab(load_tokenizer("qwen"))
+    with pytest.raises(StaleArtifactError, match="other vocabularies"):
+        align_dataset(base, {"neox": neox}, out, vocab_maps={"neox": VocabMap.load(qwen_map, b, q)})
+    # A directory that is not a fusellm output is never replaced.
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="no fusellm manifest"):
+        align_dataset(base, {"neox": neox}, out, overwrite=True, progress=False)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+# --- 4: pack -------------------------------------------------------------------------------------
+
+
+def expected_blocks(rows: Any, blocks: list[list[tuple]]) -> Any:
+    """Pure-Python scores of blocks given as lists of (row, tokens in the block)."""
+    cands = ["ref", *SOURCES]
+    out = []
+    for pieces in blocks:
+        rec: dict[str, float] = {}
+        tot = sum(n for _, n in pieces)
+        for c in cands:
+            rec[f"{c}_metric_ce"] = (
+                sum(n * float(rows[r][f"{c}_metric_ce"]) for r, n in pieces) / tot
+            )
+            ce = sum(
+                n
+                / len(rows[r]["input_ids"])
+                * float(rows[r][f"{c}_metric_ce"])
+                * (int(rows[r][f"{c}_num_tokens"]) - 1)
+                for r, n in pieces
+            )
+            by = sum(n / len(rows[r]["input_ids"]) * int(rows[r]["num_bytes"]) for r, n in pieces)
+            rec[f"{c}_metric_ce_per_byte"] = ce / by
+        rec["num_bytes"] = by
+        out.append(rec)
+    return out
+
+
+def concat_pieces(lengths: list[int], block_size: int) -> list[list[tuple]]:
+    blocks: list[list[tuple]] = [[]]
+    room = block_size
+    for r, n in enumerate(lengths):
+        while n:
+            if room == 0:
+                blocks.append([])
+                room = block_size
+            take = min(n, room)
+            blocks[-1].append((r, take))
+            n -= take
+            room -= take
+    return blocks
+
+
+def check_scores(got: Any, want: list[dict[str, float]]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        for k, v in w.items():
+            assert float(g[k]) == pytest.approx(v, rel=1e-6), k
+
+
+@pytest.mark.parametrize("chunk_tokens", [1 << 21, 50, 1])
+def test_pack_concat_keeps_every_token_in_order(
+    aligned: Any, tmp_path: Path, chunk_tokens: int
+) -> None:
+    out = tmp_path / "packed"
+    bs = 64
+    report = pack_dataset(
+        aligned.output_dir, out, block_size=bs, chunk_tokens=chunk_tokens, progress=False
+    )
+    ds = datasets.load_from_disk(str(out))
+    assert validate_packed(
+        ds, sources=list(SOURCES), with_ref=True, score="ce_per_byte", vocab_size=32000
+    ) == ["ref", *SOURCES]
+    rows = load_rows(aligned.output_dir)
+    blocks = ds.with_format("numpy")
+    lengths = [len(x) for x in rows["input_ids"]]
+    assert [len(b) for b in blocks["input_ids"]] == [bs] * (sum(lengths) // bs) + [
+        sum(lengths) % bs
+    ]
+    assert (report.rows, report.tokens, report.blocks) == (len(TEXTS), sum(lengths), len(ds))
+    for col in ["input_ids", *(f"{c}_{k}" for c in ["ref", *SOURCES] for k in ("ids", "logits"))]:
+        np.testing.assert_array_equal(
+            np.concatenate(list(blocks[col])), np.concatenate(list(rows[col]))
+        )
+    assert all((m == 1).all() for m in blocks["attention_mask"])
+    assert "position_ids" not in ds.column_names
+    check_scores(blocks, expected_blocks(rows, concat_pieces(lengths, bs)))
+    assert ds.features["neox_logits"] == datasets.List(datasets.List(datasets.Value("float16"), 10))
+
+
+def test_pack_bfd_keeps_documents_whole(aligned: Any, tmp_path: Path) -> None:
+    out = tmp_path / "bfd"
+    bs = 80
+    pack_dataset(aligned.output_dir, out, block_size=bs, mode="bfd", progress=False)
+    ds = datasets.load_from_disk(str(out))
+    validate_packed(ds, sources=list(SOURCES), with_ref=True, score="ce", vocab_size=32000)
+    rows = load_rows(aligned.output_dir)
+    docs = {tuple(x.tolist()): r for r, x in enumerate(rows["input_ids"])}
+    assert len(docs) == len(TEXTS)
+    pieces = []
+    seen = []
+    for block in ds.with_format("numpy"):
+        assert len(block["input_ids"]) <= bs
+        starts = [*np.flatnonzero(block["position_ids"] == 0).tolist(), len(block["input_ids"])]
+        np.testing.assert_array_equal(
+            block["position_ids"], np.concatenate([np.arange(b - a) for a, b in pairs(starts)])
+        )
+        found = []
+        for a, b in pairs(starts):
+            r = docs[tuple(block["input_ids"][a:b].tolist())]
+            np.testing.assert_array_equal(block["qwen_ids"][a:b], rows[r]["qwen_ids"])
+            found.append((r, b - a))
+        pieces.append(found)
+        seen += [r for r, _ in found]
+    assert sorted(seen) == list(range(len(TEXTS)))
+    check_scores(ds.with_format("numpy"), expected_blocks(rows, pieces))
+
+
+def pairs(xs: list[int]) -> list[tuple[int, int]]:
+    return list(itertools.pairwise(xs))
+
+
+def test_pack_skips_refuses_and_trains(
+    aligned: Any, models: dict[str, TinyModel], tmp_path: Path
+) -> None:
+    out = tmp_path / "packed"
+    first = pack_dataset(aligned.output_dir, out, block_size=64, progress=False)
+    before = listing(out)
+    again = pack_dataset(aligned.output_dir, out, block_size=64, progress=False)
+    assert again.skipped
+    assert again.blocks == first.blocks
+    assert listing(out) == before
+    with pytest.raises(StaleArtifactError, match="block_size"):
+        pack_dataset(aligned.output_dir, out, block_size=32, progress=False)
+    assert listing(out) == before
+
+    from fusellm import FusionConfig, run_train
+    from fusellm.train import load_packed
+
+    assert len(load_packed(out)) == first.blocks
+    config = FusionConfig(
+        output_dir=str(tmp_path / "run"),
+        sources=list(SOURCES),
+        use_cpu=True,
+        report_to="none",
+        per_device_train_batch_size=2,
+        max_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    with quiet():
+        trainer = run_train(config, out, models["llama"].path)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert trainer.state.global_step == 1
+    assert math.isfinite(logs[0]["loss"])
+    assert math.isfinite(logs[0]["fusion_loss"])
+
+
+def synthetic_aligned(path: Path, ce: dict[str, list[float]], lengths: list[int]) -> Path:
+    """An aligned-schema dataset written by hand (no manifest): K = 2, ids 0.."""
+    rng = np.random.default_rng(0)
+    data: dict[str, Any] = {
+        "input_ids": [rng.integers(0, 50, n).astype(np.int32) for n in lengths],
+        "num_bytes": [3 * n + 1 for n in lengths],
+    }
+    feats: dict[str, Any] = {
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "num_bytes": datasets.Value("int32"),
+    }
+    for c, values in ce.items():
+        data[f"{c}_ids"] = [rng.integers(0, 50, (n, 2)).astype(np.int32) for n in lengths]
+        data[f"{c}_logits"] = [rng.normal(size=(n, 2)).astype(np.float32) for n in lengths]
+        data[f"{c}_metric_ce"] = values
+        data[f"{c}_num_tokens"] = [n + 1 for n in lengths]
+        feats[f"{c}_ids"] = datasets.List(datasets.List(datasets.Value("int32"), 2))
+        feats[f"{c}_logits"] = datasets.List(datasets.List(datasets.Value("float32"), 2))
+        feats[f"{c}_metric_ce"] = datasets.Value("float32")
+        feats[f"{c}_num_tokens"] = datasets.Value("int32")
+    datasets.Dataset.from_dict(data, features=datasets.Features(feats)).save_to_disk(str(path))
+    return path
+
+
+def test_pack_excludes_nan_rows_from_every_candidate(tmp_path: Path) -> None:
+    lengths = [5, 3, 4]
+    src = synthetic_aligned(
+        tmp_path / "al", {"ref": [1.0, 2.0, 3.0], "a": [4.0, float("nan"), 6.0]}, lengths
+    )
+    report = pack_dataset(src, tmp_path / "p", block_size=100, progress=False)
+    assert report.nan_rows == 1
+    (block,) = datasets.load_from_disk(str(tmp_path / "p"))
+    # Row 1 (NaN for "a") is left out of ref's score too.
+    assert block["ref_metric_ce"] == pytest.approx((5 * 1.0 + 4 * 3.0) / 9)
+    assert block["a_metric_ce"] == pytest.approx((5 * 4.0 + 4 * 6.0) / 9)
+    assert block["ref_metric_ce_per_byte"] == pytest.approx((1.0 * 5 + 3.0 * 4) / (16 + 13))
+    assert block["num_bytes"] == pytest.approx(16 + 10 + 13)
+    prop = pack_dataset(src, tmp_path / "q", block_size=100, nan_rows="propagate", progress=False)
+    assert prop.nan_rows == 1
+    (block,) = datasets.load_from_disk(str(tmp_path / "q"))
+    assert math.isnan(block["a_metric_ce"])
+    assert block["ref_metric_ce"] == pytest.approx((5 * 1.0 + 3 * 2.0 + 4 * 3.0) / 12)
+    # A block made only of such rows has no score: refused, nothing written.
+    with pytest.raises(InputError, match=r"blocks \[1\] hold only rows with no scored token"):
+        pack_dataset(src, tmp_path / "r", block_size=5, mode="bfd", progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_pack_bad_inputs(aligned: Any, tmp_path: Path) -> None:
+    ds = datasets.load_from_disk(str(aligned.output_dir))
+    cases = [
+        (ds.remove_columns("ref_metric_ce"), r"lacks column\(s\) \['ref_metric_ce'\]"),
+        (ds.remove_columns(["ref_ids", "ref_logits"]), "no 'ref_logits' column"),
+        (ds.remove_columns("num_bytes"), "num_bytes"),
+    ]
+    out = tmp_path / "out"
+    for i, (bad, match) in enumerate(cases):
+        path = tmp_path / f"bad{i}"
+        bad.save_to_disk(str(path))
+        with pytest.raises(InputError, match=match):
+            pack_dataset(path, out, progress=False)
+        assert not out.exists()
+    with pytest.raises(InputError, match="does not exist"):
+        pack_dataset(tmp_path / "nope", out)
+    with pytest.raises(InputError, match="mode"):
+        pack_dataset(aligned.output_dir, out, mode="greedy")
+    with pytest.raises(InputError, match="block_size"):
+        pack_dataset(aligned.output_dir, out, block_size=0)
+    assert not out.exists()
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def test_cli_hooks(
+    models: dict[str, TinyModel],
+    extracts: dict,
+    source_dirs: dict,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    parser = argparse.ArgumentParser(prog="fusellm")
+    sub = parser.add_subparsers(dest="command")
+    for hook in (add_vocab_map_parser, add_align_parser, add_pack_parser):
+        p = hook(sub)
+        assert p.description
+        assert p.format_help()
+    helps = {name: sub.choices[name].format_help() for name in ("vocab-map", "align", "pack")}
+    assert "--method" in helps["vocab-map"]
+    assert "bundled:NAME" in helps["vocab-map"]
+    assert "NAME=DIR" in helps["align"]
+    assert "--vocab-map" in helps["align"]
+    assert "--block-size" in helps["pack"]
+    assert "--mode" in helps["pack"]
+
+    vmap = tmp_path / "map.json"
+    args = parser.parse_args(
+        ["vocab-map", str(models["llama"].path), "bundled:deepseek", str(vmap), "--method", "exact"]
+    )
+    assert args.func(args) == 0
+    assert (
+        VocabMap.load(
+            vmap,
+            fusellm.tokenizer_vocab(load_tokenizer("mistral")),
+            fusellm.tokenizer_vocab(load_tokenizer("deepseek")),
+        ).method
+        == "exact"
+    )
+
+    al = tmp_path / "al"
+    argv = ["align", str(extracts["llama"]), "--source", f"neox={source_dirs['neox']}"]
+    argv += [str(al), "--vocab-map", f"neox={vmap}", "--vocab", "soft", "--no-progress"]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    assert "neox:" in capsys.readouterr().out
+    assert json.loads((al / ALIGN_STATS_NAME).read_text())["vocab"] == "soft"
+
+    pk = tmp_path / "pk"
+    args = parser.parse_args(["pack", str(al), str(pk), "--block-size", "32", "--no-progress"])
+    assert args.func(args) == 0
+    assert "blocks of 32" in capsys.readouterr().out
+    assert max(len(x) for x in datasets.load_from_disk(str(pk))["input_ids"]) == 32
+
+    args = parser.parse_args(["align", str(extracts["llama"]), "--source", "neox", str(al)])
+    with pytest.raises(InputError, match="NAME=PATH"):
+        args.func(args)
