@@ -25,9 +25,12 @@ from .tokenization import tokenizer_marker, tokenizer_vocab
 from .vocab import VocabMap
 
 if TYPE_CHECKING:
+    from .evaluate import evaluate_perplexity, run_evaluate
     from .extract import ExtractReport, extract_topk, finalize_extract
     from .fuse import FusionCollator, build_packed_dataset, fusion_loss
+    from .report import write_report
     from .split import SplitStats, run_split, split_texts
+    from .stages import AlignReport, PackReport, align_dataset, pack_dataset, run_vocab_map
     from .train import FusionConfig, FusionTrainer, run_train
 
 __version__: str = _native.__version__
@@ -47,6 +50,14 @@ _LAZY = {
     "build_packed_dataset": "fuse",
     "fusion_loss": "fuse",
     "run_train": "train",
+    "evaluate_perplexity": "evaluate",
+    "run_evaluate": "evaluate",
+    "write_report": "report",
+    "AlignReport": "stages",
+    "PackReport": "stages",
+    "align_dataset": "stages",
+    "pack_dataset": "stages",
+    "run_vocab_map": "stages",
 }
 
 
@@ -66,6 +77,7 @@ __all__ = [
     "FALLBACK",
     "MASKED",
     "MATCHED",
+    "AlignReport",
     "AlignedRow",
     "Aligner",
     "ExtractReport",
@@ -75,21 +87,28 @@ __all__ = [
     "FusionTrainer",
     "InputError",
     "InputTypeError",
+    "PackReport",
     "PackedBlocks",
     "SplitStats",
     "StaleArtifactError",
     "VocabMap",
     "__version__",
     "align_batch",
+    "align_dataset",
     "build_packed_dataset",
+    "evaluate_perplexity",
     "extract_topk",
     "finalize_extract",
     "fusion_loss",
     "mined_base_to_blend",
     "pack",
+    "pack_dataset",
+    "run_evaluate",
     "run_split",
     "run_train",
+    "run_vocab_map",
     "split_texts",
     "tokenizer_marker",
     "tokenizer_vocab",
+    "write_report",
 ]

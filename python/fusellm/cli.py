@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -17,9 +18,15 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: command -> (module, function adding its sub-parser, one-line help), in pipeline order.
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "run": ("pipeline", "add_run_parser", "run every stage from a config (default: built-in demo)"),
     "split": ("split", "add_split_parser", "split documents into rows that fit every tokenizer"),
     "extract": ("extract", "add_extract_parser", "store a model's top-K next-token distributions"),
+    "vocab-map": ("stages", "add_vocab_map_parser", "map a source vocabulary onto the target's"),
+    "align": ("stages", "add_align_parser", "re-express source distributions on target tokens"),
+    "pack": ("stages", "add_pack_parser", "pack aligned rows into training blocks"),
     "train": ("train", "add_train_parser", "train the target on packed blocks with fusion loss"),
+    "evaluate": ("evaluate", "add_evaluate_parser", "held-out perplexity of model directories"),
+    "report": ("report", "add_report_parser", "write the Markdown report of a pipeline run"),
     "align-demo": ("cli", "_add_align_demo_parser", "align a built-in sample, print statistics"),
 }
 
@@ -95,7 +102,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args))
+    from .errors import FuseLLMError
+
+    try:
+        return int(args.func(args))
+    except FuseLLMError as exc:
+        # A clear message, not a traceback: these errors name the offending value.
+        # FUSELLM_TRACEBACK=1 shows the traceback as well.
+        if os.environ.get("FUSELLM_TRACEBACK"):
+            raise
+        print(f"fusellm {command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"fusellm {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
