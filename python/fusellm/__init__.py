@@ -25,9 +25,11 @@ from .tokenization import tokenizer_marker, tokenizer_vocab
 from .vocab import VocabMap
 
 if TYPE_CHECKING:
+    from .config import PipelineConfig, load_config
     from .evaluate import evaluate_perplexity, run_evaluate
     from .extract import ExtractReport, extract_topk, finalize_extract
     from .fuse import FusionCollator, build_packed_dataset, fusion_loss
+    from .pipeline import run_pipeline
     from .report import write_report
     from .split import SplitStats, run_split, split_texts
     from .stages import AlignReport, PackReport, align_dataset, pack_dataset, run_vocab_map
@@ -58,6 +60,9 @@ _LAZY = {
     "align_dataset": "stages",
     "pack_dataset": "stages",
     "run_vocab_map": "stages",
+    "PipelineConfig": "config",
+    "load_config": "config",
+    "run_pipeline": "pipeline",
 }
 
 
@@ -89,6 +94,7 @@ __all__ = [
     "InputTypeError",
     "PackReport",
     "PackedBlocks",
+    "PipelineConfig",
     "SplitStats",
     "StaleArtifactError",
     "VocabMap",
@@ -100,10 +106,12 @@ __all__ = [
     "extract_topk",
     "finalize_extract",
     "fusion_loss",
+    "load_config",
     "mined_base_to_blend",
     "pack",
     "pack_dataset",
     "run_evaluate",
+    "run_pipeline",
     "run_split",
     "run_train",
     "run_vocab_map",
