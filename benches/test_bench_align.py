@@ -50,7 +50,8 @@ def test_mined_compat_vs_python_oracle(benchmark, setup) -> None:
     n_pairs = 8
     args = [s[k][:n_pairs] for k in ("b_ids", "x_ids", "t_ids", "t_logits")]
     out = benchmark(al.align_batch, *args, method="mined", num_threads=1)
-    per_pair = benchmark.stats.stats.mean / n_pairs
+    # The median: this machine is a VM with noisy neighbours, and single slow rounds skew a mean.
+    per_pair = benchmark.stats.stats.median / n_pairs
     # The oracle takes seconds per pair: time two pairs, and check they agree bit for bit.
     bv, xv = s["base_vocab"], s["blend_vocab"]
     oracle_times = []
@@ -106,16 +107,20 @@ def test_offsets_tokens_per_second(benchmark, setup) -> None:
         blend_offsets=s["x_off"],
         num_threads=1,
     )
-    rate = tokens / benchmark.stats.stats.mean
+    rate = tokens / benchmark.stats.stats.median
+    best_rate = tokens / benchmark.stats.stats.min
     t0 = time.perf_counter()
     _python_offsets_baseline(s["b_off"], s["x_off"])
     base_rate = tokens / (time.perf_counter() - t0)
-    benchmark.extra_info.update(tokens_per_s=rate, python_pairing_tokens_per_s=base_rate)
+    benchmark.extra_info.update(
+        tokens_per_s=rate, best_tokens_per_s=best_rate, python_pairing_tokens_per_s=base_rate
+    )
     report(
         "offsets, 1 thread, top-K included",
         pairs=len(s["b_ids"]),
         base_tokens=tokens,
-        mtokens_per_s=f"{rate / 1e6:.1f}",
+        mtokens_per_s_median=f"{rate / 1e6:.1f}",
+        mtokens_per_s_best=f"{best_rate / 1e6:.1f}",
         python_pairing_only_mtokens_per_s=f"{base_rate / 1e6:.2f}",
         ratio=f"{rate / base_rate:.0f}x",
     )
@@ -125,15 +130,16 @@ def test_batch_two_threads_vs_one(benchmark, setup) -> None:
     s = setup
     al = s["compat"]
     args = [s[k] for k in ("b_ids", "x_ids", "t_ids", "t_logits")]
-    timings = {}
+    timings = {1: float("inf"), 2: float("inf")}
     for threads in (1, 2):
         al.align_batch(*args, num_threads=threads)  # warm the pool
-        best = float("inf")
-        for _ in range(3):
+    # Interleaved rounds, best of each: the machine's speed drifts (shared VM), and measuring all
+    # one-thread rounds before all two-thread rounds would fold that drift into the ratio.
+    for _ in range(4):
+        for threads in (1, 2):
             t0 = time.perf_counter()
             al.align_batch(*args, num_threads=threads)
-            best = min(best, time.perf_counter() - t0)
-        timings[threads] = best
+            timings[threads] = min(timings[threads], time.perf_counter() - t0)
     benchmark.pedantic(al.align_batch, args=tuple(args), kwargs={"num_threads": 2}, rounds=1)
     speedup = timings[1] / timings[2]
     benchmark.extra_info.update(one_thread_s=timings[1], two_threads_s=timings[2], speedup=speedup)

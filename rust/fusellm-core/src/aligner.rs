@@ -608,8 +608,9 @@ impl Row<'_> {
     }
 
     /// [`Row::fill`] for a row already in descending order with at most [`FAST_K`] entries:
-    /// the same result, without branches except on a (rare) possible duplicate. Entries are
-    /// gathered in fixed-size scratch arrays and copied into the row at the end.
+    /// the same result, with no branch but the (rare) possible duplicate. Every entry is written
+    /// at the current length, which only advances for a valid one (an invalid entry is
+    /// overwritten by the next, or left beyond the end and reset to padding).
     #[inline]
     fn fill_descending<T: Cell>(
         &mut self,
@@ -617,8 +618,7 @@ impl Row<'_> {
         src_ids: &[i32],
         src_logits: &[f32],
     ) -> usize {
-        let mut ids = [0i32; FAST_K];
-        let mut logits = [0f32; FAST_K];
+        let (ids, logits) = (&mut *self.ids, &mut *self.logits);
         let (mut len, mut filter, mut merged) = (0usize, 0u64, false);
         let (mut unknown, mut unmapped) = (0u64, 0u64);
         for (&id, &logit) in src_ids.iter().zip(src_logits) {
@@ -637,18 +637,20 @@ impl Row<'_> {
                 }
             }
             filter |= bit;
-            // Always in bounds (len < FAST_K here); an invalid entry is overwritten later.
-            ids[len % FAST_K] = target as i32;
-            logits[len % FAST_K] = logit;
+            // `len` is below the number of entries read so far, so below the row's width.
+            ids[len] = target as i32;
+            logits[len] = logit;
             len += usize::from(valid);
+        }
+        if len < ids.len() {
+            ids[len] = -1;
+            logits[len] = f32::NEG_INFINITY;
         }
         *self.num_unknown += unknown;
         *self.num_unmapped += unmapped;
         if merged {
             sort_row(&mut ids[..len], &mut logits[..len]);
         }
-        self.ids[..len].copy_from_slice(&ids[..len]);
-        self.logits[..len].copy_from_slice(&logits[..len]);
         len
     }
 }
