@@ -49,8 +49,8 @@ records the seed, the scale, the recipe, the corpus hash, the fingerprints of it
 its own files. A re-run skips every piece whose manifest matches and whose files are unchanged;
 a different seed or scale, an edited file or a rebuilt input rebuilds it (and what depends on it).
 
-Scales: ``"default"`` (about 3 minutes of 2 CPU cores) and ``"test"`` (seconds, for the tests and
-``fusellm run --scale test``).
+Scales: ``"default"`` (about 90 s on 2 idle CPU cores, about 170 s of CPU time) and ``"test"``
+(about 10 s on one core, for the tests and ``fusellm run --scale test``).
 """
 
 from __future__ import annotations
@@ -405,6 +405,7 @@ def build_model(
         "eos_token_id": tok.eos_token_id,
         "pad_token_id": None,
     }
+    config: Any
     if arch == "llama":
         config = transformers.LlamaConfig(
             vocab_size=vocab,
@@ -425,7 +426,11 @@ def build_model(
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
             max_position_embeddings=max_positions,
-            rotary_pct=0.5,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+            },
             use_parallel_residual=True,
             tie_word_embeddings=False,
             **ids,
@@ -740,7 +745,7 @@ class Scale:
     layers: int
 
 
-#: The two scales: ``default`` (about 3 minutes on 2 cores), ``test`` (seconds).
+#: The two scales: ``default`` (about 90 s on 2 idle cores), ``test`` (about 10 s on 1 core).
 SCALES: dict[str, Scale] = {
     "default": Scale(
         block_size=256,
@@ -748,8 +753,8 @@ SCALES: dict[str, Scale] = {
         heldout_docs=40,
         pretrain_docs=None,
         tokenizer_docs=200,
-        target_steps=60,
-        source_steps=150,
+        target_steps=150,
+        source_steps=250,
         batch_size=8,
         lr=3e-3,
         layers=2,
@@ -787,6 +792,8 @@ class Miniature:
     pretraining: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: piece -> "built" or "skipped" in the call that returned this object.
     pieces: dict[str, str] = field(default_factory=dict)
+    #: piece -> wall seconds spent building it in that call (built pieces only).
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def load_train(self) -> Any:
         """The fusion set as a ``datasets.Dataset``."""
@@ -806,6 +813,11 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _plain(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists), so keys compare equal."""
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
 def _files_fp(directory: Path, previous: Mapping[str, Any] | None = None) -> dict[str, Any]:
     files = [p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_NAME]
     return fingerprint_files(files, root=directory, previous=previous)
@@ -823,6 +835,7 @@ class _Pieces:
             "corpus": _corpus_hash(),
         }
         self.status: dict[str, str] = {}
+        self.seconds: dict[str, float] = {}
 
     def done(self, name: str, path: Path, key: Mapping[str, Any]) -> dict[str, Any] | None:
         """The manifest of a complete piece made from ``key``, or None."""
@@ -832,7 +845,7 @@ class _Pieces:
             m = read_manifest(path)
         except FuseLLMError:
             return None
-        if not m or m.get("key") != {**self.base, "piece": name, **key}:
+        if not m or m.get("key") != _plain({**self.base, "piece": name, **key}):
             return None
         try:
             fp = _files_fp(path, previous=m.get("files"))
@@ -849,12 +862,16 @@ class _Pieces:
     ) -> Iterator[Path]:
         """Yields a temporary directory; on success records the manifest (key, fingerprint of
         the files, ``info`` as filled by the block) and renames it onto ``path``."""
+        t0, c0 = time.perf_counter(), time.process_time()
         with atomic_dir(path, overwrite=True) as tmp:
             yield tmp
+            info["build_seconds"] = round(time.perf_counter() - t0, 3)
+            info["build_cpu_seconds"] = round(time.process_time() - c0, 3)
+            self.seconds[name] = info["build_seconds"]
             write_manifest(
                 tmp,
                 {
-                    "key": {**self.base, "piece": name, **key},
+                    "key": _plain({**self.base, "piece": name, **key}),
                     "files": _files_fp(tmp),
                     "info": info,
                 },
@@ -944,11 +961,12 @@ def _prepare(wd: Path, seed: int, scale: str, progress: bool | None) -> Miniatur
             parts = _partition(seed, sc)
         return parts
 
+    info: dict[str, Any]
     # 1. data: the fusion set and the held-out documents
     data_paths = {"train": wd / "data" / "train", "heldout": wd / "data" / "heldout"}
     data_fp: dict[str, str] = {}
     for split, path in data_paths.items():
-        key = {"docs": sc.fusion_docs if split == "train" else sc.heldout_docs}
+        key: dict[str, Any] = {"docs": sc.fusion_docs if split == "train" else sc.heldout_docs}
         m = pieces.done(f"data/{split}", path, key)
         if m is None:
             if split == "train":
@@ -956,7 +974,7 @@ def _prepare(wd: Path, seed: int, scale: str, progress: bool | None) -> Miniatur
                 rows = [r for d in DOMAINS for r in p[d]["fusion"]]
             else:
                 rows = _corpus_docs("heldout", None, sc.heldout_docs)
-            info: dict[str, Any] = {"documents": len(rows)}
+            info = {"documents": len(rows)}
             with pieces.build(f"data/{split}", path, key, info) as tmp:
                 _save_dataset(rows, tmp)
             m = read_manifest(path)
@@ -1012,25 +1030,28 @@ def _prepare(wd: Path, seed: int, scale: str, progress: bool | None) -> Miniatur
         if m is None:
             mix = tuple((d, 1) for d in DOMAINS) if spec.domain == "mixed" else ((spec.domain, 1),)
             texts = _texts(get_parts(), mix, None)
-            tok = _load_tokenizer(wd / "models" / "tokenizers" / spec.name)
-            model = build_model(
-                spec.arch, tok, hidden_size=hidden, num_layers=sc.layers, seed=seed * 1000 + k
-            )
-            logger.info("miniature: pre-training %s (%s) on %s", spec.name, spec.arch, spec.domain)
-            stats = _train_in_memory(
-                model,
-                tok,
-                texts,
-                steps=steps,
-                block_size=sc.block_size,
-                batch_size=sc.batch_size,
-                lr=sc.lr,
-                seed=seed * 1000 + k,
-                progress=progress,
-                desc=f"pretrain {spec.name}",
-            )
-            summary = {x: v for x, v in stats.items() if x != "losses"}
-            with pieces.build(spec.name, path, key, summary) as tmp:
+            info = {}
+            with pieces.build(spec.name, path, key, info) as tmp:
+                tok = _load_tokenizer(wd / "models" / "tokenizers" / spec.name)
+                model = build_model(
+                    spec.arch, tok, hidden_size=hidden, num_layers=sc.layers, seed=seed * 1000 + k
+                )
+                logger.info(
+                    "miniature: pre-training %s (%s) on %s", spec.name, spec.arch, spec.domain
+                )
+                stats = _train_in_memory(
+                    model,
+                    tok,
+                    texts,
+                    steps=steps,
+                    block_size=sc.block_size,
+                    batch_size=sc.batch_size,
+                    lr=sc.lr,
+                    seed=seed * 1000 + k,
+                    progress=progress,
+                    desc=f"pretrain {spec.name}",
+                )
+                info.update((x, v) for x, v in stats.items() if x != "losses")
                 _save(model, tok, stats, tmp)
             m = read_manifest(path)
             assert m is not None
@@ -1045,8 +1066,11 @@ def _prepare(wd: Path, seed: int, scale: str, progress: bool | None) -> Miniatur
     summary: dict[str, Any] | None = None
     with contextlib.suppress(OSError, ValueError):
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    skey = _plain(skey)
     if not isinstance(summary, dict) or summary.get("key") != skey:
+        te = time.perf_counter()
         evaluation = _evaluate(model_paths, data_paths["heldout"], sc, progress)
+        pieces.seconds["summary"] = round(time.perf_counter() - te, 3)
         summary = {
             "key": skey,
             "seed": seed,
@@ -1086,6 +1110,7 @@ def _prepare(wd: Path, seed: int, scale: str, progress: bool | None) -> Miniatur
         evaluation=summary["evaluation"],
         pretraining=pretraining,
         pieces=dict(pieces.status),
+        seconds=dict(pieces.seconds),
     )
 
 
