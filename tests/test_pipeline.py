@@ -267,13 +267,6 @@ def test_rerun_skips_every_completed_stage(reference: dict[str, Any], tmp_path: 
     assert "complete with the same inputs, skipped" in (wd / "fusellm.log").read_text()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="fusellm.miniature rebuilds its tokenizers on every call (a tuple in the piece key "
-    "never equals the list read back from the JSON manifest) and the target's SentencePiece-style "
-    "tokenizer training is not deterministic across processes, so the target model can change "
-    "and everything downstream is rightly redone",
-)
 def test_builtin_rerun_skips_every_completed_stage(reference: dict[str, Any]) -> None:
     wd = reference["workdir"].parent / "builtin-again"
     shutil.copytree(reference["workdir"], wd)
