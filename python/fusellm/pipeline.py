@@ -108,6 +108,8 @@ STAGE_RECORD = "fusellm_stage.json"
 CHECKPOINT_MARK = "fusellm_checkpoint_complete"
 #: Default work directory.
 DEFAULT_WORKDIR = "fusellm-run"
+#: A log record attribute: the record goes to the log file, not to the console.
+_LOG_FILE_ONLY = "fusellm_file_only"
 _STATE = "state"
 
 
@@ -427,7 +429,13 @@ def _callbacks(run: str) -> list[Any]:
     class LogCopy(TrainerCallback):  # type: ignore[misc]
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             if state.is_world_process_zero and logs:
-                logger.info("train/%s step %d: %s", run, state.global_step, json.dumps(logs))
+                logger.info(
+                    "train/%s step %d: %s",
+                    run,
+                    state.global_step,
+                    json.dumps(logs),
+                    extra={_LOG_FILE_ONLY: True},
+                )
 
     return [CheckpointMark(), LogCopy()]
 
@@ -469,7 +477,9 @@ def _train_run(
     fc.resume_from_checkpoint = resume
     if progress is False:
         fc.disable_tqdm = True
-    trainer = run_train(fc, pack_dir, config.target.path, callbacks=_callbacks(run))
+    trainer = run_train(
+        fc, pack_dir, config.target.path, callbacks=_callbacks(run), print_logs=False
+    )
     trainer.save_state()
     history = trainer.state.log_history
     losses = [e for e in history if "loss" in e]
@@ -1113,6 +1123,8 @@ def _cli_run(args: argparse.Namespace) -> int:
         return 0
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    # Per-step training logs go to the log file only; the console keeps the progress bars.
+    handler.addFilter(lambda record: not getattr(record, _LOG_FILE_ONLY, False))
     root = logging.getLogger("fusellm")
     root.addHandler(handler)
     old_level = root.level

@@ -476,6 +476,7 @@ def run_train(
     *,
     tokenizer: Any = None,
     callbacks: Sequence[Any] | None = None,
+    print_logs: bool = True,
 ) -> FusionTrainer:
     """Train ``model`` on a packed dataset with the fusion loss, then save it to ``output_dir``.
 
@@ -488,6 +489,8 @@ def run_train(
         tokenizer: saved with the checkpoints; by default loaded from the model directory when
             it has one.
         callbacks: extra Trainer callbacks.
+        print_logs: print every log entry to the console (the Trainer's default); ``False``
+            keeps the progress bar and leaves the logs to ``log_history`` and the callbacks.
 
     ``config.resume_from_checkpoint``: a checkpoint directory, or ``"last"`` for the newest
     checkpoint in ``output_dir`` (a fresh start when there is none).
@@ -524,6 +527,16 @@ def run_train(
         processing_class=tokenizer,
         callbacks=list(callbacks) if callbacks else None,
     )
+    if not print_logs:
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        class _QuietProgress(ProgressCallback):  # type: ignore[misc]
+            def on_log(self, *args: Any, **kwargs: Any) -> None:
+                return None
+
+        if trainer.pop_callback(ProgressCallback) is not None:
+            trainer.add_callback(_QuietProgress)
+        trainer.pop_callback(PrinterCallback)
     resume: str | None = config.resume_from_checkpoint
     if resume == "last":
         from transformers.trainer_utils import get_last_checkpoint
