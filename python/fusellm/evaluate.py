@@ -47,7 +47,6 @@ run resumes. :func:`add_evaluate_parser` is the ``fusellm evaluate`` command.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -226,16 +225,9 @@ def _context_length(model: Any) -> int | None:
 
 
 def _logits_width(model: Any) -> int | None:
-    out = None
-    with contextlib.suppress(AttributeError, NotImplementedError):
-        out = model.get_output_embeddings()
-    width = getattr(out, "out_features", None)
-    if width is None:
-        config = getattr(model, "config", None)
-        if config is not None and hasattr(config, "get_text_config"):
-            config = config.get_text_config()
-        width = getattr(config, "vocab_size", None)
-    return int(width) if width is not None else None
+    from .train import logits_width
+
+    return logits_width(model)
 
 
 # --- windows -------------------------------------------------------------------------------------
