@@ -23,6 +23,17 @@ pub fn validate_offsets(offsets: &[i64], what: &str) -> Result<()> {
             offsets.len()
         )));
     }
+    // Branch-free scan first; locate the offending token only on failure.
+    let mut bad = false;
+    let mut prev = i64::MIN;
+    for pair in offsets.chunks_exact(2) {
+        let (s, e) = (pair[0], pair[1]);
+        bad |= (s < 0) | (e < s) | (e < prev);
+        prev = e;
+    }
+    if !bad {
+        return Ok(());
+    }
     let mut prev_end = i64::MIN;
     for (pos, pair) in offsets.chunks_exact(2).enumerate() {
         let (s, e) = (pair[0], pair[1]);
