@@ -497,17 +497,10 @@ def evaluate_perplexity(
 
 
 def _read_existing(path: Path) -> dict[str, Any] | None:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise InputError(f"cannot read the evaluation output {str(path)!r}: {e}") from e
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{str(path)!r} is not valid JSON: {e}") from e
-    if not isinstance(obj, dict) or not isinstance(obj.get("models", {}), dict):
+    from .io import read_json_object
+
+    obj = read_json_object(path)
+    if obj is not None and not isinstance(obj.get("models", {}), dict):
         raise InputError(f"{str(path)!r} is not a fusellm evaluation output")
     return obj
 

@@ -46,6 +46,7 @@ __all__ = [
     "fingerprint_files",
     "load_text_dataset",
     "model_fingerprint",
+    "read_json_object",
     "read_manifest",
     "tokenizer_fingerprint",
     "write_arrow_shard",
@@ -313,22 +314,32 @@ def _as_arrow_table(dataset: Any) -> Any:
 # --- manifests -----------------------------------------------------------------------------------
 
 
-def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The manifest of a stage's output directory, or ``None`` if it has none."""
-    path = Path(directory) / MANIFEST_NAME
+def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The JSON object stored in ``path``, or ``None`` if the file does not exist.
+
+    Raises:
+        InputError: the file cannot be read, is not valid JSON, or holds something other than an
+            object (the message names the file).
+    """
+    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
-    except OSError as e:
-        raise FuseLLMError(f"cannot read {path}: {e}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path}: {e}") from e
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise FuseLLMError(f"{path} is not valid JSON: {e}") from e
+        raise InputError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(obj, dict):
-        raise FuseLLMError(f"{path} does not hold a JSON object")
+        raise InputError(f"{path} does not hold a JSON object (got {type(obj).__name__})")
     return obj
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The manifest of a stage's output directory, or ``None`` if it has none."""
+    return read_json_object(Path(directory) / MANIFEST_NAME)
 
 
 def write_manifest(directory: str | os.PathLike[str], manifest: Mapping[str, Any]) -> Path:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import os
 import re
@@ -66,25 +65,11 @@ _WEIGHT = "fusion/weight_"
 # --- reading -------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> Any:
-    """The parsed JSON file, ``None`` when it does not exist; InputError when unreadable."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read {path}: {e}") from e
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path} is not valid JSON: {e}") from e
-
-
 def _read_object(path: Path) -> dict[str, Any] | None:
-    obj = _read_json(path)
-    if obj is not None and not isinstance(obj, dict):
-        raise InputError(f"{path} does not hold a JSON object (got {type(obj).__name__})")
-    return obj
+    """The JSON object in ``path``, ``None`` when it does not exist; InputError when unreadable."""
+    from .io import read_json_object
+
+    return read_json_object(path)
 
 
 def _read_yaml(path: Path) -> dict[str, Any] | None:
