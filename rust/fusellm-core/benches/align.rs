@@ -10,6 +10,9 @@ use fusellm_core::levenshtein::levenshtein;
 use fusellm_core::offsets::match_ends;
 use std::hint::black_box;
 
+mod common;
+use common::Rng;
+
 const WORDS: &[&str] = &[
     "the",
     "of",
@@ -50,20 +53,6 @@ const WORDS: &[&str] = &[
     "—",
     "x",
 ];
-
-/// Deterministic xorshift generator.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// A text of `words` words cut into (tokens, end offsets in chars) for one marker style.
 fn segment(words: &[&str], marker: &str, seed: u64) -> (Vec<String>, Vec<i64>) {

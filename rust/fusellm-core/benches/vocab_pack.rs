@@ -13,19 +13,8 @@ use fusellm_core::vocab_map::{nearest_brute_force, nearest_indexed, NearestIndex
 use fusellm_core::{build_vocab_map, MapMethod};
 use std::hint::black_box;
 
-/// Deterministic xorshift generator.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+mod common;
+use common::Rng;
 
 const SYLLABLES: &[&str] = &[
     "the", "an", "in", "er", "on", "at", "re", "st", "ing", "ion", "al", "ed", "ou", "is", "ar",
