@@ -47,22 +47,25 @@ def realistic_topk(
     ids: list[np.ndarray], k: int = 10, seed: int = 0
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Top-K rows shaped like a language model's: the token that actually follows first, then
-    K - 1 distinct tokens from the text's own vocabulary, taken around a Zipf-distributed
-    frequency rank (frequent tokens dominate a model's top-K, which is what the look-up tables
-    see); logits descending. Like a real top-K, a row holds no duplicate ids (except, rarely, the
-    first one again)."""
+    K - 1 other tokens from the text's own vocabulary, taken around a Zipf-distributed frequency
+    rank (frequent tokens dominate a model's top-K, which is what the look-up tables see); logits
+    descending. Like the output of ``torch.topk``, a row holds K distinct ids."""
     rng = np.random.default_rng(seed)
     flat = np.concatenate(ids)
     vocab, counts = np.unique(flat, return_counts=True)
     by_freq = vocab[np.argsort(-counts, kind="stable")].astype(np.int32)
-    span = len(by_freq) - (k - 1)
+    span = len(by_freq) - k
     out_ids, out_logits = [], []
     for x in ids:
         n = len(x)
+        nxt = np.append(x[1:], x[-1])
         start = np.minimum(rng.zipf(1.5, size=n) - 1, span - 1)
-        rows = by_freq[start[:, None] + np.arange(k - 1)[None, :]]
-        rows = np.concatenate([np.append(x[1:], x[-1])[:, None], rows], axis=1).astype(np.int32)
-        out_ids.append(rows)
+        window = by_freq[start[:, None] + np.arange(k)[None, :]]
+        # K window ids, less the next token where the window holds it, else less the last one.
+        drop = window == nxt[:, None]
+        drop[~drop.any(axis=1), -1] = True
+        rows = np.concatenate([nxt[:, None], window[~drop].reshape(n, k - 1)], axis=1)
+        out_ids.append(rows.astype(np.int32))
         out_logits.append(-np.sort(rng.random((n, k)), axis=1).astype(np.float32) * 10)
     return out_ids, out_logits
 

@@ -436,97 +436,147 @@ impl Aligner {
 
     /// Aligns one validated sequence.
     pub fn align_one(&self, inp: &SeqInput, method: Method, mode: VocabMode) -> Result<SeqOutput> {
-        let (m, k) = (inp.base_ids.len(), inp.k);
         let (pairing, exact) = self.pair(inp, method)?;
-        let targets = self.targets(mode);
-        let compact = match mode {
+        let table16 = match mode {
             VocabMode::Hard => self.hard_target16.as_deref(),
             VocabMode::Soft => self.soft_target16.as_deref(),
         };
+        // Rows of up to 16 entries are built in fixed-size buffers (no bounds checks in the hot
+        // loop, whole-buffer copies into the output); wider rows in buffers of their own width.
+        let mut out = match (table16, inp.k <= SMALL_K) {
+            (Some(t), true) => self.rows(inp, &pairing, exact, mode, t, Small::default()),
+            (Some(t), false) => self.rows(inp, &pairing, exact, mode, t, Wide::new(inp.k)),
+            (None, true) => self.rows(
+                inp,
+                &pairing,
+                exact,
+                mode,
+                self.targets(mode),
+                Small::default(),
+            ),
+            (None, false) => self.rows(
+                inp,
+                &pairing,
+                exact,
+                mode,
+                self.targets(mode),
+                Wide::new(inp.k),
+            ),
+        };
+        out.k = inp.k;
+        Ok(out)
+    }
+
+    /// The output rows of one sequence, given its pairing and the target table of `mode`.
+    #[inline(always)]
+    fn rows<T: Cell, B: RowBuf>(
+        &self,
+        inp: &SeqInput,
+        pairing: &[u32],
+        exact: bool,
+        mode: VocabMode,
+        table: &[T],
+        mut buf: B,
+    ) -> SeqOutput {
+        let (m, k) = (inp.base_ids.len(), inp.k);
+        let slack = buf.ids().len() - k;
         let mut out = SeqOutput {
-            ids: vec![-1; m * k],
-            logits: vec![f32::NEG_INFINITY; m * k],
-            status: vec![status::MASKED; m],
+            ids: Vec::with_capacity(m * k + slack),
+            logits: Vec::with_capacity(m * k + slack),
+            status: Vec::with_capacity(m),
             k,
             num_unknown: 0,
             num_unmapped: 0,
         };
-        let identity: Vec<usize> = (0..k).collect();
-        let mut order: Vec<usize> = identity.clone();
+        // Without ids that lack a string (a complete vocabulary, all top-K ids in range), every
+        // dropped entry is an unmapped one: no per-entry counting.
+        let clean = self.blend.complete
+            && inp
+                .topk_ids
+                .iter()
+                .fold(0u32, |acc, &id| acc.max(id as u32))
+                < table.len() as u32;
+        let mut order: Vec<usize> = (0..k).collect();
+        let merge = !self.compat;
         for (i, &j) in pairing.iter().enumerate() {
             let base_id = inp.base_ids[i] as u32;
             let matched = j != NO_MATCH
                 && (exact || self.tokens_match(i, base_id, inp.blend_ids[j as usize] as u32, mode));
-            let row_ids = &mut out.ids[i * k..(i + 1) * k];
-            let row_logits = &mut out.logits[i * k..(i + 1) * k];
-            if matched {
+            buf.clear();
+            let row_status = if matched {
                 let j = j as usize;
                 let src_ids = &inp.topk_ids[j * k..(j + 1) * k];
                 let src_logits = &inp.topk_logits[j * k..(j + 1) * k];
-                let descending = is_descending(src_logits);
-                let order: &[usize] = if descending {
-                    &identity
-                } else {
-                    descending_order(src_logits, &mut order);
-                    &order
+                let (len, invalid, unknown) = match (is_descending(src_logits), clean) {
+                    (true, true) => {
+                        let entries = src_ids.iter().copied().zip(src_logits.iter().copied());
+                        fill_row::<T, B, false>(table, entries, &mut buf, merge)
+                    }
+                    (true, false) => {
+                        let entries = src_ids.iter().copied().zip(src_logits.iter().copied());
+                        fill_row::<T, B, true>(table, entries, &mut buf, merge)
+                    }
+                    (false, _) => {
+                        descending_order(src_logits, &mut order);
+                        let entries = order.iter().map(|&r| (src_ids[r], src_logits[r]));
+                        fill_row::<T, B, true>(table, entries, &mut buf, merge)
+                    }
                 };
-                let mut row = Row {
-                    ids: row_ids,
-                    logits: row_logits,
-                    merge: !self.compat,
-                    num_unknown: &mut out.num_unknown,
-                    num_unmapped: &mut out.num_unmapped,
-                };
-                let fast = descending && k <= FAST_K;
-                let len = match (&compact, fast) {
-                    (Some(t), true) => row.fill_descending(t, src_ids, src_logits),
-                    (Some(t), false) => row.fill(t, src_ids, src_logits, order),
-                    (None, true) => row.fill_descending(targets, src_ids, src_logits),
-                    (None, false) => row.fill(targets, src_ids, src_logits, order),
-                };
-                out.status[i] = if len > 0 {
+                out.num_unknown += unknown;
+                out.num_unmapped += invalid - unknown;
+                if len > 0 {
                     status::MATCHED
                 } else {
                     status::EMPTY
-                };
+                }
             } else {
                 let target = match self.fallback {
                     Fallback::Current => Some(base_id),
                     Fallback::Next => inp.base_ids.get(i + 1).map(|&x| x as u32),
                     Fallback::Mask => None,
                 };
-                if let Some(t) = target {
-                    row_ids[0] = t as i32;
-                    row_logits[0] = 1.0;
-                    out.status[i] = status::FALLBACK;
+                match target {
+                    Some(t) => {
+                        buf.put(0, t as i32, 1.0);
+                        status::FALLBACK
+                    }
+                    None => status::MASKED,
                 }
-            }
+            };
+            // The whole buffer is copied (a fixed size for small rows), the slack cut off.
+            let end = out.ids.len() + k;
+            out.ids.extend_from_slice(buf.ids());
+            out.logits.extend_from_slice(buf.logits());
+            out.ids.truncate(end);
+            out.logits.truncate(end);
+            out.status.push(row_status);
         }
-        Ok(out)
+        out
     }
 }
 
-/// A target-table cell: a base id, [`NONE`] or [`UNKNOWN`].
+/// A target-table cell: a base id, or one of two markers for [`NONE`] and [`UNKNOWN`].
 trait Cell: Copy {
-    fn widen(self) -> u32;
+    /// The cell's marker for [`UNKNOWN`]; the one for [`NONE`] is one above, and every valid base
+    /// id is below both.
+    const UNKNOWN: u32;
+    /// The cell's value, zero-extended.
+    fn raw(self) -> u32;
 }
 
 impl Cell for u32 {
+    const UNKNOWN: u32 = UNKNOWN;
     #[inline(always)]
-    fn widen(self) -> u32 {
+    fn raw(self) -> u32 {
         self
     }
 }
 
 impl Cell for u16 {
+    const UNKNOWN: u32 = u16::MAX as u32 - 1;
     #[inline(always)]
-    fn widen(self) -> u32 {
-        // 0xFFFE and 0xFFFF are UNKNOWN and NONE; real ids are below them.
-        if self >= u16::MAX - 1 {
-            u32::from(self) | 0xFFFF_0000
-        } else {
-            u32::from(self)
-        }
+    fn raw(self) -> u32 {
+        u32::from(self)
     }
 }
 
@@ -539,124 +589,184 @@ fn narrow(v: u32) -> u16 {
     }
 }
 
-/// Rows of up to this many entries that are already sorted take [`Row::fill_descending`].
-const FAST_K: usize = 32;
+/// Rows of at most this many entries use [`Small`] buffers.
+const SMALL_K: usize = 16;
 
-/// One output row being filled from a blend top-K row.
-struct Row<'a> {
-    ids: &'a mut [i32],
-    logits: &'a mut [f32],
-    /// Merge duplicates by summing probabilities (default); otherwise the first one wins.
-    merge: bool,
-    num_unknown: &'a mut u64,
-    num_unmapped: &'a mut u64,
+/// A row under construction: padding (`-1` ids, `-inf` logits) beyond the entries put so far.
+trait RowBuf {
+    /// Resets every slot to padding.
+    fn clear(&mut self);
+    /// Writes slot `at`, which is below the row's width.
+    fn put(&mut self, at: usize, id: i32, logit: f32);
+    fn ids(&self) -> &[i32];
+    fn logits(&self) -> &[f32];
+    fn parts(&mut self) -> (&mut [i32], &mut [f32]);
+    /// Whether two of the first `len` ids are equal.
+    fn has_duplicate(&self, len: usize) -> bool {
+        let ids = &self.ids()[..len];
+        (1..len).any(|a| ids[..a].contains(&ids[a]))
+    }
 }
 
-impl Row<'_> {
-    /// Maps the entries of a blend top-K row (visited in `order`, highest logit first) to base
-    /// ids through `table`; returns the number of entries written. The row ends sorted by
-    /// descending logit.
-    ///
-    /// Duplicates (two blend ids with one base id) are rare: a 64-bit filter of the ids already
-    /// written (bit `id % 64`) skips the search for almost every entry.
-    #[inline]
-    fn fill<T: Cell>(
-        &mut self,
-        table: &[T],
-        src_ids: &[i32],
-        src_logits: &[f32],
-        order: &[usize],
-    ) -> usize {
-        let mut filter = 0u64;
-        let mut len = 0usize;
-        let mut merged = false;
-        for &r in order {
-            let target = table
-                .get(src_ids[r] as usize)
-                .map_or(UNKNOWN, |c| c.widen());
-            if target >= UNKNOWN {
-                if target == UNKNOWN {
-                    *self.num_unknown += 1;
-                } else {
-                    *self.num_unmapped += 1;
-                }
-                continue;
-            }
-            let bit = 1u64 << (target & 63);
-            let target = target as i32;
-            let logit = src_logits[r];
-            let dup = if filter & bit != 0 {
-                self.ids[..len].iter().position(|&x| x == target)
-            } else {
-                None
-            };
-            match dup {
-                Some(p) => {
-                    if self.merge {
-                        self.logits[p] = logaddexp(self.logits[p], logit);
-                        merged = true;
-                    }
-                }
-                None => {
-                    filter |= bit;
-                    self.ids[len] = target;
-                    self.logits[len] = logit;
-                    len += 1;
-                }
-            }
-        }
-        if merged {
-            sort_row(&mut self.ids[..len], &mut self.logits[..len]);
-        }
-        len
-    }
+/// A row of up to [`SMALL_K`] entries in fixed-size arrays.
+struct Small {
+    ids: [i32; SMALL_K],
+    logits: [f32; SMALL_K],
+}
 
-    /// [`Row::fill`] for a row already in descending order with at most [`FAST_K`] entries:
-    /// the same result, with no branch but the (rare) possible duplicate. Every entry is written
-    /// at the current length, which only advances for a valid one (an invalid entry is
-    /// overwritten by the next, or left beyond the end and reset to padding).
+impl Default for Small {
+    fn default() -> Self {
+        Small {
+            ids: [-1; SMALL_K],
+            logits: [f32::NEG_INFINITY; SMALL_K],
+        }
+    }
+}
+
+impl RowBuf for Small {
+    #[inline(always)]
+    fn clear(&mut self) {
+        *self = Small::default();
+    }
+    #[inline(always)]
+    fn put(&mut self, at: usize, id: i32, logit: f32) {
+        // `at` is below the width, so the mask keeps it unchanged (and the index provably in range).
+        self.ids[at % SMALL_K] = id;
+        self.logits[at % SMALL_K] = logit;
+    }
+    fn ids(&self) -> &[i32] {
+        &self.ids
+    }
+    fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+    fn parts(&mut self) -> (&mut [i32], &mut [f32]) {
+        (&mut self.ids, &mut self.logits)
+    }
     #[inline]
-    fn fill_descending<T: Cell>(
-        &mut self,
-        table: &[T],
-        src_ids: &[i32],
-        src_logits: &[f32],
-    ) -> usize {
-        let (ids, logits) = (&mut *self.ids, &mut *self.logits);
-        let (mut len, mut filter, mut merged) = (0usize, 0u64, false);
-        let (mut unknown, mut unmapped) = (0u64, 0u64);
-        for (&id, &logit) in src_ids.iter().zip(src_logits) {
-            let target = table.get(id as usize).map_or(UNKNOWN, |c| c.widen());
-            let valid = target < UNKNOWN;
-            unknown += u64::from(target == UNKNOWN);
-            unmapped += u64::from(target == NONE);
-            let bit = u64::from(valid) << (target & 63);
-            if filter & bit != 0 {
-                if let Some(p) = ids[..len].iter().position(|&x| x == target as i32) {
-                    if self.merge {
-                        logits[p] = logaddexp(logits[p], logit);
-                        merged = true;
-                    }
-                    continue;
+    fn has_duplicate(&self, len: usize) -> bool {
+        // Each of the first `len` ids against the whole buffer, in fixed-width (vectorized)
+        // passes: an id equals itself once, and the padding (-1) equals no valid id.
+        let mut equal = 0u32;
+        for &x in &self.ids[..len.min(SMALL_K)] {
+            equal += self.ids.iter().map(|&y| u32::from(x == y)).sum::<u32>();
+        }
+        equal as usize != len
+    }
+}
+
+/// A row of any width.
+struct Wide {
+    ids: Vec<i32>,
+    logits: Vec<f32>,
+}
+
+impl Wide {
+    fn new(k: usize) -> Self {
+        Wide {
+            ids: vec![-1; k],
+            logits: vec![f32::NEG_INFINITY; k],
+        }
+    }
+}
+
+impl RowBuf for Wide {
+    fn clear(&mut self) {
+        self.ids.fill(-1);
+        self.logits.fill(f32::NEG_INFINITY);
+    }
+    #[inline(always)]
+    fn put(&mut self, at: usize, id: i32, logit: f32) {
+        self.ids[at] = id;
+        self.logits[at] = logit;
+    }
+    fn ids(&self) -> &[i32] {
+        &self.ids
+    }
+    fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+    fn parts(&mut self) -> (&mut [i32], &mut [f32]) {
+        (&mut self.ids, &mut self.logits)
+    }
+}
+
+/// Maps top-K `entries` (highest logit first) to base ids through `table` and writes the valid
+/// ones, in order, to the front of a cleared row; returns the row's length, the number of entries
+/// dropped as invalid and, with `COUNT`, how many of those have no string (without it, the caller
+/// knows there are none). The row ends
+/// sorted by descending logit, without duplicate ids: a duplicate merges into the first
+/// occurrence by summing probabilities (`merge`) or is dropped (the reference keeps the first).
+///
+/// The loop has no data-dependent branch: every entry is written at the current length, which only
+/// advances for a valid one (an invalid entry is overwritten by the next, or left just past the
+/// end and reset to padding). Possible duplicates are flagged by a 64-bit filter of the ids
+/// written (one bit per id, by a multiplicative hash); only a flagged row takes the exact pass of
+/// [`dedup_row`].
+#[inline(always)]
+fn fill_row<T: Cell, B: RowBuf, const COUNT: bool>(
+    table: &[T],
+    entries: impl Iterator<Item = (i32, f32)>,
+    buf: &mut B,
+    merge: bool,
+) -> (usize, u64, u64) {
+    let (mut len, mut filter, mut collide, mut unknown) = (0usize, 0u64, 0u64, 0u64);
+    let mut read = 0usize;
+    for (id, logit) in entries {
+        read += 1;
+        let target = table.get(id as usize).map_or(T::UNKNOWN, |c| c.raw());
+        let valid = target < T::UNKNOWN;
+        if COUNT {
+            unknown += u64::from(target == T::UNKNOWN);
+        }
+        // A multiplicative hash spreads the ids of frequent tokens (which cluster) over the bits.
+        let bit = u64::from(valid) << (target.wrapping_mul(0x9E37_79B1) >> 26);
+        collide |= filter & bit;
+        filter |= bit;
+        // `len` is below the number of entries read so far, so below the row's width.
+        buf.put(len, target as i32, logit);
+        len += usize::from(valid);
+    }
+    let invalid = (read - len) as u64;
+    let (ids, logits) = buf.parts();
+    if len < ids.len() {
+        ids[len] = -1;
+        logits[len] = f32::NEG_INFINITY;
+    }
+    if collide != 0 && buf.has_duplicate(len) {
+        let (ids, logits) = buf.parts();
+        len = dedup_row(ids, logits, len, merge);
+    }
+    (len, invalid, unknown)
+}
+
+/// Removes duplicate ids from the first `len` entries of a row (in descending logit order),
+/// merging each into its first occurrence (`merge`: log-sum-exp of the logits) or dropping it;
+/// re-pads the freed tail and re-sorts a merged row. Returns the new length.
+fn dedup_row(ids: &mut [i32], logits: &mut [f32], len: usize, merge: bool) -> usize {
+    let (mut kept, mut merged) = (0usize, false);
+    for a in 0..len {
+        let (id, logit) = (ids[a], logits[a]);
+        match ids[..kept].iter().position(|&x| x == id) {
+            Some(p) => {
+                if merge {
+                    logits[p] = logaddexp(logits[p], logit);
+                    merged = true;
                 }
             }
-            filter |= bit;
-            // `len` is below the number of entries read so far, so below the row's width.
-            ids[len] = target as i32;
-            logits[len] = logit;
-            len += usize::from(valid);
+            None => {
+                ids[kept] = id;
+                logits[kept] = logit;
+                kept += 1;
+            }
         }
-        if len < ids.len() {
-            ids[len] = -1;
-            logits[len] = f32::NEG_INFINITY;
-        }
-        *self.num_unknown += unknown;
-        *self.num_unmapped += unmapped;
-        if merged {
-            sort_row(&mut ids[..len], &mut logits[..len]);
-        }
-        len
     }
+    ids[kept..len].fill(-1);
+    logits[kept..len].fill(f32::NEG_INFINITY);
+    if merged {
+        sort_row(&mut ids[..kept], &mut logits[..kept]);
+    }
+    kept
 }
 
 fn check_ids(seq: usize, side: Side, ids: &[i32], vocab: &Vocab) -> Result<()> {
