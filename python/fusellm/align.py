@@ -29,7 +29,7 @@ softmax over the row). Every row is sorted by descending logit.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -139,6 +139,44 @@ def _as_offsets(x: Any, name: str) -> npt.NDArray[np.int64]:
     if a.size and a.dtype.kind == "u" and int(a.max()) > np.iinfo(np.int64).max:
         raise InputError(f"{name} holds offset {int(a.max())}, beyond the int64 range")
     return np.ascontiguousarray(a, dtype=np.int64)
+
+
+_I32, _I64, _F32 = np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.float32)
+
+
+# Fast checks for arrays that need no conversion (the common case, checked per array per batch).
+def _is_ids(a: Any) -> bool:
+    return type(a) is np.ndarray and a.dtype is _I32 and a.ndim == 1 and a.flags.c_contiguous
+
+
+def _is_topk_ids(a: Any) -> bool:
+    return type(a) is np.ndarray and a.dtype is _I32 and a.ndim == 2 and a.flags.c_contiguous
+
+
+def _is_logits(a: Any) -> bool:
+    return type(a) is np.ndarray and a.dtype is _F32 and a.ndim == 2 and a.flags.c_contiguous
+
+
+def _is_offsets(a: Any) -> bool:
+    return (
+        type(a) is np.ndarray
+        and a.dtype is _I64
+        and a.ndim == 2
+        and a.shape[1] == 2
+        and a.flags.c_contiguous
+    )
+
+
+def _arrays(
+    xs: Any, name: str, ready: Callable[[Any], bool], convert: Callable[[Any, str], Any]
+) -> list[Any]:
+    """One array per sequence: those that pass ``ready`` as they are, the others through
+    ``convert`` (which checks them and names ``name[i]`` in its errors)."""
+    out = _as_list(xs, name)
+    for i, a in enumerate(out):
+        if not ready(a):
+            out[i] = convert(a, f"{name}[{i}]")
+    return out
 
 
 def _as_list(x: Any, name: str) -> list[Any]:
@@ -270,36 +308,21 @@ class Aligner:
             raise InputError(
                 f"num_threads must be an int in [1, {MAX_THREADS}] or None, got {num_threads!r}"
             )
-        b_ids = [
-            _as_int32(x, f"base_ids[{i}]", 1) for i, x in enumerate(_as_list(base_ids, "base_ids"))
-        ]
-        x_ids = [
-            _as_int32(x, f"blend_ids[{i}]", 1)
-            for i, x in enumerate(_as_list(blend_ids, "blend_ids"))
-        ]
-        t_ids = [
-            _as_int32(x, f"blend_topk_ids[{i}]", 2)
-            for i, x in enumerate(_as_list(blend_topk_ids, "blend_topk_ids"))
-        ]
-        t_logits = [
-            _as_float32(x, f"blend_topk_logits[{i}]")
-            for i, x in enumerate(_as_list(blend_topk_logits, "blend_topk_logits"))
-        ]
+        b_ids = _arrays(base_ids, "base_ids", _is_ids, lambda x, n: _as_int32(x, n, 1))
+        x_ids = _arrays(blend_ids, "blend_ids", _is_ids, lambda x, n: _as_int32(x, n, 1))
+        t_ids = _arrays(
+            blend_topk_ids, "blend_topk_ids", _is_topk_ids, lambda x, n: _as_int32(x, n, 2)
+        )
+        t_logits = _arrays(blend_topk_logits, "blend_topk_logits", _is_logits, _as_float32)
         b_off = (
             None
             if base_offsets is None
-            else [
-                _as_offsets(x, f"base_offsets[{i}]")
-                for i, x in enumerate(_as_list(base_offsets, "base_offsets"))
-            ]
+            else _arrays(base_offsets, "base_offsets", _is_offsets, _as_offsets)
         )
         x_off = (
             None
             if blend_offsets is None
-            else [
-                _as_offsets(x, f"blend_offsets[{i}]")
-                for i, x in enumerate(_as_list(blend_offsets, "blend_offsets"))
-            ]
+            else _arrays(blend_offsets, "blend_offsets", _is_offsets, _as_offsets)
         )
         raw = self._native.align_batch(
             b_ids, x_ids, t_ids, t_logits, b_off, x_off, method, vocab, num_threads

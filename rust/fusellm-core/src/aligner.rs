@@ -306,6 +306,24 @@ impl Aligner {
 
     /// Checks one sequence; `seq` numbers it in error messages.
     pub fn validate(&self, seq: usize, inp: &SeqInput, method: Method) -> Result<()> {
+        self.check(seq, inp, method).map(|_| ())
+    }
+
+    /// Validates and aligns one sequence; `seq` numbers it in error messages.
+    pub fn align(
+        &self,
+        seq: usize,
+        inp: &SeqInput,
+        method: Method,
+        mode: VocabMode,
+    ) -> Result<SeqOutput> {
+        let in_range = self.check(seq, inp, method)?;
+        self.align_checked(inp, method, mode, in_range)
+    }
+
+    /// [`Aligner::validate`], also telling whether every top-K id is below the blend vocabulary's
+    /// size (the scan that rejects negative ids finds out at little extra cost).
+    fn check(&self, seq: usize, inp: &SeqInput, method: Method) -> Result<bool> {
         let (m, n) = (inp.base_ids.len(), inp.blend_ids.len());
         if m == 0 {
             return Err(Error::EmptySequence {
@@ -337,7 +355,8 @@ impl Aligner {
         check_ids(seq, Side::Base, inp.base_ids, &self.base)?;
         check_ids(seq, Side::Blend, inp.blend_ids, &self.blend)?;
         // Branch-free scans first (they vectorize); locate the culprit only on failure.
-        if inp.topk_ids.iter().fold(0i32, |acc, &id| acc | id) < 0 {
+        let (any_bits, in_range) = self.scan_topk_ids(inp.topk_ids);
+        if any_bits < 0 {
             let flat = inp.topk_ids.iter().position(|&id| id < 0).unwrap_or(0);
             return Err(Error::Value(format!(
                 "sequence {seq}: blend top-K id {} at position {}, rank {} is negative",
@@ -387,7 +406,17 @@ impl Aligner {
                 }
             }
         }
-        Ok(())
+        Ok(in_range)
+    }
+
+    /// The OR of all top-K ids (negative if any is) and whether all are below the blend
+    /// vocabulary's size (meaningful when none is negative).
+    fn scan_topk_ids(&self, ids: &[i32]) -> (i32, bool) {
+        let size = i32::try_from(self.blend.len()).unwrap_or(i32::MAX);
+        let (bits, beyond) = ids.iter().fold((0i32, 0u32), |(bits, beyond), &id| {
+            (bits | id, beyond + u32::from(id >= size))
+        });
+        (bits, beyond == 0)
     }
 
     /// Base-to-blend pairing: for each base position the single paired blend position whose
@@ -436,6 +465,20 @@ impl Aligner {
 
     /// Aligns one validated sequence.
     pub fn align_one(&self, inp: &SeqInput, method: Method, mode: VocabMode) -> Result<SeqOutput> {
+        let (_, in_range) = self.scan_topk_ids(inp.topk_ids);
+        self.align_checked(inp, method, mode, in_range)
+    }
+
+    fn align_checked(
+        &self,
+        inp: &SeqInput,
+        method: Method,
+        mode: VocabMode,
+        topk_in_range: bool,
+    ) -> Result<SeqOutput> {
+        // Without ids that lack a string (a complete vocabulary, all top-K ids in range), every
+        // dropped entry is an unmapped one: no per-entry counting.
+        let clean = self.blend.complete && topk_in_range;
         let (pairing, exact) = self.pair(inp, method)?;
         let table16 = match mode {
             VocabMode::Hard => self.hard_target16.as_deref(),
@@ -443,25 +486,18 @@ impl Aligner {
         };
         // Rows of up to 16 entries are built in fixed-size buffers (no bounds checks in the hot
         // loop, whole-buffer copies into the output); wider rows in buffers of their own width.
+        let rows = Rows {
+            inp,
+            pairing: &pairing,
+            exact,
+            mode,
+            clean,
+        };
         let mut out = match (table16, inp.k <= SMALL_K) {
-            (Some(t), true) => self.rows(inp, &pairing, exact, mode, t, Small::default()),
-            (Some(t), false) => self.rows(inp, &pairing, exact, mode, t, Wide::new(inp.k)),
-            (None, true) => self.rows(
-                inp,
-                &pairing,
-                exact,
-                mode,
-                self.targets(mode),
-                Small::default(),
-            ),
-            (None, false) => self.rows(
-                inp,
-                &pairing,
-                exact,
-                mode,
-                self.targets(mode),
-                Wide::new(inp.k),
-            ),
+            (Some(t), true) => self.rows(&rows, t, Small::default()),
+            (Some(t), false) => self.rows(&rows, t, Wide::new(inp.k)),
+            (None, true) => self.rows(&rows, self.targets(mode), Small::default()),
+            (None, false) => self.rows(&rows, self.targets(mode), Wide::new(inp.k)),
         };
         out.k = inp.k;
         Ok(out)
@@ -469,15 +505,14 @@ impl Aligner {
 
     /// The output rows of one sequence, given its pairing and the target table of `mode`.
     #[inline(always)]
-    fn rows<T: Cell, B: RowBuf>(
-        &self,
-        inp: &SeqInput,
-        pairing: &[u32],
-        exact: bool,
-        mode: VocabMode,
-        table: &[T],
-        mut buf: B,
-    ) -> SeqOutput {
+    fn rows<T: Cell, B: RowBuf>(&self, rows: &Rows, table: &[T], mut buf: B) -> SeqOutput {
+        let Rows {
+            inp,
+            pairing,
+            exact,
+            mode,
+            clean,
+        } = *rows;
         let (m, k) = (inp.base_ids.len(), inp.k);
         let slack = buf.ids().len() - k;
         let mut out = SeqOutput {
@@ -488,14 +523,6 @@ impl Aligner {
             num_unknown: 0,
             num_unmapped: 0,
         };
-        // Without ids that lack a string (a complete vocabulary, all top-K ids in range), every
-        // dropped entry is an unmapped one: no per-entry counting.
-        let clean = self.blend.complete
-            && inp
-                .topk_ids
-                .iter()
-                .fold(0u32, |acc, &id| acc.max(id as u32))
-                < table.len() as u32;
         let mut order: Vec<usize> = (0..k).collect();
         let merge = !self.compat;
         for (i, &j) in pairing.iter().enumerate() {
@@ -587,6 +614,19 @@ fn narrow(v: u32) -> u16 {
         UNKNOWN => u16::MAX - 1,
         v => v as u16,
     }
+}
+
+/// What [`Aligner::rows`] works from.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    inp: &'a SeqInput<'a>,
+    /// Per base position, its blend position or [`NO_MATCH`].
+    pairing: &'a [u32],
+    /// The pairing implies a match (offsets); otherwise token strings are compared (MinED).
+    exact: bool,
+    mode: VocabMode,
+    /// No top-K id lacks a string: dropped entries need no classifying.
+    clean: bool,
 }
 
 /// Rows of at most this many entries use [`Small`] buffers.
@@ -817,7 +857,12 @@ fn intern_ids<'a>(ids: &[i32], stripped: &'a [Vec<char>], guide: &[u32]) -> Inte
 /// Whether a top-K row is already in non-increasing order (the common case).
 #[inline]
 fn is_descending(logits: &[f32]) -> bool {
-    logits.windows(2).all(|w| w[0] >= w[1])
+    // No early exit: rows are short and almost always sorted, and the fold vectorizes.
+    let next = logits.get(1..).unwrap_or_default();
+    logits
+        .iter()
+        .zip(next)
+        .fold(true, |ok, (a, b)| ok & (a >= b))
 }
 
 /// Stable descending order of a top-K row.

@@ -80,8 +80,7 @@ pub fn align_batch(
     num_threads: Option<usize>,
 ) -> Result<Vec<SeqOutput>> {
     par_map(inputs.len(), num_threads, |i| {
-        aligner.validate(i, &inputs[i], method)?;
-        aligner.align_one(&inputs[i], method, mode)
+        aligner.align(i, &inputs[i], method, mode)
     })
     .into_iter()
     .collect()

@@ -23,15 +23,20 @@ pub fn validate_offsets(offsets: &[i64], what: &str) -> Result<()> {
             offsets.len()
         )));
     }
-    // Branch-free scan first; locate the offending token only on failure.
-    let mut bad = false;
-    let mut prev = i64::MIN;
-    for pair in offsets.chunks_exact(2) {
-        let (s, e) = (pair[0], pair[1]);
-        bad |= (s < 0) | (e < s) | (e < prev);
-        prev = e;
-    }
-    if !bad {
+    // A branch-free scan first; locate the offending token only on failure. A token is bad
+    // exactly when `start`, `end - start` or `end - previous end` is negative (in a valid prefix
+    // all values are non-negative, so the first bad token's differences cannot overflow), and the
+    // sign bits of all three, OR-ed over the array, tell whether any is. Each step reads the
+    // previous end from the array, so nothing is carried between steps and the scan vectorizes.
+    let (pairs, _) = offsets.as_chunks::<2>();
+    let first = pairs.first().map_or(0, |&[s, e]| s | e.wrapping_sub(s));
+    let rest = pairs
+        .iter()
+        .zip(pairs.get(1..).unwrap_or_default())
+        .fold(0i64, |acc, (&[_, prev], &[s, e])| {
+            acc | s | e.wrapping_sub(s) | e.wrapping_sub(prev)
+        });
+    if (first | rest) >= 0 {
         return Ok(());
     }
     let mut prev_end = i64::MIN;

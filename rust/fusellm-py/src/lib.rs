@@ -6,9 +6,9 @@
 //! `python/fusellm/`.
 
 use fusellm_core as core;
+use numpy::ndarray::Array2;
 use numpy::{
-    IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
-    PyUntypedArrayMethods,
+    IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -80,6 +80,13 @@ fn mined_base_to_blend(
 #[pyclass(frozen, module = "fusellm._native", name = "Aligner")]
 struct Aligner {
     inner: core::Aligner,
+}
+
+/// A core output whose length is not rows x K (a bug, reported rather than a panic).
+fn shape_error(e: numpy::ndarray::ShapeError) -> PyErr {
+    PyValueError::new_err(format!(
+        "internal error: aligned rows have the wrong size ({e})"
+    ))
 }
 
 type AlignedRow<'py> = (
@@ -248,9 +255,15 @@ impl Aligner {
             .into_iter()
             .map(|o| {
                 let rows = o.status.len();
+                // Built 2-D at once (a reshape would make a second array object per output).
+                let shape = (rows, o.k);
                 Ok((
-                    o.ids.into_pyarray(py).reshape([rows, o.k])?,
-                    o.logits.into_pyarray(py).reshape([rows, o.k])?,
+                    Array2::from_shape_vec(shape, o.ids)
+                        .map_err(shape_error)?
+                        .into_pyarray(py),
+                    Array2::from_shape_vec(shape, o.logits)
+                        .map_err(shape_error)?
+                        .into_pyarray(py),
                     o.status.into_pyarray(py),
                     o.num_unknown,
                     o.num_unmapped,
