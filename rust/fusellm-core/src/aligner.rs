@@ -19,7 +19,7 @@
 
 use crate::dtw::{mined_dtw, strip_marker, surface_len, Interned};
 use crate::error::{Error, Result, Side};
-use crate::offsets::{match_ends, validate_offsets, NO_MATCH};
+use crate::offsets::{match_ends_into, validate_offsets, NO_MATCH};
 use rustc_hash::FxHashMap;
 
 /// "No id" in the per-vocabulary tables: the string is not a base token.
@@ -255,8 +255,13 @@ impl Aligner {
                 .map(|s| s.as_deref().map_or(0, |s| surface_len(s, marker)))
                 .collect()
         };
+        // Padded with UNKNOWN to a power of two, for the masked look-ups of `fill_row`.
         let compact = |t: &[u32]| -> Option<Vec<u16>> {
-            (base.len() < usize::from(u16::MAX - 1)).then(|| t.iter().map(|&v| narrow(v)).collect())
+            (base.len() < usize::from(u16::MAX - 1)).then(|| {
+                let mut c: Vec<u16> = t.iter().map(|&v| narrow(v)).collect();
+                c.resize(t.len().next_power_of_two(), narrow(UNKNOWN));
+                c
+            })
         };
         Ok(Aligner {
             hard_target16: compact(&hard_target),
@@ -422,26 +427,29 @@ impl Aligner {
     /// Base-to-blend pairing: for each base position the single paired blend position whose
     /// distribution may be used, or `NO_MATCH`; `exact` tells whether the pairing already implies
     /// a match (offsets) or still needs the token-string check (MinED).
-    fn pair(&self, inp: &SeqInput, method: Method) -> Result<(Vec<u32>, bool)> {
+    fn pair(&self, inp: &SeqInput, method: Method, scratch: &mut PairScratch) -> Result<bool> {
         match method {
-            Method::Offsets => Ok((
-                match_ends(
+            Method::Offsets => {
+                match_ends_into(
                     inp.base_offsets.unwrap_or_default(),
                     inp.blend_offsets.unwrap_or_default(),
-                ),
-                true,
-            )),
+                    &mut scratch.pairing,
+                    &mut scratch.at_end,
+                );
+                Ok(true)
+            }
             Method::Mined => {
                 let x = intern_ids(inp.blend_ids, &self.blend_stripped, &self.blend_guide);
                 let y = intern_ids(inp.base_ids, &self.base_stripped, &self.base_guide);
                 let al = mined_dtw(&x, &y)?;
-                let single = (0..inp.base_ids.len())
-                    .map(|j| match al.for_base(j) {
+                scratch.pairing.clear();
+                scratch
+                    .pairing
+                    .extend((0..inp.base_ids.len()).map(|j| match al.for_base(j) {
                         [one] => *one,
                         _ => NO_MATCH,
-                    })
-                    .collect();
-                Ok((single, false))
+                    }));
+                Ok(false)
             }
         }
     }
@@ -479,7 +487,23 @@ impl Aligner {
         // Without ids that lack a string (a complete vocabulary, all top-K ids in range), every
         // dropped entry is an unmapped one: no per-entry counting.
         let clean = self.blend.complete && topk_in_range;
-        let (pairing, exact) = self.pair(inp, method)?;
+        // The pairing's buffers are reused from one sequence to the next on each thread.
+        let mut scratch = PAIR_SCRATCH.take();
+        let exact = self.pair(inp, method, &mut scratch);
+        let out = exact.map(|exact| self.rows_of(inp, &scratch.pairing, exact, mode, clean));
+        PAIR_SCRATCH.set(scratch);
+        out
+    }
+
+    /// The output rows of one sequence, given its pairing.
+    fn rows_of(
+        &self,
+        inp: &SeqInput,
+        pairing: &[u32],
+        exact: bool,
+        mode: VocabMode,
+        clean: bool,
+    ) -> SeqOutput {
         let table16 = match mode {
             VocabMode::Hard => self.hard_target16.as_deref(),
             VocabMode::Soft => self.soft_target16.as_deref(),
@@ -488,7 +512,7 @@ impl Aligner {
         // loop, whole-buffer copies into the output); wider rows in buffers of their own width.
         let rows = Rows {
             inp,
-            pairing: &pairing,
+            pairing,
             exact,
             mode,
             clean,
@@ -500,7 +524,7 @@ impl Aligner {
             (None, false) => self.rows(&rows, self.targets(mode), Wide::new(inp.k)),
         };
         out.k = inp.k;
-        Ok(out)
+        out
     }
 
     /// The output rows of one sequence, given its pairing and the target table of `mode`.
@@ -513,6 +537,9 @@ impl Aligner {
             mode,
             clean,
         } = *rows;
+        // Masked look-ups need a table whose length is a power of two (the `u16` tables are
+        // padded to one) and covers every id.
+        let clean = clean && table.len().is_power_of_two() && table.len() >= self.blend.len();
         let (m, k) = (inp.base_ids.len(), inp.k);
         let slack = buf.ids().len() - k;
         let mut out = SeqOutput {
@@ -537,16 +564,16 @@ impl Aligner {
                 let (len, invalid, unknown) = match (is_descending(src_logits), clean) {
                     (true, true) => {
                         let entries = src_ids.iter().copied().zip(src_logits.iter().copied());
-                        fill_row::<T, B, false>(table, entries, &mut buf, merge)
+                        fill_row::<T, B, true>(table, entries, &mut buf, merge)
                     }
                     (true, false) => {
                         let entries = src_ids.iter().copied().zip(src_logits.iter().copied());
-                        fill_row::<T, B, true>(table, entries, &mut buf, merge)
+                        fill_row::<T, B, false>(table, entries, &mut buf, merge)
                     }
                     (false, _) => {
                         descending_order(src_logits, &mut order);
                         let entries = order.iter().map(|&r| (src_ids[r], src_logits[r]));
-                        fill_row::<T, B, true>(table, entries, &mut buf, merge)
+                        fill_row::<T, B, false>(table, entries, &mut buf, merge)
                     }
                 };
                 out.num_unknown += unknown;
@@ -614,6 +641,17 @@ fn narrow(v: u32) -> u16 {
         UNKNOWN => u16::MAX - 1,
         v => v as u16,
     }
+}
+
+/// Working space of [`Aligner::pair`].
+#[derive(Default)]
+struct PairScratch {
+    pairing: Vec<u32>,
+    at_end: Vec<u32>,
+}
+
+thread_local! {
+    static PAIR_SCRATCH: std::cell::Cell<PairScratch> = std::cell::Cell::new(PairScratch::default());
 }
 
 /// What [`Aligner::rows`] works from.
@@ -744,7 +782,7 @@ impl RowBuf for Wide {
 /// written (one bit per id, by a multiplicative hash); only a flagged row takes the exact pass of
 /// [`dedup_row`].
 #[inline(always)]
-fn fill_row<T: Cell, B: RowBuf, const COUNT: bool>(
+fn fill_row<T: Cell, B: RowBuf, const CLEAN: bool>(
     table: &[T],
     entries: impl Iterator<Item = (i32, f32)>,
     buf: &mut B,
@@ -752,11 +790,20 @@ fn fill_row<T: Cell, B: RowBuf, const COUNT: bool>(
 ) -> (usize, u64, u64) {
     let (mut len, mut filter, mut collide, mut unknown) = (0usize, 0u64, 0u64, 0u64);
     let mut read = 0usize;
+    // With `CLEAN`, every id indexes the table, whose length is a power of two: the mask changes
+    // no id and spares the bounds check.
+    let mask = table.len().wrapping_sub(1);
     for (id, logit) in entries {
         read += 1;
-        let target = table.get(id as usize).map_or(T::UNKNOWN, |c| c.raw());
+        let target = if CLEAN {
+            table
+                .get(id as usize & mask)
+                .map_or(T::UNKNOWN, |c| c.raw())
+        } else {
+            table.get(id as usize).map_or(T::UNKNOWN, |c| c.raw())
+        };
         let valid = target < T::UNKNOWN;
-        if COUNT {
+        if !CLEAN {
             unknown += u64::from(target == T::UNKNOWN);
         }
         // A multiplicative hash spreads the ids of frequent tokens (which cluster) over the bits.

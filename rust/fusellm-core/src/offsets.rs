@@ -66,17 +66,34 @@ pub fn validate_offsets(offsets: &[i64], what: &str) -> Result<()> {
 /// in a table over the base side's span of ends: two branch-free passes instead of a merge whose
 /// branches follow the text. Unusually sparse offsets take the merge, [`match_ends_merge`].
 pub fn match_ends(base_offsets: &[i64], blend_offsets: &[i64]) -> Vec<u32> {
+    let mut out = Vec::new();
+    match_ends_into(base_offsets, blend_offsets, &mut out, &mut Vec::new());
+    out
+}
+
+/// [`match_ends`] into `out`, with `at_end` as working space (both reused across calls by a
+/// caller that aligns many sequences).
+pub fn match_ends_into(
+    base_offsets: &[i64],
+    blend_offsets: &[i64],
+    out: &mut Vec<u32>,
+    at_end: &mut Vec<u32>,
+) {
     let (m, n) = (base_offsets.len() / 2, blend_offsets.len() / 2);
+    out.clear();
     if m == 0 || n == 0 {
-        return vec![NO_MATCH; m];
+        out.resize(m, NO_MATCH);
+        return;
     }
     // Ends are non-decreasing: the base side's ends lie in [first, last].
     let (first, last) = (base_offsets[1], base_offsets[2 * m - 1]);
     let span = usize::try_from(last - first).unwrap_or(usize::MAX);
     if span > 16 * (m + n) + 1024 {
-        return match_ends_merge(base_offsets, blend_offsets);
+        out.extend(match_ends_merge(base_offsets, blend_offsets));
+        return;
     }
-    let mut at_end = vec![NO_MATCH; span + 1];
+    at_end.clear();
+    at_end.resize(span + 1, NO_MATCH);
     for (j, pair) in blend_offsets.chunks_exact(2).enumerate() {
         // Ends outside the base span wrap to a large index and are skipped. A later blend token
         // with the same end overwrites an earlier one: the last one is kept.
@@ -85,21 +102,19 @@ pub fn match_ends(base_offsets: &[i64], blend_offsets: &[i64]) -> Vec<u32> {
         }
     }
     let ends = |i: usize| base_offsets[2 * i + 1];
-    (0..m)
-        .map(|i| {
-            let e = ends(i);
-            let shared = i + 1 < m && ends(i + 1) == e;
-            let j = at_end
-                .get((e - first) as usize)
-                .copied()
-                .unwrap_or(NO_MATCH);
-            if shared {
-                NO_MATCH
-            } else {
-                j
-            }
-        })
-        .collect()
+    out.extend((0..m).map(|i| {
+        let e = ends(i);
+        let shared = i + 1 < m && ends(i + 1) == e;
+        let j = at_end
+            .get((e - first) as usize)
+            .copied()
+            .unwrap_or(NO_MATCH);
+        if shared {
+            NO_MATCH
+        } else {
+            j
+        }
+    }));
 }
 
 /// [`match_ends`] as a merge of the two sorted sequences of end offsets, O(n + m) whatever the
