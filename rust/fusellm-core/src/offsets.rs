@@ -28,12 +28,15 @@ pub fn validate_offsets(offsets: &[i64], what: &str) -> Result<()> {
     // all values are non-negative, so the first bad token's differences cannot overflow), and the
     // sign bits of all three, OR-ed over the array, tell whether any is. Each step reads the
     // previous end from the array, so nothing is carried between steps and the scan vectorizes.
-    let (pairs, _) = offsets.as_chunks::<2>();
-    let first = pairs.first().map_or(0, |&[s, e]| s | e.wrapping_sub(s));
-    let rest = pairs
-        .iter()
-        .zip(pairs.get(1..).unwrap_or_default())
-        .fold(0i64, |acc, (&[_, prev], &[s, e])| {
+    let first = match offsets {
+        [s, e, ..] => s | e.wrapping_sub(*s),
+        _ => 0,
+    };
+    let rest = offsets
+        .chunks_exact(2)
+        .zip(offsets.get(2..).unwrap_or_default().chunks_exact(2))
+        .fold(0i64, |acc, (before, pair)| {
+            let (prev, s, e) = (before[1], pair[0], pair[1]);
             acc | s | e.wrapping_sub(s) | e.wrapping_sub(prev)
         });
     if (first | rest) >= 0 {
