@@ -71,7 +71,7 @@ _INT32 = np.iinfo(np.int32)
 MAX_THREADS = 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AlignedRow:
     """One aligned sequence, on the base side.
 

@@ -20,6 +20,7 @@
 use crate::dtw::{mined_dtw, strip_marker, surface_len, Interned};
 use crate::error::{Error, Result, Side};
 use crate::offsets::{match_ends_into, validate_offsets, NO_MATCH};
+use crate::prefetch::Prefetcher;
 use rustc_hash::FxHashMap;
 
 /// "No id" in the per-vocabulary tables: the string is not a base token.
@@ -322,8 +323,42 @@ impl Aligner {
         method: Method,
         mode: VocabMode,
     ) -> Result<SeqOutput> {
+        self.align_before(seq, inp, None, method, mode)
+    }
+
+    /// [`Aligner::align`], prefetching the inputs of `next` (the sequence to be aligned after
+    /// this one on the same thread) into the cache while this one's rows are built.
+    pub fn align_before(
+        &self,
+        seq: usize,
+        inp: &SeqInput,
+        next: Option<&SeqInput>,
+        method: Method,
+        mode: VocabMode,
+    ) -> Result<SeqOutput> {
         let in_range = self.check(seq, inp, method)?;
-        self.align_checked(inp, method, mode, in_range)
+        let prefetcher = match next {
+            Some(n) => {
+                let bytes = |p: *const i8, len: usize| (p, len);
+                Prefetcher::new(
+                    [
+                        bytes(n.topk_ids.as_ptr().cast(), 4 * n.topk_ids.len()),
+                        bytes(n.topk_logits.as_ptr().cast(), 4 * n.topk_logits.len()),
+                        bytes(n.base_ids.as_ptr().cast(), 4 * n.base_ids.len()),
+                        bytes(n.blend_ids.as_ptr().cast(), 4 * n.blend_ids.len()),
+                        n.base_offsets.map_or((std::ptr::null(), 0), |o| {
+                            bytes(o.as_ptr().cast(), 8 * o.len())
+                        }),
+                        n.blend_offsets.map_or((std::ptr::null(), 0), |o| {
+                            bytes(o.as_ptr().cast(), 8 * o.len())
+                        }),
+                    ],
+                    inp.base_ids.len(),
+                )
+            }
+            None => Prefetcher::none(),
+        };
+        self.align_checked(inp, method, mode, in_range, prefetcher)
     }
 
     /// [`Aligner::validate`], also telling whether every top-K id is below the blend vocabulary's
@@ -474,7 +509,7 @@ impl Aligner {
     /// Aligns one validated sequence.
     pub fn align_one(&self, inp: &SeqInput, method: Method, mode: VocabMode) -> Result<SeqOutput> {
         let (_, in_range) = self.scan_topk_ids(inp.topk_ids);
-        self.align_checked(inp, method, mode, in_range)
+        self.align_checked(inp, method, mode, in_range, Prefetcher::none())
     }
 
     fn align_checked(
@@ -483,6 +518,7 @@ impl Aligner {
         method: Method,
         mode: VocabMode,
         topk_in_range: bool,
+        mut prefetcher: Prefetcher,
     ) -> Result<SeqOutput> {
         // Without ids that lack a string (a complete vocabulary, all top-K ids in range), every
         // dropped entry is an unmapped one: no per-entry counting.
@@ -490,7 +526,8 @@ impl Aligner {
         // The pairing's buffers are reused from one sequence to the next on each thread.
         let mut scratch = PAIR_SCRATCH.take();
         let exact = self.pair(inp, method, &mut scratch);
-        let out = exact.map(|exact| self.rows_of(inp, &scratch.pairing, exact, mode, clean));
+        let out = exact
+            .map(|exact| self.rows_of(inp, &scratch.pairing, exact, mode, clean, &mut prefetcher));
         PAIR_SCRATCH.set(scratch);
         out
     }
@@ -503,6 +540,7 @@ impl Aligner {
         exact: bool,
         mode: VocabMode,
         clean: bool,
+        prefetcher: &mut Prefetcher,
     ) -> SeqOutput {
         let table16 = match mode {
             VocabMode::Hard => self.hard_target16.as_deref(),
@@ -518,10 +556,10 @@ impl Aligner {
             clean,
         };
         let mut out = match (table16, inp.k <= SMALL_K) {
-            (Some(t), true) => self.rows(&rows, t, Small::default()),
-            (Some(t), false) => self.rows(&rows, t, Wide::new(inp.k)),
-            (None, true) => self.rows(&rows, self.targets(mode), Small::default()),
-            (None, false) => self.rows(&rows, self.targets(mode), Wide::new(inp.k)),
+            (Some(t), true) => self.rows(&rows, t, Small::default(), prefetcher),
+            (Some(t), false) => self.rows(&rows, t, Wide::new(inp.k), prefetcher),
+            (None, true) => self.rows(&rows, self.targets(mode), Small::default(), prefetcher),
+            (None, false) => self.rows(&rows, self.targets(mode), Wide::new(inp.k), prefetcher),
         };
         out.k = inp.k;
         out
@@ -529,7 +567,13 @@ impl Aligner {
 
     /// The output rows of one sequence, given its pairing and the target table of `mode`.
     #[inline(always)]
-    fn rows<T: Cell, B: RowBuf>(&self, rows: &Rows, table: &[T], mut buf: B) -> SeqOutput {
+    fn rows<T: Cell, B: RowBuf>(
+        &self,
+        rows: &Rows,
+        table: &[T],
+        mut buf: B,
+        prefetcher: &mut Prefetcher,
+    ) -> SeqOutput {
         let Rows {
             inp,
             pairing,
@@ -553,6 +597,7 @@ impl Aligner {
         let mut order: Vec<usize> = (0..k).collect();
         let merge = !self.compat;
         for (i, &j) in pairing.iter().enumerate() {
+            prefetcher.step();
             let base_id = inp.base_ids[i] as u32;
             let matched = j != NO_MATCH
                 && (exact || self.tokens_match(i, base_id, inp.blend_ids[j as usize] as u32, mode));

@@ -80,7 +80,7 @@ pub fn align_batch(
     num_threads: Option<usize>,
 ) -> Result<Vec<SeqOutput>> {
     par_map(inputs.len(), num_threads, |i| {
-        aligner.align(i, &inputs[i], method, mode)
+        aligner.align_before(i, &inputs[i], inputs.get(i + 1), method, mode)
     })
     .into_iter()
     .collect()

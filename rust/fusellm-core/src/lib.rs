@@ -17,6 +17,7 @@ pub mod error;
 pub mod levenshtein;
 pub mod offsets;
 pub mod pack;
+mod prefetch;
 pub mod vocab_map;
 
 pub use aligner::{Aligner, Fallback, Method, SeqInput, SeqOutput, Vocab, VocabMode};
