@@ -829,17 +829,16 @@ impl RowBuf for Wide {
 #[inline(always)]
 fn fill_row<T: Cell, B: RowBuf, const CLEAN: bool>(
     table: &[T],
-    entries: impl Iterator<Item = (i32, f32)>,
+    entries: impl ExactSizeIterator<Item = (i32, f32)>,
     buf: &mut B,
     merge: bool,
 ) -> (usize, u64, u64) {
     let (mut len, mut filter, mut collide, mut unknown) = (0usize, 0u64, 0u64, 0u64);
-    let mut read = 0usize;
+    let read = entries.len();
     // With `CLEAN`, every id indexes the table, whose length is a power of two: the mask changes
     // no id and spares the bounds check.
     let mask = table.len().wrapping_sub(1);
     for (id, logit) in entries {
-        read += 1;
         let target = if CLEAN {
             table
                 .get(id as usize & mask)
