@@ -7,7 +7,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use fusellm_core::dtw::{intern_strings, mined_dtw, mined_dtw_full, strip_marker, surface_len};
 use fusellm_core::levenshtein::levenshtein;
-use fusellm_core::offsets::match_ends;
+use fusellm_core::offsets::{match_ends, match_ends_merge};
 use std::hint::black_box;
 
 mod common;
@@ -147,6 +147,10 @@ fn bench_offsets(c: &mut Criterion) {
     g.throughput(Throughput::Elements(be.len() as u64));
     g.bench_function("match_ends", |b| {
         b.iter(|| match_ends(black_box(&bo), black_box(&xo)))
+    });
+    // The two-pointer merge, the baseline of the table-indexed pass above.
+    g.bench_function("match_ends_merge", |b| {
+        b.iter(|| match_ends_merge(black_box(&bo), black_box(&xo)))
     });
     g.finish();
 }
