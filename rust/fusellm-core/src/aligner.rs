@@ -721,9 +721,15 @@ trait RowBuf {
     fn clear(&mut self);
     /// Writes slot `at`, which is below the row's width.
     fn put(&mut self, at: usize, id: i32, logit: f32);
-    fn ids(&self) -> &[i32];
-    fn logits(&self) -> &[f32];
+    /// The ids and logits of all slots.
+    fn slots(&self) -> (&[i32], &[f32]);
     fn parts(&mut self) -> (&mut [i32], &mut [f32]);
+    fn ids(&self) -> &[i32] {
+        self.slots().0
+    }
+    fn logits(&self) -> &[f32] {
+        self.slots().1
+    }
     /// Whether two of the first `len` ids are equal.
     fn has_duplicate(&self, len: usize) -> bool {
         let ids = &self.ids()[..len];
@@ -757,11 +763,8 @@ impl RowBuf for Small {
         self.ids[at % SMALL_K] = id;
         self.logits[at % SMALL_K] = logit;
     }
-    fn ids(&self) -> &[i32] {
-        &self.ids
-    }
-    fn logits(&self) -> &[f32] {
-        &self.logits
+    fn slots(&self) -> (&[i32], &[f32]) {
+        (&self.ids, &self.logits)
     }
     fn parts(&mut self) -> (&mut [i32], &mut [f32]) {
         (&mut self.ids, &mut self.logits)
@@ -803,11 +806,8 @@ impl RowBuf for Wide {
         self.ids[at] = id;
         self.logits[at] = logit;
     }
-    fn ids(&self) -> &[i32] {
-        &self.ids
-    }
-    fn logits(&self) -> &[f32] {
-        &self.logits
+    fn slots(&self) -> (&[i32], &[f32]) {
+        (&self.ids, &self.logits)
     }
     fn parts(&mut self) -> (&mut [i32], &mut [f32]) {
         (&mut self.ids, &mut self.logits)
