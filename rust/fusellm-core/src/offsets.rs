@@ -181,6 +181,7 @@ mod tests {
             state ^= state << 17;
             state % bound
         };
+        let (mut out, mut at_end) = (Vec::new(), Vec::new());
         for case in 0..500 {
             let scale = if case % 5 == 0 { 1000 } else { 1 };
             let mut side = || {
@@ -193,11 +194,15 @@ mod tests {
                 flat(&spans)
             };
             let (base, blend) = (side(), side());
+            let want = match_ends_merge(&base, &blend);
             assert_eq!(
                 match_ends(&base, &blend),
-                match_ends_merge(&base, &blend),
+                want,
                 "case {case}: {base:?} / {blend:?}"
             );
+            // Buffers reused from the previous cases leave nothing behind.
+            match_ends_into(&base, &blend, &mut out, &mut at_end);
+            assert_eq!(out, want, "case {case}, reused buffers");
         }
     }
 
