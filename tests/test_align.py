@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -216,7 +216,8 @@ def sequences(draw: st.DrawFn, setup: Setup, k: int) -> Seq:
 @st.composite
 def batches(draw: st.DrawFn, *, method: str = "mined") -> tuple[Setup, list[Seq]]:
     setup = draw(setups(method=method))
-    k = draw(st.integers(1, 5))
+    # Rows of up to 16 entries and wider ones take different paths in Rust.
+    k = draw(st.one_of(st.integers(1, 5), st.integers(15, 20)))
     seqs = draw(st.lists(sequences(setup, k), min_size=1, max_size=4))
     return setup, seqs
 
@@ -509,7 +510,7 @@ def segmentation(draw: st.DrawFn, length: int) -> list[tuple[int, int]]:
 @st.composite
 def offset_batches(draw: st.DrawFn) -> tuple[Setup, list[Seq]]:
     setup = draw(setups(method="offsets"))
-    k = draw(st.integers(1, 4))
+    k = draw(st.one_of(st.integers(1, 4), st.integers(16, 18)))
     base_ok, blend_ok = _valid_ids(setup.base_vocab), _valid_ids(setup.blend_vocab)
     seqs = []
     for _ in range(draw(st.integers(1, 3))):
@@ -545,6 +546,17 @@ def test_offsets_pairing_equals_oracle(spans: tuple[list, list]) -> None:
 def test_random_offsets_equals_oracle(batch: tuple[Setup, list[Seq]], vocab: str) -> None:
     setup, seqs = batch
     check(setup, seqs, method="offsets", vocab=vocab, threads=(1, 2, 3))
+
+
+@given(offset_batches(), st.sampled_from(["hard", "soft"]))
+@settings(max_examples=_examples(0.2), deadline=None)
+def test_large_base_vocabulary_equals_oracle(batch: tuple[Setup, list[Seq]], vocab: str) -> None:
+    """Base vocabularies of 65,534 strings or more (Llama 3, Gemma) take 32-bit target tables in
+    Rust, smaller ones 16-bit tables: both must give the oracle's rows."""
+    setup, seqs = batch
+    filler = [f"<filler {i}>" for i in range(70_000 - len(setup.base_vocab))]
+    big = replace(setup, base_vocab=[*setup.base_vocab, *filler])
+    check(big, seqs, method="offsets", vocab=vocab, threads=(1, 2))
 
 
 def test_mined_ignores_offsets() -> None:
