@@ -20,7 +20,7 @@
 use crate::dtw::{mined_dtw, strip_marker, surface_len, Interned};
 use crate::error::{Error, Result, Side};
 use crate::offsets::{match_ends_into, validate_offsets, NO_MATCH};
-use crate::prefetch::Prefetcher;
+use crate::prefetch::{byte_range, Prefetcher};
 use rustc_hash::FxHashMap;
 
 /// "No id" in the per-vocabulary tables: the string is not a base token.
@@ -338,24 +338,17 @@ impl Aligner {
     ) -> Result<SeqOutput> {
         let in_range = self.check(seq, inp, method)?;
         let prefetcher = match next {
-            Some(n) => {
-                let bytes = |p: *const i8, len: usize| (p, len);
-                Prefetcher::new(
-                    [
-                        bytes(n.topk_ids.as_ptr().cast(), 4 * n.topk_ids.len()),
-                        bytes(n.topk_logits.as_ptr().cast(), 4 * n.topk_logits.len()),
-                        bytes(n.base_ids.as_ptr().cast(), 4 * n.base_ids.len()),
-                        bytes(n.blend_ids.as_ptr().cast(), 4 * n.blend_ids.len()),
-                        n.base_offsets.map_or((std::ptr::null(), 0), |o| {
-                            bytes(o.as_ptr().cast(), 8 * o.len())
-                        }),
-                        n.blend_offsets.map_or((std::ptr::null(), 0), |o| {
-                            bytes(o.as_ptr().cast(), 8 * o.len())
-                        }),
-                    ],
-                    inp.base_ids.len(),
-                )
-            }
+            Some(n) => Prefetcher::new(
+                [
+                    byte_range(n.topk_ids),
+                    byte_range(n.topk_logits),
+                    byte_range(n.base_ids),
+                    byte_range(n.blend_ids),
+                    byte_range(n.base_offsets.unwrap_or_default()),
+                    byte_range(n.blend_offsets.unwrap_or_default()),
+                ],
+                inp.base_ids.len(),
+            ),
             None => Prefetcher::none(),
         };
         self.align_checked(inp, method, mode, in_range, prefetcher)
@@ -555,14 +548,12 @@ impl Aligner {
             mode,
             clean,
         };
-        let mut out = match (table16, inp.k <= SMALL_K) {
+        match (table16, inp.k <= SMALL_K) {
             (Some(t), true) => self.rows(&rows, t, Small::default(), prefetcher),
             (Some(t), false) => self.rows(&rows, t, Wide::new(inp.k), prefetcher),
             (None, true) => self.rows(&rows, self.targets(mode), Small::default(), prefetcher),
             (None, false) => self.rows(&rows, self.targets(mode), Wide::new(inp.k), prefetcher),
-        };
-        out.k = inp.k;
-        out
+        }
     }
 
     /// The output rows of one sequence, given its pairing and the target table of `mode`.
@@ -816,14 +807,15 @@ impl RowBuf for Wide {
 
 /// Maps top-K `entries` (highest logit first) to base ids through `table` and writes the valid
 /// ones, in order, to the front of a cleared row; returns the row's length, the number of entries
-/// dropped as invalid and, with `COUNT`, how many of those have no string (without it, the caller
-/// knows there are none). The row ends
-/// sorted by descending logit, without duplicate ids: a duplicate merges into the first
-/// occurrence by summing probabilities (`merge`) or is dropped (the reference keeps the first).
+/// dropped as invalid, and how many of those have no string. `CLEAN` promises that every id has
+/// a string and indexes the table, whose length is a power of two (no counting, masked look-ups).
+/// The row ends sorted by descending logit, without duplicate ids: a duplicate merges into the
+/// first occurrence by summing probabilities (`merge`) or is dropped (the reference keeps the
+/// first).
 ///
-/// The loop has no data-dependent branch: every entry is written at the current length, which only
-/// advances for a valid one (an invalid entry is overwritten by the next, or left just past the
-/// end and reset to padding). Possible duplicates are flagged by a 64-bit filter of the ids
+/// The loop branches on nothing but the table bounds (checked unless `CLEAN`): every entry is
+/// written at the current length, which only advances for a valid one (an invalid entry is
+/// overwritten by the next, or left just past the end and reset to padding). Possible duplicates are flagged by a 64-bit filter of the ids
 /// written (one bit per id, by a multiplicative hash); only a flagged row takes the exact pass of
 /// [`dedup_row`].
 #[inline(always)]

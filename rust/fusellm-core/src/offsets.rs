@@ -66,7 +66,7 @@ pub fn validate_offsets(offsets: &[i64], what: &str) -> Result<()> {
 /// Both inputs are flat `[start, end]` pairs that passed [`validate_offsets`].
 ///
 /// Text offsets are dense (a few characters a token), so the blend side is indexed by end offset
-/// in a table over the base side's span of ends: two branch-free passes instead of a merge whose
+/// in a table over the base side's span of ends: two straight passes instead of a merge whose
 /// branches follow the text. Unusually sparse offsets take the merge, [`match_ends_merge`].
 pub fn match_ends(base_offsets: &[i64], blend_offsets: &[i64]) -> Vec<u32> {
     let mut out = Vec::new();

@@ -58,6 +58,11 @@ impl Prefetcher {
     }
 }
 
+/// The start and length in bytes of a slice, as [`Prefetcher::new`] takes them.
+pub(crate) fn byte_range<T>(s: &[T]) -> (*const i8, usize) {
+    (s.as_ptr().cast(), std::mem::size_of_val(s))
+}
+
 /// A prefetch hint for the line holding `p`; never faults, whatever `p` is.
 #[inline(always)]
 fn prefetch(p: *const i8) {
