@@ -414,29 +414,28 @@ impl Aligner {
         }
         // MinED ignores offsets if they are given.
         if method == Method::Offsets {
-            {
-                if self.compat {
-                    return Err(Error::Value(
-                        "compat=\"fusellm\" reproduces the reference MinED pipeline; use \
-                         method=\"mined\" with it"
-                            .to_string(),
-                    ));
-                }
-                let (Some(bo), Some(lo)) = (inp.base_offsets, inp.blend_offsets) else {
-                    return Err(Error::Value(format!(
-                        "sequence {seq}: method=\"offsets\" needs base_offsets and blend_offsets"
-                    )));
-                };
-                validate_offsets(bo, &format!("sequence {seq}: base_offsets"))?;
-                validate_offsets(lo, &format!("sequence {seq}: blend_offsets"))?;
-                if bo.len() != 2 * m || lo.len() != 2 * n {
-                    return Err(Error::Shape(format!(
-                        "sequence {seq}: offsets have {} base and {} blend rows, but the sequences \
-                         have {m} base and {n} blend tokens",
-                        bo.len() / 2,
-                        lo.len() / 2
-                    )));
-                }
+            if self.compat {
+                return Err(Error::Value(
+                    "compat=\"fusellm\" reproduces the reference MinED pipeline; use \
+                     method=\"mined\" with it"
+                        .to_string(),
+                ));
+            }
+            let (Some(bo), Some(lo)) = (inp.base_offsets, inp.blend_offsets) else {
+                return Err(Error::Value(format!(
+                    "sequence {seq}: method=\"offsets\" needs base_offsets and blend_offsets"
+                )));
+            };
+            // The names are only formatted into an error.
+            validate_offsets(bo, format_args!("sequence {seq}: base_offsets"))?;
+            validate_offsets(lo, format_args!("sequence {seq}: blend_offsets"))?;
+            if bo.len() != 2 * m || lo.len() != 2 * n {
+                return Err(Error::Shape(format!(
+                    "sequence {seq}: offsets have {} base and {} blend rows, but the sequences \
+                     have {m} base and {n} blend tokens",
+                    bo.len() / 2,
+                    lo.len() / 2
+                )));
             }
         }
         Ok(in_range)
