@@ -144,37 +144,31 @@ def _as_offsets(x: Any, name: str) -> npt.NDArray[np.int64]:
 _I32, _I64, _F32 = np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.float32)
 
 
-# Fast checks for arrays that need no conversion (the common case, checked per array per batch).
-def _is_ids(a: Any) -> bool:
-    return type(a) is np.ndarray and a.dtype is _I32 and a.ndim == 1 and a.flags.c_contiguous
-
-
-def _is_topk_ids(a: Any) -> bool:
-    return type(a) is np.ndarray and a.dtype is _I32 and a.ndim == 2 and a.flags.c_contiguous
-
-
-def _is_logits(a: Any) -> bool:
-    return type(a) is np.ndarray and a.dtype is _F32 and a.ndim == 2 and a.flags.c_contiguous
-
-
-def _is_offsets(a: Any) -> bool:
+def _ready(a: Any, dtype: np.dtype[Any], ndim: int, width: int | None = None) -> bool:
+    """Whether ``a`` goes to Rust as it is (the common case, checked per array per batch):
+    a C-contiguous ndarray of ``dtype`` and rank ``ndim`` (and ``width`` columns, if given)."""
     return (
         type(a) is np.ndarray
-        and a.dtype is _I64
-        and a.ndim == 2
-        and a.shape[1] == 2
+        and a.dtype is dtype
+        and a.ndim == ndim
+        and (width is None or a.shape[1] == width)
         and a.flags.c_contiguous
     )
 
 
 def _arrays(
-    xs: Any, name: str, ready: Callable[[Any], bool], convert: Callable[[Any, str], Any]
+    xs: Any,
+    name: str,
+    convert: Callable[[Any, str], Any],
+    dtype: np.dtype[Any],
+    ndim: int,
+    width: int | None = None,
 ) -> list[Any]:
-    """One array per sequence: those that pass ``ready`` as they are, the others through
+    """One array per sequence: those that are :func:`_ready` as they are, the others through
     ``convert`` (which checks them and names ``name[i]`` in its errors)."""
     out = _as_list(xs, name)
     for i, a in enumerate(out):
-        if not ready(a):
+        if not _ready(a, dtype, ndim, width):
             out[i] = convert(a, f"{name}[{i}]")
     return out
 
@@ -308,21 +302,19 @@ class Aligner:
             raise InputError(
                 f"num_threads must be an int in [1, {MAX_THREADS}] or None, got {num_threads!r}"
             )
-        b_ids = _arrays(base_ids, "base_ids", _is_ids, lambda x, n: _as_int32(x, n, 1))
-        x_ids = _arrays(blend_ids, "blend_ids", _is_ids, lambda x, n: _as_int32(x, n, 1))
-        t_ids = _arrays(
-            blend_topk_ids, "blend_topk_ids", _is_topk_ids, lambda x, n: _as_int32(x, n, 2)
-        )
-        t_logits = _arrays(blend_topk_logits, "blend_topk_logits", _is_logits, _as_float32)
+        b_ids = _arrays(base_ids, "base_ids", lambda x, n: _as_int32(x, n, 1), _I32, 1)
+        x_ids = _arrays(blend_ids, "blend_ids", lambda x, n: _as_int32(x, n, 1), _I32, 1)
+        t_ids = _arrays(blend_topk_ids, "blend_topk_ids", lambda x, n: _as_int32(x, n, 2), _I32, 2)
+        t_logits = _arrays(blend_topk_logits, "blend_topk_logits", _as_float32, _F32, 2)
         b_off = (
             None
             if base_offsets is None
-            else _arrays(base_offsets, "base_offsets", _is_offsets, _as_offsets)
+            else _arrays(base_offsets, "base_offsets", _as_offsets, _I64, 2, width=2)
         )
         x_off = (
             None
             if blend_offsets is None
-            else _arrays(blend_offsets, "blend_offsets", _is_offsets, _as_offsets)
+            else _arrays(blend_offsets, "blend_offsets", _as_offsets, _I64, 2, width=2)
         )
         raw = self._native.align_batch(
             b_ids, x_ids, t_ids, t_logits, b_off, x_off, method, vocab, num_threads
