@@ -6,7 +6,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use fusellm_core::dtw::{intern_strings, mined_dtw, mined_dtw_full, strip_marker, surface_len};
-use fusellm_core::levenshtein::levenshtein;
+use fusellm_core::levenshtein::{levenshtein, AllPairs, PatternSet};
 use fusellm_core::offsets::{match_ends, match_ends_merge};
 use std::hint::black_box;
 
@@ -163,5 +163,42 @@ fn bench_levenshtein(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_mined, bench_offsets, bench_levenshtein);
+/// MinED's cost table: every distance between the distinct strings of two segmentations of one
+/// text, by the all-pairs lane kernel and, as its baseline, pair by pair with the per-pair
+/// bit-parallel kernel over the same precomputed match masks.
+fn bench_cost_table(c: &mut Criterion) {
+    let words = text(1500);
+    let (base, _) = segment(&words, "▁", 7);
+    let (blend, _) = segment(&words, "Ġ", 11);
+    let (xs, xg) = prepared(&blend, "Ġ");
+    let (ys, yg) = prepared(&base, "▁");
+    let (x, y) = (intern_strings(&xs, xg), intern_strings(&ys, yg));
+    let (texts, patterns) = (&x.strings, &y.strings);
+    let mut g = c.benchmark_group("cost_table");
+    g.throughput(Throughput::Elements((texts.len() * patterns.len()) as u64));
+    let mut all = AllPairs::default();
+    let mut out = vec![0u16; texts.len() * patterns.len()];
+    g.bench_function("all_pairs", |b| {
+        b.iter(|| all.fill(black_box(texts), black_box(patterns), &mut out))
+    });
+    let (set, enc) = PatternSet::new(patterns, texts, 1 << 24).unwrap();
+    g.bench_function("pair_by_pair", |b| {
+        b.iter(|| {
+            for (t, text) in texts.iter().enumerate() {
+                for p in 0..patterns.len() {
+                    out[t * patterns.len() + p] = set.distance(p, t, text, &enc[t]) as u16 + 1;
+                }
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_mined,
+    bench_offsets,
+    bench_levenshtein,
+    bench_cost_table
+);
 criterion_main!(benches);

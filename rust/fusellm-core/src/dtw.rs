@@ -12,8 +12,9 @@
 //! that order) and finally records `(0, 0)`.
 //!
 //! Three things make it fast without changing a single output bit:
-//! - tokens are interned, so each distinct pair of strings is measured once, lazily, with the
-//!   bit-parallel Levenshtein of [`crate::levenshtein`];
+//! - tokens are interned, so each distinct pair of strings is measured once, all pairs up front
+//!   by the vectorized all-pairs kernel of [`crate::levenshtein::AllPairs`] (lazily, pair by
+//!   pair, when there are more than 2^24 pairs);
 //! - an upper bound `U` is taken from a valid warping path built from cumulative character counts
 //!   (tight when both sides tokenized the same text);
 //! - cells whose value exceeds `U` are treated as `+inf` (PrunedDTW, Silva and Batista 2016). Every
@@ -27,13 +28,13 @@
 //! sequences `U` is loose and the cost approaches the full `O(n * m)` matrix (still exact).
 
 use crate::error::{Error, Result};
-use crate::levenshtein::{levenshtein, Encoded, PatternSet};
+use crate::levenshtein::{levenshtein, AllPairs, Encoded, PatternSet};
 use rustc_hash::FxHashMap;
 
 const INF: u32 = u32::MAX;
 
 /// Allocations reused across the pairs one thread aligns: the cost table, the match-mask tables
-/// and the DP band. Fresh multi-megabyte allocations per pair cost page faults and allocator
+/// (of the all-pairs kernel, or of the lazy one for tables too large to fill) and the DP band. Fresh multi-megabyte allocations per pair cost page faults and allocator
 /// work, and serialize threads in the kernel; reusing them keeps a pair's work in user space.
 /// Buffers above [`KEEP_BYTES`] are released after use.
 #[derive(Default)]
@@ -42,6 +43,7 @@ struct Scratch {
     peq: Vec<u64>,
     text_peq: Vec<u64>,
     vals: Vec<u32>,
+    all: AllPairs,
 }
 
 /// Largest buffer a thread keeps between pairs.
@@ -69,6 +71,7 @@ impl Scratch {
             peq: keep(self.peq),
             text_peq: keep(self.text_peq),
             vals: keep(self.vals),
+            all: self.all,
         };
         SCRATCH.with(|s| *s.borrow_mut() = kept);
     }
@@ -162,7 +165,15 @@ pub fn intern_strings<'s>(stripped: &'s [Vec<char>], guide: Vec<u32>) -> Interne
     out
 }
 
-/// Lazily filled table of distances between distinct strings.
+/// Largest table of distinct-string pairs kept dense (32 MiB of `u16`). Tests use a small limit,
+/// so that their larger cases take the sparse path.
+#[cfg(not(test))]
+const DENSE_MAX_CELLS: u64 = 1 << 24;
+#[cfg(test)]
+const DENSE_MAX_CELLS: u64 = 150;
+
+/// Table of distances between distinct strings: dense and filled up front, or sparse and filled
+/// lazily.
 struct Costs<'a> {
     xs: &'a [&'a [char]],
     ys: &'a [&'a [char]],
@@ -180,24 +191,33 @@ impl<'a> Costs<'a> {
     }
 
     /// Builds the table in `scratch`'s allocations (taken; [`Costs::release`] returns them).
+    ///
+    /// A table of at most 2^24 cells is filled eagerly by the all-pairs kernel: the DP band
+    /// around the path needs a large share of all distinct pairs (about a third on 2048-token
+    /// texts), and the kernel measures every pair for a fraction of what one lazy look-up and
+    /// measurement costs. Larger tables are filled lazily, through a hash map.
     fn in_scratch(xs: &'a [&'a [char]], ys: &'a [&'a [char]], scratch: &mut Scratch) -> Self {
         let cells = xs.len() as u64 * ys.len() as u64;
-        let use_dense = cells <= (1 << 24);
+        let use_dense = cells <= DENSE_MAX_CELLS;
         let mut dense = std::mem::take(&mut scratch.dense);
         dense.clear();
-        if use_dense {
+        let fast = if use_dense {
             dense.resize(cells as usize, 0);
-        }
-        let (peq, text_peq) = (
-            std::mem::take(&mut scratch.peq),
-            std::mem::take(&mut scratch.text_peq),
-        );
+            scratch.all.fill(xs, ys, &mut dense);
+            None
+        } else {
+            let (peq, text_peq) = (
+                std::mem::take(&mut scratch.peq),
+                std::mem::take(&mut scratch.text_peq),
+            );
+            PatternSet::with_buffers(ys, xs, 1 << 21, peq, text_peq)
+        };
         Costs {
             xs,
             ys,
             xkey: xs.iter().map(|s| Key::new(s)).collect(),
             ykey: ys.iter().map(|s| Key::new(s)).collect(),
-            fast: PatternSet::with_buffers(ys, xs, 1 << 21, peq, text_peq),
+            fast,
             dense,
             sparse: FxHashMap::default(),
             use_dense,
@@ -480,12 +500,18 @@ fn nearest(a: &[&[char]], b: &[&[char]], mut cost: impl FnMut(u32, u32, u32) -> 
 
 impl SuffixBounds {
     fn new(x: &Interned, y: &Interned, costs: &mut Costs) -> Self {
-        let xmin = nearest(&x.strings, &y.strings, |a, b, lim| {
-            costs.get_below(a, b, lim)
-        });
-        let ymin = nearest(&y.strings, &x.strings, |b, a, lim| {
-            costs.get_below(a, b, lim)
-        });
+        let (xmin, ymin) = if costs.use_dense {
+            costs.dense_minima()
+        } else {
+            (
+                nearest(&x.strings, &y.strings, |a, b, lim| {
+                    costs.get_below(a, b, lim)
+                }),
+                nearest(&y.strings, &x.strings, |b, a, lim| {
+                    costs.get_below(a, b, lim)
+                }),
+            )
+        };
         let suffix = |ids: &[u32], mins: &[u32]| -> Vec<u32> {
             let mut out = vec![0u32; ids.len() + 1];
             for k in (0..ids.len()).rev() {
@@ -569,6 +595,28 @@ impl RowCosts<'_, '_> {
 }
 
 impl<'a> Costs<'a> {
+    /// Row and column minima of the filled dense table: for each blend string the smallest
+    /// distance to any base string, and the reverse. A cell left at 0 (a distance too large
+    /// for 16 bits) counts as 65,535, a lower bound of it.
+    fn dense_minima(&self) -> (Vec<u32>, Vec<u32>) {
+        let ny = self.ys.len();
+        let mut cols = vec![u16::MAX; ny];
+        let rows = self
+            .dense
+            .chunks_exact(ny)
+            .map(|row| {
+                let mut least = u16::MAX;
+                for (c, &v) in cols.iter_mut().zip(row) {
+                    let d = v.wrapping_sub(1);
+                    *c = (*c).min(d);
+                    least = least.min(d);
+                }
+                u32::from(least)
+            })
+            .collect();
+        (rows, cols.into_iter().map(u32::from).collect())
+    }
+
     fn row_costs(&mut self, x: u32) -> RowCosts<'_, 'a> {
         if self.use_dense {
             let ny = self.ys.len();

@@ -5,6 +5,9 @@
 //! computes one DP column per text character in a handful of word operations. Longer patterns
 //! fall back to the classic two-row dynamic programme. Common prefixes and suffixes are trimmed
 //! first (they never change the distance), which leaves most token pairs with a few characters.
+//!
+//! [`AllPairs`] runs the same recurrence for every pair of two string sets at once, one pattern
+//! per lane of a vector register.
 
 /// Edit distance (unit insert, delete, substitute) between two code-point slices.
 pub fn levenshtein(a: &[char], b: &[char]) -> u32 {
@@ -238,6 +241,311 @@ fn myers64(pattern: &[char], text: &[char]) -> u32 {
     score
 }
 
+/// Every distance between a set of texts and a set of patterns, computed eagerly.
+///
+/// [`PatternSet::distance`] answers one pair at a time; when most pairs of two small sets are
+/// needed (MinED's cost table), it is cheaper to run the bit-parallel recurrence for *all*
+/// patterns at once: each pattern is a lane of a machine word (16 bits for patterns of up to 16
+/// code points, 64 bits up to 64), the match masks of every lane for one text character form one
+/// contiguous row, and a text character advances every lane with the same dozen element-wise
+/// operations. Those loops carry nothing between lanes, so the compiler vectorizes them (eight
+/// 16-bit lanes per SSE2 register). Empty patterns, longer patterns and very long texts are
+/// measured pair by pair with [`levenshtein`].
+///
+/// The struct holds the work buffers, so that a thread reuses them from call to call.
+#[derive(Default)]
+pub struct AllPairs {
+    codes: Vec<u32>,
+    starts: Vec<usize>,
+    index: Vec<u32>,
+    short: Lanes<u16>,
+    medium: Lanes<u64>,
+}
+
+/// Texts longer than this are measured pair by pair, which keeps 16-bit lane scores exact.
+/// (Tests use small limits so that every path runs.)
+#[cfg(not(test))]
+const LANE_TEXT_MAX: usize = 32_000;
+#[cfg(test)]
+const LANE_TEXT_MAX: usize = 64;
+
+/// Largest match-mask table built at once, in bytes; more lanes than fit are run in chunks (of
+/// at least 16 lanes).
+#[cfg(not(test))]
+const LANE_TABLE_BYTES: usize = 4 << 20;
+#[cfg(test)]
+const LANE_TABLE_BYTES: usize = 256;
+
+impl AllPairs {
+    /// Fills `out[t * patterns.len() + p]` with the distance between `texts[t]` and
+    /// `patterns[p]`, plus one; 0 where that does not fit 16 bits (callers measure those pairs
+    /// themselves). `out.len()` must be `texts.len() * patterns.len()`.
+    pub fn fill(&mut self, texts: &[&[char]], patterns: &[&[char]], out: &mut [u16]) {
+        let np = patterns.len();
+        assert_eq!(out.len(), texts.len() * np, "AllPairs::fill: output size");
+        let store = |d: u32| u16::try_from(d + 1).unwrap_or(0);
+        let mut alphabet = Alphabet::default();
+        for p in patterns.iter().filter(|p| p.len() <= 64) {
+            for &c in p.iter() {
+                alphabet.insert(c);
+            }
+        }
+        self.codes.clear();
+        self.starts.clear();
+        self.starts.push(0);
+        self.index.clear();
+        for (i, t) in texts.iter().enumerate() {
+            if t.len() <= LANE_TEXT_MAX {
+                self.codes.extend(t.iter().map(|&c| alphabet.code(c)));
+                self.starts.push(self.codes.len());
+                self.index.push(i as u32);
+            }
+        }
+        let lane_texts = Texts {
+            codes: &self.codes,
+            starts: &self.starts,
+            index: &self.index,
+            rows: alphabet.len + 1,
+        };
+        // Every pattern has a 16-bit lane, in order, so that results are stored as contiguous
+        // runs; lanes of patterns that are empty or longer than 16 code points are placeholders
+        // whose results are overwritten below.
+        let all: Vec<u32> = (0..np as u32).collect();
+        self.short
+            .run(&all, patterns, &alphabet, &lane_texts, np, out);
+        let medium: Vec<u32> = all
+            .iter()
+            .copied()
+            .filter(|&k| (17..=64).contains(&patterns[k as usize].len()))
+            .collect();
+        self.medium
+            .run(&medium, patterns, &alphabet, &lane_texts, np, out);
+        for (k, p) in patterns.iter().enumerate() {
+            if p.is_empty() || p.len() > 64 {
+                for (t, text) in texts.iter().enumerate() {
+                    out[t * np + k] = store(levenshtein(text, p));
+                }
+            }
+        }
+        // Texts too long for 16-bit lane scores, which the lanes skipped.
+        for (t, text) in texts.iter().enumerate() {
+            if text.len() > LANE_TEXT_MAX {
+                for (k, p) in patterns.iter().enumerate() {
+                    out[t * np + k] = store(levenshtein(text, p));
+                }
+            }
+        }
+    }
+}
+
+/// Codes of the characters of the lane patterns, from 1 (0 stands for any other character).
+/// Code points below 512 (ASCII, Latin-1, the byte-level alphabets) are looked up in an array.
+struct Alphabet {
+    low: [u32; 512],
+    high: rustc_hash::FxHashMap<char, u32>,
+    len: usize,
+}
+
+impl Default for Alphabet {
+    fn default() -> Self {
+        Alphabet {
+            low: [0; 512],
+            high: rustc_hash::FxHashMap::default(),
+            len: 0,
+        }
+    }
+}
+
+impl Alphabet {
+    fn insert(&mut self, c: char) {
+        let next = self.len as u32 + 1;
+        let slot = match self.low.get_mut(c as usize) {
+            Some(slot) => slot,
+            None => self.high.entry(c).or_insert(0),
+        };
+        if *slot == 0 {
+            *slot = next;
+            self.len += 1;
+        }
+    }
+
+    #[inline]
+    fn code(&self, c: char) -> u32 {
+        match self.low.get(c as usize) {
+            Some(&code) => code,
+            None => self.high.get(&c).copied().unwrap_or(0),
+        }
+    }
+}
+
+/// The texts that the lanes run over (those of at most [`LANE_TEXT_MAX`] code points), encoded:
+/// `codes[starts[t]..starts[t + 1]]` for text number `index[t]`; `rows` codes in all.
+struct Texts<'a> {
+    codes: &'a [u32],
+    starts: &'a [usize],
+    index: &'a [u32],
+    rows: usize,
+}
+
+/// A machine word used as one lane of the all-pairs recurrence.
+trait Word:
+    Copy
+    + Default
+    + Eq
+    + std::ops::BitAnd<Output = Self>
+    + std::ops::BitOr<Output = Self>
+    + std::ops::BitXor<Output = Self>
+    + std::ops::Not<Output = Self>
+    + std::ops::Shl<u32, Output = Self>
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const ONES: Self;
+    fn add(self, other: Self) -> Self;
+    fn sub(self, other: Self) -> Self;
+    fn from_len(len: usize) -> Self;
+    fn to_u32(self) -> u32;
+}
+
+macro_rules! word {
+    ($t:ty) => {
+        impl Word for $t {
+            const ZERO: Self = 0;
+            const ONE: Self = 1;
+            const ONES: Self = <$t>::MAX;
+            #[inline(always)]
+            fn add(self, other: Self) -> Self {
+                self.wrapping_add(other)
+            }
+            #[inline(always)]
+            fn sub(self, other: Self) -> Self {
+                self.wrapping_sub(other)
+            }
+            #[inline(always)]
+            fn from_len(len: usize) -> Self {
+                len as $t
+            }
+            #[inline(always)]
+            fn to_u32(self) -> u32 {
+                self as u32
+            }
+        }
+    };
+}
+word!(u16);
+word!(u64);
+
+/// Lanes of one word size: per lane, the pattern's last bit and length; per text character
+/// code, the match masks of all lanes; and the running state.
+#[derive(Default)]
+struct Lanes<W> {
+    table: Vec<W>,
+    last: Vec<W>,
+    len: Vec<W>,
+    pv: Vec<W>,
+    mv: Vec<W>,
+    score: Vec<W>,
+}
+
+impl<W: Word> Lanes<W> {
+    /// Runs the patterns `members` (ascending) against every text of `texts`, writing
+    /// `distance + 1` into `out`. Patterns of 1 to `8 * size_of::<W>()` code points get their
+    /// distances; lanes of other patterns hold placeholders, for the caller to overwrite.
+    fn run(
+        &mut self,
+        members: &[u32],
+        patterns: &[&[char]],
+        alphabet: &Alphabet,
+        texts: &Texts,
+        np: usize,
+        out: &mut [u16],
+    ) {
+        let bits = 8 * std::mem::size_of::<W>();
+        let rows = texts.rows;
+        let per_chunk = (LANE_TABLE_BYTES / (rows * std::mem::size_of::<W>())).max(16);
+        for chunk in members.chunks(per_chunk) {
+            let lanes = chunk.len();
+            self.table.clear();
+            self.table.resize(rows * lanes, W::ZERO);
+            self.last.clear();
+            self.len.clear();
+            for (lane, &k) in chunk.iter().enumerate() {
+                let p = patterns[k as usize];
+                if p.is_empty() || p.len() > bits {
+                    self.last.push(W::ONE);
+                    self.len.push(W::ONE);
+                    continue;
+                }
+                for (bit, c) in p.iter().enumerate() {
+                    let cell = &mut self.table[alphabet.code(*c) as usize * lanes + lane];
+                    *cell = *cell | (W::ONE << bit as u32);
+                }
+                self.last.push(W::ONE << (p.len() - 1) as u32);
+                self.len.push(W::from_len(p.len()));
+            }
+            // A chunk of consecutive patterns is stored as one run of each output row.
+            let run = (chunk[lanes - 1] - chunk[0]) as usize + 1 == lanes;
+            for (span, &t) in texts.starts.windows(2).zip(texts.index) {
+                self.pv.clear();
+                self.pv.resize(lanes, W::ONES);
+                self.mv.clear();
+                self.mv.resize(lanes, W::ZERO);
+                self.score.clear();
+                self.score.extend_from_slice(&self.len);
+                for &code in &texts.codes[span[0]..span[1]] {
+                    let eqs = &self.table[code as usize * lanes..(code as usize + 1) * lanes];
+                    step(eqs, &self.last, &mut self.pv, &mut self.mv, &mut self.score);
+                }
+                // Scores are at most max(pattern, text) <= LANE_TEXT_MAX code points.
+                let row = &mut out[t as usize * np..(t as usize + 1) * np];
+                if run {
+                    let first = chunk[0] as usize;
+                    for (o, &s) in row[first..first + lanes].iter_mut().zip(&self.score) {
+                        *o = s.to_u32() as u16 + 1;
+                    }
+                } else {
+                    for (&k, &s) in chunk.iter().zip(&self.score) {
+                        row[k as usize] = s.to_u32() as u16 + 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One text character for every lane (Myers / Hyyrö, as in [`bit_parallel`]).
+#[inline(always)]
+fn step<W: Word>(eqs: &[W], last: &[W], pv: &mut [W], mv: &mut [W], score: &mut [W]) {
+    for ((((&eq, &last), pv), mv), score) in eqs
+        .iter()
+        .zip(last)
+        .zip(pv.iter_mut())
+        .zip(mv.iter_mut())
+        .zip(score.iter_mut())
+    {
+        let (p, m) = (*pv, *mv);
+        let xv = eq | m;
+        let xh = ((eq & p).add(p) ^ p) | eq;
+        let ph = m | !(xh | p);
+        let mh = p & xh;
+        let up = if ph & last == W::ZERO {
+            W::ZERO
+        } else {
+            W::ONE
+        };
+        let down = if mh & last == W::ZERO {
+            W::ZERO
+        } else {
+            W::ONE
+        };
+        *score = score.add(up).sub(down);
+        let ph = (ph << 1) | W::ONE;
+        let mh = mh << 1;
+        *pv = mh | !(xv | ph);
+        *mv = ph & xv;
+    }
+}
+
 /// Two-row dynamic programme, O(|a|·|b|) time, O(|a|) memory.
 fn classic(a: &[char], b: &[char]) -> u32 {
     let mut row: Vec<u32> = (0..=a.len() as u32).collect();
@@ -300,6 +608,32 @@ mod tests {
             for (p, pat) in pc.iter().enumerate() {
                 for (t, text) in tc.iter().enumerate() {
                     prop_assert_eq!(set.distance(p, t, text, &enc[t]), classic(pat, text));
+                }
+            }
+        }
+
+        #[test]
+        fn all_pairs_equals_dp(
+            // Lengths around the 16- and 64-code-point lane limits, empty strings included.
+            pats in prop::collection::vec(prop_oneof![
+                "[abcé▁Ġ]{0,5}", "[ab]{15,18}", "[abé]{62,67}"
+            ], 0..40),
+            texts in prop::collection::vec(prop_oneof!["[abcdé▁]{0,8}", "[ab]{60,70}"], 0..12),
+        ) {
+            let pc: Vec<Vec<char>> = pats.iter().map(|s| chars(s)).collect();
+            let tc: Vec<Vec<char>> = texts.iter().map(|s| chars(s)).collect();
+            let pr: Vec<&[char]> = pc.iter().map(Vec::as_slice).collect();
+            let tr: Vec<&[char]> = tc.iter().map(Vec::as_slice).collect();
+            let mut all = AllPairs::default();
+            // Twice with one `AllPairs`: buffers reused from a previous call must not leak.
+            for _ in 0..2 {
+                let mut out = vec![7u16; tr.len() * pr.len()];
+                all.fill(&tr, &pr, &mut out);
+                for (t, text) in tc.iter().enumerate() {
+                    for (p, pat) in pc.iter().enumerate() {
+                        let want = if text.is_empty() { pat.len() as u32 } else { classic(text, pat) };
+                        prop_assert_eq!(u32::from(out[t * pr.len() + p]), want + 1);
+                    }
                 }
             }
         }
