@@ -53,6 +53,11 @@ fn pool(num_threads: usize) -> Option<Arc<rayon::ThreadPool>> {
 
 /// Runs `f(i)` for `i in 0..len` on `num_threads` threads (default: [`default_num_threads`]),
 /// returning the results in order. One thread runs inline, without a pool.
+///
+/// Every item is its own task (`with_max_len(1)`). Rayon's default splitting stops after a few
+/// halvings and runs each piece sequentially, so a thread that finishes early has nothing left
+/// to steal: with 64 sequences of uneven length on 2 threads, one thread sat idle for up to 40 %
+/// of the batch. Sequences take tens of microseconds at least, so a task each costs nothing.
 pub fn par_map<T, F>(len: usize, num_threads: Option<usize>, f: F) -> Vec<T>
 where
     T: Send,
@@ -63,7 +68,7 @@ where
         return (0..len).map(f).collect();
     }
     match pool(n) {
-        Some(p) => p.install(|| (0..len).into_par_iter().map(&f).collect()),
+        Some(p) => p.install(|| (0..len).into_par_iter().with_max_len(1).map(&f).collect()),
         None => (0..len).map(f).collect(),
     }
 }
