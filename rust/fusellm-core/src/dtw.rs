@@ -34,15 +34,17 @@ use rustc_hash::FxHashMap;
 const INF: u32 = u32::MAX;
 
 /// Allocations reused across the pairs one thread aligns: the cost table, the match-mask tables
-/// (of the all-pairs kernel, or of the lazy one for tables too large to fill) and the DP band. Fresh multi-megabyte allocations per pair cost page faults and allocator
-/// work, and serialize threads in the kernel; reusing them keeps a pair's work in user space.
-/// Buffers above [`KEEP_BYTES`] are released after use.
+/// (of the all-pairs kernel, or of the lazy one for tables too large to fill) and the DP band.
+/// Fresh multi-megabyte allocations per pair cost page faults and allocator work, and serialize
+/// threads in the kernel; reusing them keeps a pair's work in user space. Buffers above
+/// [`KEEP_BYTES`] are released after use.
 #[derive(Default)]
 struct Scratch {
     dense: Vec<u16>,
     peq: Vec<u64>,
     text_peq: Vec<u64>,
     vals: Vec<u32>,
+    vals16: Vec<u16>,
     all: AllPairs,
 }
 
@@ -71,6 +73,7 @@ impl Scratch {
             peq: keep(self.peq),
             text_peq: keep(self.text_peq),
             vals: keep(self.vals),
+            vals16: keep(self.vals16),
             all: self.all,
         };
         SCRATCH.with(|s| *s.borrow_mut() = kept);
@@ -293,14 +296,52 @@ fn distance(
     }
 }
 
-/// Rows of the DP stored over their window of finite cells.
-struct Band {
-    lo: Vec<u32>,
-    start: Vec<usize>,
-    vals: Vec<u32>,
+/// A DP value as stored in the band: `u32`, or `u16` when the bound leaves every kept value below
+/// 65,534 (half the memory traffic of the pass's largest buffer). A pruned cell is stored as the
+/// type's maximum, which loads as a value no kept cell reaches.
+trait Stored: Copy {
+    fn store(v: u32) -> Self;
+    fn load(self) -> u32;
 }
 
-impl Band {
+impl Stored for u32 {
+    #[inline(always)]
+    fn store(v: u32) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn load(self) -> u32 {
+        self
+    }
+}
+
+impl Stored for u16 {
+    #[inline(always)]
+    fn store(v: u32) -> Self {
+        v.min(u32::from(u16::MAX)) as u16
+    }
+    #[inline(always)]
+    fn load(self) -> u32 {
+        u32::from(self)
+    }
+}
+
+/// Largest bound for which the band stores `u16` values: kept values are below `bound + 1`,
+/// so they stay below `u16::MAX`, the pruned marker. (Tests use a small limit, so that both
+/// widths run.)
+#[cfg(not(test))]
+const U16_BOUND: u32 = u16::MAX as u32 - 2;
+#[cfg(test)]
+const U16_BOUND: u32 = 8;
+
+/// Rows of the DP stored over their window of finite cells.
+struct Band<V> {
+    lo: Vec<u32>,
+    start: Vec<usize>,
+    vals: Vec<V>,
+}
+
+impl<V: Stored> Band<V> {
     #[inline]
     fn get(&self, i: usize, j: usize) -> u32 {
         let lo = self.lo[i] as usize;
@@ -308,7 +349,7 @@ impl Band {
         if j < lo || j >= lo + len {
             INF
         } else {
-            self.vals[self.start[i] + j - lo]
+            self.vals[self.start[i] + j - lo].load()
         }
     }
 }
@@ -641,14 +682,14 @@ impl<'a> Costs<'a> {
 /// A cell's cost is looked up (and its distance computed) only if the cell can still be finite:
 /// its best predecessor plus the length difference of the two strings (a lower bound on their
 /// distance) must not exceed `bound`.
-fn pruned_forward(
+fn pruned_forward<V: Stored>(
     x: &Interned,
     y: &Interned,
     costs: &mut Costs,
     bound: u32,
     suffix: &SuffixBounds,
-    mut vals: Vec<u32>,
-) -> Option<Band> {
+    mut vals: Vec<V>,
+) -> Option<Band<V>> {
     let (n, m) = (x.ids.len(), y.ids.len());
     vals.clear();
     // A cell (i, j) is kept iff D + max(rows[i + 1], cols[j + 1]) <= bound, i.e. D < limit.
@@ -679,7 +720,7 @@ fn pruned_forward(
         return None;
     }
     band.lo.push(0);
-    band.vals.extend_from_slice(&cur);
+    band.vals.extend(cur.iter().map(|&v| V::store(v)));
     band.start.push(band.vals.len());
 
     for i in 1..n {
@@ -700,6 +741,7 @@ fn pruned_forward(
             .zip(&y.ids[plo..phi])
             .zip(&col_limit[plo..phi])
         {
+            let up = up.load();
             let best = up.min(diag).min(left);
             diag = up;
             let lim = row_limit.min(cl);
@@ -737,14 +779,15 @@ fn pruned_forward(
         let first = cur.iter().position(|&v| v != INF)?;
         let last = cur.iter().rposition(|&v| v != INF)?;
         band.lo.push((plo + first) as u32);
-        band.vals.extend_from_slice(&cur[first..=last]);
+        band.vals
+            .extend(cur[first..=last].iter().map(|&v| V::store(v)));
         band.start.push(band.vals.len());
     }
     Some(band)
 }
 
 /// Backtrack with the reference tie order (diag, up, left), then group by base position.
-fn backtrack(band: &Band, n: usize, m: usize) -> Alignment {
+fn backtrack<V: Stored>(band: &Band<V>, n: usize, m: usize) -> Alignment {
     let mut pairs: Vec<(u32, u32)> = Vec::with_capacity(n + m);
     let (mut i, mut j) = (n - 1, m - 1);
     while i > 0 || j > 0 {
@@ -804,29 +847,43 @@ pub fn mined_dtw(x: &Interned, y: &Interned) -> Result<Alignment> {
     let mut costs = Costs::in_scratch(&x.strings, &y.strings, &mut scratch);
     let bound = banded_cost(x, y, &mut costs).min(u64::from(INF - 1)) as u32;
     let suffix = SuffixBounds::new(x, y, &mut costs);
-    let vals = std::mem::take(&mut scratch.vals);
-    let band = match pruned_forward(x, y, &mut costs, bound, &suffix, vals) {
-        Some(band) => Some(band),
-        // Unreachable for a valid bound; an unpruned pass keeps the result exact regardless.
-        None => pruned_forward(
-            x,
-            y,
-            &mut costs,
-            INF - 1,
-            &SuffixBounds::zero(n, m),
-            Vec::new(),
-        ),
-    };
-    costs.release(&mut scratch);
-    let result = band
-        .map(|band| {
-            let al = backtrack(&band, n, m);
-            scratch.vals = band.vals;
+    let result = if bound <= U16_BOUND {
+        let vals = std::mem::take(&mut scratch.vals16);
+        forward_backtrack(x, y, &mut costs, bound, &suffix, vals).map(|(al, vals)| {
+            scratch.vals16 = vals;
             al
         })
+    } else {
+        let vals = std::mem::take(&mut scratch.vals);
+        forward_backtrack(x, y, &mut costs, bound, &suffix, vals).map(|(al, vals)| {
+            scratch.vals = vals;
+            al
+        })
+    };
+    // Unreachable for a valid bound; an unpruned pass keeps the result exact regardless.
+    let result = result
+        .or_else(|| {
+            let zero = SuffixBounds::zero(n, m);
+            forward_backtrack::<u32>(x, y, &mut costs, INF - 1, &zero, Vec::new()).map(|r| r.0)
+        })
         .ok_or_else(|| Error::Value("MinED alignment: path costs overflow 32 bits".to_string()));
+    costs.release(&mut scratch);
     scratch.give();
     result
+}
+
+/// The pruned pass and its backtrack; also returns the band's value buffer, for reuse.
+fn forward_backtrack<V: Stored>(
+    x: &Interned,
+    y: &Interned,
+    costs: &mut Costs,
+    bound: u32,
+    suffix: &SuffixBounds,
+    vals: Vec<V>,
+) -> Option<(Alignment, Vec<V>)> {
+    let band = pruned_forward(x, y, costs, bound, suffix, vals)?;
+    let al = backtrack(&band, x.ids.len(), y.ids.len());
+    Some((al, band.vals))
 }
 
 /// MinED DTW on token strings: strips each side's marker, interns, aligns.
