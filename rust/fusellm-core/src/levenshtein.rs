@@ -435,10 +435,12 @@ macro_rules! word {
 word!(u16);
 word!(u64);
 
-/// Lanes of one word size: per lane, the pattern's last bit and length; per text character
-/// code, the match masks of all lanes; and the running state.
+/// Lanes of one word size: per lane, the pattern's last bit and length; per character of the
+/// chunk's patterns, the match masks of all lanes (`local` maps a character code to its table
+/// row, 0 being the row of characters no lane holds); and the running state.
 #[derive(Default)]
 struct Lanes<W> {
+    local: Vec<u32>,
     table: Vec<W>,
     last: Vec<W>,
     len: Vec<W>,
@@ -461,23 +463,39 @@ impl<W: Word> Lanes<W> {
         out: &mut [u16],
     ) {
         let bits = 8 * std::mem::size_of::<W>();
-        let rows = texts.rows;
-        let per_chunk = (LANE_TABLE_BYTES / (rows * std::mem::size_of::<W>())).max(16);
+        let in_lane = |p: &[char]| (1..=bits).contains(&p.len());
+        // Chunks are sized as if every character had a row, which bounds the table whatever
+        // the alphabet; the table itself only has rows for the chunk's own characters.
+        let per_chunk = (LANE_TABLE_BYTES / (texts.rows * std::mem::size_of::<W>())).max(16);
+        self.local.clear();
+        self.local.resize(texts.rows, 0);
         for chunk in members.chunks(per_chunk) {
             let lanes = chunk.len();
+            let mut rows = 1usize;
+            for &k in chunk {
+                let p = patterns[k as usize];
+                for &c in p.iter().filter(|_| in_lane(p)) {
+                    let row = &mut self.local[alphabet.code(c) as usize];
+                    if *row == 0 {
+                        *row = rows as u32;
+                        rows += 1;
+                    }
+                }
+            }
             self.table.clear();
             self.table.resize(rows * lanes, W::ZERO);
             self.last.clear();
             self.len.clear();
             for (lane, &k) in chunk.iter().enumerate() {
                 let p = patterns[k as usize];
-                if p.is_empty() || p.len() > bits {
+                if !in_lane(p) {
                     self.last.push(W::ONE);
                     self.len.push(W::ONE);
                     continue;
                 }
-                for (bit, c) in p.iter().enumerate() {
-                    let cell = &mut self.table[alphabet.code(*c) as usize * lanes + lane];
+                for (bit, &c) in p.iter().enumerate() {
+                    let row = self.local[alphabet.code(c) as usize] as usize;
+                    let cell = &mut self.table[row * lanes + lane];
                     *cell = *cell | (W::ONE << bit as u32);
                 }
                 self.last.push(W::ONE << (p.len() - 1) as u32);
@@ -493,7 +511,8 @@ impl<W: Word> Lanes<W> {
                 self.score.clear();
                 self.score.extend_from_slice(&self.len);
                 for &code in &texts.codes[span[0]..span[1]] {
-                    let eqs = &self.table[code as usize * lanes..(code as usize + 1) * lanes];
+                    let row = self.local[code as usize] as usize;
+                    let eqs = &self.table[row * lanes..(row + 1) * lanes];
                     step(eqs, &self.last, &mut self.pv, &mut self.mv, &mut self.score);
                 }
                 // Scores are at most max(pattern, text) <= LANE_TEXT_MAX code points.
@@ -507,6 +526,11 @@ impl<W: Word> Lanes<W> {
                     for (&k, &s) in chunk.iter().zip(&self.score) {
                         row[k as usize] = s.to_u32() as u16 + 1;
                     }
+                }
+            }
+            for &k in chunk {
+                for &c in patterns[k as usize] {
+                    self.local[alphabet.code(c) as usize] = 0;
                 }
             }
         }
