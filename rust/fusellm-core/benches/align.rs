@@ -98,31 +98,39 @@ fn text(n_words: usize) -> Vec<&'static str> {
         .collect()
 }
 
-fn prepared(tokens: &[String], marker: &str) -> (Vec<Vec<char>>, Vec<u32>) {
+/// Marker-stripped strings and guide lengths of a token list.
+type Prepared = (Vec<Vec<char>>, Vec<u32>);
+
+fn prepared(tokens: &[String], marker: &str) -> Prepared {
     tokens
         .iter()
         .map(|t| (strip_marker(t, marker), surface_len(t, marker)))
         .unzip()
 }
 
+/// A text of `n_words` words segmented twice, as a blend (`Ġ`) and a base (`▁`) tokenizer
+/// would, prepared for interning.
+fn two_segmentations(n_words: usize) -> (Prepared, Prepared) {
+    let words = text(n_words);
+    let (base, _) = segment(&words, "▁", 7);
+    let (blend, _) = segment(&words, "Ġ", 11);
+    (prepared(&blend, "Ġ"), prepared(&base, "▁"))
+}
+
 fn bench_mined(c: &mut Criterion) {
     if cfg!(debug_assertions) {
         eprintln!("warning: benchmarking a debug build; numbers are meaningless");
     }
-    let words = text(1500);
-    let (base, _) = segment(&words, "▁", 7);
-    let (blend, _) = segment(&words, "Ġ", 11);
-    let (xs, xg) = prepared(&blend, "Ġ");
-    let (ys, yg) = prepared(&base, "▁");
+    let ((xs, xg), (ys, yg)) = two_segmentations(1500);
     let (x, y) = (intern_strings(&xs, xg), intern_strings(&ys, yg));
     assert_eq!(mined_dtw(&x, &y).unwrap(), mined_dtw_full(&x, &y).unwrap());
     let mut g = c.benchmark_group("mined_dtw");
     g.sample_size(20);
-    g.throughput(Throughput::Elements(base.len() as u64));
-    g.bench_with_input(BenchmarkId::new("pruned", base.len()), &(), |b, _| {
+    g.throughput(Throughput::Elements(y.ids.len() as u64));
+    g.bench_with_input(BenchmarkId::new("pruned", y.ids.len()), &(), |b, _| {
         b.iter(|| mined_dtw(black_box(&x), black_box(&y)).unwrap())
     });
-    g.bench_with_input(BenchmarkId::new("full_matrix", base.len()), &(), |b, _| {
+    g.bench_with_input(BenchmarkId::new("full_matrix", y.ids.len()), &(), |b, _| {
         b.iter(|| mined_dtw_full(black_box(&x), black_box(&y)).unwrap())
     });
     g.finish();
@@ -167,11 +175,7 @@ fn bench_levenshtein(c: &mut Criterion) {
 /// text, by the all-pairs lane kernel and, as its baseline, pair by pair with the per-pair
 /// bit-parallel kernel over the same precomputed match masks.
 fn bench_cost_table(c: &mut Criterion) {
-    let words = text(1500);
-    let (base, _) = segment(&words, "▁", 7);
-    let (blend, _) = segment(&words, "Ġ", 11);
-    let (xs, xg) = prepared(&blend, "Ġ");
-    let (ys, yg) = prepared(&base, "▁");
+    let ((xs, xg), (ys, yg)) = two_segmentations(1500);
     let (x, y) = (intern_strings(&xs, xg), intern_strings(&ys, yg));
     let (texts, patterns) = (&x.strings, &y.strings);
     let mut g = c.benchmark_group("cost_table");
