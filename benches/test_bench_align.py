@@ -9,8 +9,9 @@
 
 from __future__ import annotations
 
-import os
+import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -146,57 +147,60 @@ def test_offsets_tokens_per_second(benchmark, setup) -> None:
     )
 
 
+def _concurrently(run: Callable[[], float], copies: int) -> list[float]:
+    """Runs `copies` calls of `run` at once, on Python threads; returns their results."""
+    results: list[float] = []
+    threads = [threading.Thread(target=lambda: results.append(run())) for _ in range(copies)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def test_batch_two_threads_vs_one(benchmark, setup) -> None:
     s = setup
     al = s["compat"]
     args = [s[k] for k in ("b_ids", "x_ids", "t_ids", "t_logits")]
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     best: dict[str, float] = {}
 
-    def timed(key: str, threads: int) -> None:
+    def one_thread() -> float:
         t0 = time.perf_counter()
-        al.align_batch(*args, num_threads=threads)
-        best[key] = min(best.get(key, float("inf")), time.perf_counter() - t0)
+        al.align_batch(*args, num_threads=1)
+        return time.perf_counter() - t0
 
-    # Warm up, which also starts the 2-thread pool while this thread may run on every CPU (pool
-    # threads inherit the affinity of the thread that starts them).
+    def keep(key: str, seconds: float) -> None:
+        best[key] = min(best.get(key, float("inf")), seconds)
+
     for threads in (1, 2):
-        al.align_batch(*args, num_threads=threads)
+        al.align_batch(*args, num_threads=threads)  # warm the pool
     # Interleaved rounds, best of each: the machine's speed drifts (shared VM), and measuring all
-    # one-thread rounds before all two-thread rounds would fold that drift into the ratio. On
-    # this VM the two vCPUs also run at different speeds at times (a busy neighbour on one
-    # physical core), so the one-thread time is also taken pinned to each of the first two CPUs:
-    # the "per-core" speedup compares 2 threads with one thread at the two cores' mean speed.
-    pinned = cpus[:2] if len(cpus) >= 2 else []
-    for _ in range(12):
-        for cpu in pinned:
-            os.sched_setaffinity(0, {cpu})
-            try:
-                timed(f"cpu{cpu}", 1)
-            finally:
-                os.sched_setaffinity(0, cpus)
-        timed("one", 1)
-        timed("two", 2)
+    # one-thread rounds before all two-thread rounds would fold that drift into the ratio.
+    # "loaded": two independent one-thread runs at once (align_batch releases the GIL), the
+    # slower one. It takes as long as one thread alone on a machine whose two cores run at full
+    # speed together; on this VM it often does not (neighbours on the same hosts), and then no
+    # implementation can reach 2x. Against it, the 2-thread ratio shows what our scheduling
+    # gains or loses.
+    for _ in range(8):
+        keep("one", one_thread())
+        keep("loaded", max(_concurrently(one_thread, 2)))
+        t0 = time.perf_counter()
+        al.align_batch(*args, num_threads=2)
+        keep("two", time.perf_counter() - t0)
     benchmark.pedantic(al.align_batch, args=tuple(args), kwargs={"num_threads": 2}, rounds=1)
     speedup = best["one"] / best["two"]
-    info = {"one_thread_s": best["one"], "two_threads_s": best["two"], "speedup": speedup}
-    if pinned:
-        # One thread at the two cores' mean speed: the harmonic mean of their times.
-        mean_one = len(pinned) / sum(1 / best[f"cpu{c}"] for c in pinned)
-        info["per_core_one_thread_s"] = {c: best[f"cpu{c}"] for c in pinned}
-        info["per_core_speedup"] = mean_one / best["two"]
-    benchmark.extra_info.update(info)
+    benchmark.extra_info.update(
+        one_thread_s=best["one"],
+        two_threads_s=best["two"],
+        two_loaded_one_thread_runs_s=best["loaded"],
+        speedup=speedup,
+        speedup_vs_loaded=best["loaded"] / best["two"],
+    )
     report(
         "mined compat, 64 pairs",
         one_thread_s=f"{best['one']:.3f}",
         two_threads_s=f"{best['two']:.3f}",
         speedup=f"{speedup:.2f}x",
-        **(
-            {
-                "one_thread_pinned_s": "/".join(f"{best[f'cpu{c}']:.3f}" for c in pinned),
-                "per_core_speedup": f"{info['per_core_speedup']:.2f}x",
-            }
-            if pinned
-            else {}
-        ),
+        one_thread_with_both_cores_busy_s=f"{best['loaded']:.3f}",
+        speedup_vs_loaded=f"{best['loaded'] / best['two']:.2f}x",
     )
