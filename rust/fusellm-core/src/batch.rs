@@ -56,7 +56,7 @@ fn pool(num_threads: usize) -> Option<Arc<rayon::ThreadPool>> {
 ///
 /// Every item is its own task (`with_max_len(1)`). Rayon's default splitting stops after a few
 /// halvings and runs each piece sequentially, so a thread that finishes early has nothing left
-/// to steal: with 64 sequences of uneven length on 2 threads, one thread sat idle for up to 40 %
+/// to steal: with 64 sequences of uneven length on 2 threads, one thread sat idle for over 40 %
 /// of the batch. Sequences take tens of microseconds at least, so a task each costs nothing.
 pub fn par_map<T, F>(len: usize, num_threads: Option<usize>, f: F) -> Vec<T>
 where
