@@ -178,7 +178,7 @@ def test_batch_two_threads_vs_one(benchmark, setup) -> None:
     # one-thread rounds before all two-thread rounds would fold that drift into the ratio.
     # "loaded": two independent one-thread runs at once (align_batch releases the GIL), the
     # slower one. It takes as long as one thread alone on a machine whose two cores run at full
-    # speed together; on this VM it often does not (neighbours on the same hosts), and then no
+    # speed together; on this VM it often takes longer (1.3x to 1.6x measured), and then no
     # implementation can reach 2x. Against it, the 2-thread ratio shows what our scheduling
     # gains or loses.
     for _ in range(8):

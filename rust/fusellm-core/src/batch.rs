@@ -57,7 +57,8 @@ fn pool(num_threads: usize) -> Option<Arc<rayon::ThreadPool>> {
 /// Every item is its own task (`with_max_len(1)`). Rayon's default splitting stops after a few
 /// halvings and runs each piece sequentially, so a thread that finishes early has nothing left
 /// to steal: with 64 sequences of uneven length on 2 threads, one thread sat idle for over 40 %
-/// of the batch. Sequences take tens of microseconds at least, so a task each costs nothing.
+/// of the batch. A task costs 35 to 75 ns (100,000 empty ones on 2 threads), against about
+/// 100 µs for a 2048-token sequence with `method="offsets"` and milliseconds with MinED.
 pub fn par_map<T, F>(len: usize, num_threads: Option<usize>, f: F) -> Vec<T>
 where
     T: Send,

@@ -249,15 +249,16 @@ fn myers64(pattern: &[char], text: &[char]) -> u32 {
 /// code points, 64 bits up to 64), the match masks of every lane for one text character form one
 /// contiguous row, and a text character advances every lane with the same dozen element-wise
 /// operations. Those loops carry nothing between lanes, so the compiler vectorizes them (eight
-/// 16-bit lanes per SSE2 register). Empty patterns, longer patterns and very long texts are
-/// measured pair by pair with [`levenshtein`].
+/// 16-bit lanes per SSE2 register, sixteen in the AVX2 build chosen at run time). Empty
+/// patterns, longer patterns and very long texts are measured pair by pair with
+/// [`levenshtein`].
 ///
 /// The struct holds the work buffers, so that a thread reuses them from call to call.
 #[derive(Default)]
 pub struct AllPairs {
-    codes: Vec<u32>,
-    starts: Vec<usize>,
-    index: Vec<u32>,
+    texts: Coded,
+    text_index: Vec<u32>,
+    patterns: Coded,
     short: Lanes<u16>,
     medium: Lanes<u64>,
 }
@@ -284,42 +285,39 @@ impl AllPairs {
         let np = patterns.len();
         assert_eq!(out.len(), texts.len() * np, "AllPairs::fill: output size");
         let store = |d: u32| u16::try_from(d + 1).unwrap_or(0);
+        // Patterns of at most 64 code points are coded; longer ones are left empty (no lane runs
+        // them), and so are their characters.
         let mut alphabet = Alphabet::default();
-        for p in patterns.iter().filter(|p| p.len() <= 64) {
-            for &c in p.iter() {
-                alphabet.insert(c);
-            }
+        self.patterns.clear();
+        for p in patterns {
+            let lane = if p.len() <= 64 { *p } else { &[] };
+            self.patterns.push(lane.iter().map(|&c| alphabet.insert(c)));
         }
-        self.codes.clear();
-        self.starts.clear();
-        self.starts.push(0);
-        self.index.clear();
+        self.texts.clear();
+        self.text_index.clear();
         for (i, t) in texts.iter().enumerate() {
             if t.len() <= LANE_TEXT_MAX {
-                self.codes.extend(t.iter().map(|&c| alphabet.code(c)));
-                self.starts.push(self.codes.len());
-                self.index.push(i as u32);
+                self.texts.push(t.iter().map(|&c| alphabet.code(c)));
+                self.text_index.push(i as u32);
             }
         }
         let lane_texts = Texts {
-            codes: &self.codes,
-            starts: &self.starts,
-            index: &self.index,
+            coded: &self.texts,
+            index: &self.text_index,
             rows: alphabet.len + 1,
         };
         // Every pattern has a 16-bit lane, in order, so that results are stored as contiguous
         // runs; lanes of patterns that are empty or longer than 16 code points are placeholders
         // whose results are overwritten below.
         let all: Vec<u32> = (0..np as u32).collect();
-        self.short
-            .run(&all, patterns, &alphabet, &lane_texts, np, out);
+        self.short.run(&all, &self.patterns, &lane_texts, np, out);
         let medium: Vec<u32> = all
             .iter()
             .copied()
             .filter(|&k| (17..=64).contains(&patterns[k as usize].len()))
             .collect();
         self.medium
-            .run(&medium, patterns, &alphabet, &lane_texts, np, out);
+            .run(&medium, &self.patterns, &lane_texts, np, out);
         for (k, p) in patterns.iter().enumerate() {
             if p.is_empty() || p.len() > 64 {
                 for (t, text) in texts.iter().enumerate() {
@@ -339,7 +337,8 @@ impl AllPairs {
 }
 
 /// Codes of the characters of the lane patterns, from 1 (0 stands for any other character).
-/// Code points below 512 (ASCII, Latin-1, the byte-level alphabets) are looked up in an array.
+/// Code points below 512 (ASCII, Latin-1, the byte-level alphabets) are looked up in an array,
+/// the others in a hash map.
 struct Alphabet {
     low: [u32; 512],
     high: rustc_hash::FxHashMap<char, u32>,
@@ -357,18 +356,20 @@ impl Default for Alphabet {
 }
 
 impl Alphabet {
-    fn insert(&mut self, c: char) {
-        let next = self.len as u32 + 1;
+    /// The code of `c`, assigned on first sight.
+    fn insert(&mut self, c: char) -> u32 {
         let slot = match self.low.get_mut(c as usize) {
             Some(slot) => slot,
             None => self.high.entry(c).or_insert(0),
         };
         if *slot == 0 {
-            *slot = next;
             self.len += 1;
+            *slot = self.len as u32;
         }
+        *slot
     }
 
+    /// The code of `c`, 0 if no pattern holds it.
     #[inline]
     fn code(&self, c: char) -> u32 {
         match self.low.get(c as usize) {
@@ -378,11 +379,35 @@ impl Alphabet {
     }
 }
 
-/// The texts that the lanes run over (those of at most [`LANE_TEXT_MAX`] code points), encoded:
-/// `codes[starts[t]..starts[t + 1]]` for text number `index[t]`; `rows` codes in all.
+/// Strings as character codes: `codes[starts[i]..starts[i + 1]]` for string `i`.
+#[derive(Default)]
+struct Coded {
+    codes: Vec<u32>,
+    starts: Vec<usize>,
+}
+
+impl Coded {
+    fn clear(&mut self) {
+        self.codes.clear();
+        self.starts.clear();
+        self.starts.push(0);
+    }
+
+    fn push(&mut self, codes: impl Iterator<Item = u32>) {
+        self.codes.extend(codes);
+        self.starts.push(self.codes.len());
+    }
+
+    #[inline]
+    fn get(&self, i: usize) -> &[u32] {
+        &self.codes[self.starts[i]..self.starts[i + 1]]
+    }
+}
+
+/// The texts that the lanes run over (those of at most [`LANE_TEXT_MAX`] code points): coded
+/// text `t` is text number `index[t]`; `rows` character codes in all.
 struct Texts<'a> {
-    codes: &'a [u32],
-    starts: &'a [usize],
+    coded: &'a Coded,
     index: &'a [u32],
     rows: usize,
 }
@@ -450,20 +475,19 @@ struct Lanes<W> {
 }
 
 impl<W: Word> Lanes<W> {
-    /// Runs the patterns `members` (ascending) against every text of `texts`, writing
+    /// Runs the coded patterns `members` (ascending) against every text of `texts`, writing
     /// `distance + 1` into `out`. Patterns of 1 to `8 * size_of::<W>()` code points get their
     /// distances; lanes of other patterns hold placeholders, for the caller to overwrite.
     fn run(
         &mut self,
         members: &[u32],
-        patterns: &[&[char]],
-        alphabet: &Alphabet,
+        patterns: &Coded,
         texts: &Texts,
         np: usize,
         out: &mut [u16],
     ) {
         let bits = 8 * std::mem::size_of::<W>();
-        let in_lane = |p: &[char]| (1..=bits).contains(&p.len());
+        let in_lane = |p: &[u32]| (1..=bits).contains(&p.len());
         // Chunks are sized as if every character had a row, which bounds the table whatever
         // the alphabet; the table itself only has rows for the chunk's own characters.
         let per_chunk = (LANE_TABLE_BYTES / (texts.rows * std::mem::size_of::<W>())).max(16);
@@ -473,9 +497,9 @@ impl<W: Word> Lanes<W> {
             let lanes = chunk.len();
             let mut rows = 1usize;
             for &k in chunk {
-                let p = patterns[k as usize];
+                let p = patterns.get(k as usize);
                 for &c in p.iter().filter(|_| in_lane(p)) {
-                    let row = &mut self.local[alphabet.code(c) as usize];
+                    let row = &mut self.local[c as usize];
                     if *row == 0 {
                         *row = rows as u32;
                         rows += 1;
@@ -487,14 +511,14 @@ impl<W: Word> Lanes<W> {
             self.last.clear();
             self.len.clear();
             for (lane, &k) in chunk.iter().enumerate() {
-                let p = patterns[k as usize];
+                let p = patterns.get(k as usize);
                 if !in_lane(p) {
                     self.last.push(W::ONE);
                     self.len.push(W::ONE);
                     continue;
                 }
                 for (bit, &c) in p.iter().enumerate() {
-                    let row = self.local[alphabet.code(c) as usize] as usize;
+                    let row = self.local[c as usize] as usize;
                     let cell = &mut self.table[row * lanes + lane];
                     *cell = *cell | (W::ONE << bit as u32);
                 }
@@ -503,8 +527,8 @@ impl<W: Word> Lanes<W> {
             }
             texts_pass(self, chunk, texts, np, out);
             for &k in chunk {
-                for &c in patterns[k as usize] {
-                    self.local[alphabet.code(c) as usize] = 0;
+                for &c in patterns.get(k as usize) {
+                    self.local[c as usize] = 0;
                 }
             }
         }
@@ -573,14 +597,14 @@ fn texts_pass_any<W: Word>(
     let lanes = chunk.len();
     // A chunk of consecutive patterns is stored as one run of each output row.
     let run = (chunk[lanes - 1] - chunk[0]) as usize + 1 == lanes;
-    for (span, &t) in texts.starts.windows(2).zip(texts.index) {
+    for (i, &t) in texts.index.iter().enumerate() {
         l.pv.clear();
         l.pv.resize(lanes, W::ONES);
         l.mv.clear();
         l.mv.resize(lanes, W::ZERO);
         l.score.clear();
         l.score.extend_from_slice(&l.len);
-        for &code in &texts.codes[span[0]..span[1]] {
+        for &code in texts.coded.get(i) {
             let row = l.local[code as usize] as usize;
             let eqs = &l.table[row * lanes..(row + 1) * lanes];
             step(eqs, &l.last, &mut l.pv, &mut l.mv, &mut l.score);
