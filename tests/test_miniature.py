@@ -131,6 +131,33 @@ def test_build_tokenizer_is_deterministic_and_exact(tmp_path: Path) -> None:
         mini.build_tokenizer("spiece", "one string", 600, tmp_path / "x")
 
 
+_FRESH_BUILD = """
+import hashlib, sys, tempfile
+from fusellm import miniature as m
+sc = m.SCALES["test"]
+spec = m.MODEL_SPECS[0]
+texts = m._texts(m._partition(0, sc), spec.tokenizer_mix, sc.tokenizer_docs)
+with tempfile.TemporaryDirectory() as out:
+    m.build_tokenizer(spec.tokenizer, texts, spec.vocab[1], out + "/tok")
+    print(hashlib.sha256(open(out + "/tok/tokenizer.json", "rb").read()).hexdigest())
+"""
+
+
+def test_target_tokenizer_is_identical_in_fresh_processes() -> None:
+    # The tokenizers trainer orders characters of equal count by a per-process hash: with its own
+    # alphabet cut, these texts gave three different target tokenizers in six fresh processes.
+    import subprocess
+    import sys
+
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", _FRESH_BUILD], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        for _ in range(4)
+    }
+    assert len(digests) == 1, digests
+
+
 # --- models --------------------------------------------------------------------------------------
 
 

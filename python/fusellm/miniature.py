@@ -105,10 +105,12 @@ TOKENIZER_KINDS = ("spiece", "bytelevel")
 
 #: Bumped whenever the recipe changes in a way the per-scale settings do not show, so that
 #: previously prepared pieces are rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 #: The id of the single special token of the byte-level tokenizers.
 BYTELEVEL_EOS = "<|endoftext|>"
 SPIECE_SPECIALS = ("<unk>", "<s>", "</s>")
+#: Characters of the target tokenizer's alphabet; the rest fall back to bytes.
+SPIECE_ALPHABET = 100
 MANIFEST_KIND = "fusellm.miniature"
 SUMMARY_NAME = "miniature.json"
 
@@ -322,10 +324,15 @@ def _train_spiece(texts: list[str], vocab_size: int) -> Any:
 
     n_bytes = 256
     first = pipeline(Tokenizer(models.BPE(unk_token="<unk>")))
+    # The trainer's own `limit_alphabet` cut orders characters of equal count by hash-map order,
+    # which changes from process to process; the alphabet is chosen here instead (commonest
+    # characters, ties by code point) and given as the initial alphabet, which the cut keeps.
+    alphabet = _alphabet(texts, SPIECE_ALPHABET)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - n_bytes,
         special_tokens=list(SPIECE_SPECIALS),
-        limit_alphabet=100,
+        initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet),
         show_progress=False,
     )
     first.train_from_iterator(texts, trainer=trainer)
@@ -346,6 +353,19 @@ def _train_spiece(texts: list[str], vocab_size: int) -> Any:
     tok = pipeline(Tokenizer(model))
     tok.add_special_tokens(list(SPIECE_SPECIALS))
     return tok
+
+
+def _alphabet(texts: Sequence[str], size: int) -> list[str]:
+    """The ``size`` commonest characters of ``texts`` as the Metaspace pre-tokenizer sees them
+    (spaces as ``▁``, one ``▁`` prepended per text), ties broken by code point."""
+    from collections import Counter
+
+    counts: Counter[str] = Counter()
+    for t in texts:
+        counts.update(t.replace(" ", "▁"))
+    counts["▁"] += len(texts)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [c for c, _ in ranked[:size]]
 
 
 def _train_bytelevel(texts: list[str], vocab_size: int) -> Any:
