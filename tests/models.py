@@ -134,18 +134,21 @@ def load(model: TinyModel) -> tuple[Any, Any]:
 
 
 def reference_row(lm: Any, ids: list[int], num_valid: int, k: int) -> dict[str, np.ndarray]:
-    """Top-K (ids with a token only) and CE of one unpadded single-row pass, from full logits."""
+    """Top-K (ids with a token only: logits, and log-probabilities over those ids) and CE of one
+    unpadded single-row pass, from full logits in float64."""
     import torch
 
     with torch.inference_mode():
         logits = lm(input_ids=torch.tensor([ids])).logits[0].float()
         logits[:, num_valid:] = -float("inf")
         vals, idx = torch.topk(logits, k, dim=-1)
-        lse = torch.logsumexp(logits[:-1], dim=-1).double()
+        all_lse = torch.logsumexp(logits.double(), dim=-1)
+        lse = all_lse[:-1]
         target = logits[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].double()
         steps = lse - target
     return {
         "logits": vals.numpy(),
+        "logprobs": (vals.double() - all_lse[:, None]).numpy(),
         "ids": idx.numpy(),
         "steps": steps.numpy(),
         "ce": float(steps.mean()) if len(ids) > 1 else float("nan"),

@@ -165,8 +165,9 @@ def align_row(
     base_offsets: Any = None,
     blend_offsets: Any = None,
     base_index: Mapping[str, int] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
-    """One sequence on the base side: ``(ids, logits, status, num_unknown, num_unmapped)``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int, int]:
+    """One sequence on the base side: ``(ids, logits, status, num_unknown, num_unmapped,
+    num_duplicates)``.
 
     ``base_index`` (from :func:`lowest_ids`) avoids rebuilding the string index of a large base
     vocabulary on every call.
@@ -219,7 +220,7 @@ def align_row(
     ids = np.full((n_base, k), -1, dtype=np.int32)
     logits = np.full((n_base, k), -np.inf, dtype=np.float32)
     status = np.full(n_base, MASKED, dtype=np.uint8)
-    unknown = unmapped = 0
+    unknown = unmapped = duplicates = 0
     for i in range(n_base):
         j = paired[i]
         if j is None:
@@ -233,7 +234,7 @@ def align_row(
                 raise ValueError(f"fallback {fallback!r}")
             if target is not None:
                 ids[i, 0] = target
-                logits[i, 0] = 1.0
+                logits[i, 0] = 1.0 if compat == "fusellm" else 0.0  # probability 1
                 status[i] = FALLBACK
             continue
         # stable order by descending logit (equal logits keep their column order)
@@ -255,6 +256,7 @@ def align_row(
                 continue
             for entry in row:
                 if entry[0] == base_id:
+                    duplicates += 1
                     if compat != "fusellm":
                         with np.errstate(all="ignore"):
                             entry[1] = np.float32(np.logaddexp(entry[1], value))
@@ -268,7 +270,7 @@ def align_row(
             ids[i, c] = base_id
             logits[i, c] = value
         status[i] = MATCHED if row else EMPTY
-    return ids, logits, status, unknown, unmapped
+    return ids, logits, status, unknown, unmapped, duplicates
 
 
 def compare_rows(got: Any, want: tuple[Any, ...], *, where: str = "") -> None:
@@ -277,17 +279,18 @@ def compare_rows(got: Any, want: tuple[Any, ...], *, where: str = "") -> None:
     Everything is exact except merged logits (``MERGE_TOL``); where a row holds merged values the
     order of entries whose logits are within the tolerance of each other is not checked.
     """
-    w_ids, w_logits, w_status, w_unknown, w_unmapped = want
+    w_ids, w_logits, w_status, w_unknown, w_unmapped, w_duplicates = want
     assert got.ids.dtype == np.int32, where
     assert got.logits.dtype == np.float32, where
     assert got.status.dtype == np.uint8, where
     assert got.ids.shape == w_ids.shape, (where, got.ids.shape, w_ids.shape)
     assert got.logits.shape == w_logits.shape, where
     np.testing.assert_array_equal(got.status, w_status, err_msg=f"status {where}")
-    assert (int(got.num_unknown), int(got.num_unmapped)) == (w_unknown, w_unmapped), (
+    got_counts = (int(got.num_unknown), int(got.num_unmapped), int(got.num_duplicates))
+    assert got_counts == (w_unknown, w_unmapped, w_duplicates), (
         where,
-        (got.num_unknown, got.num_unmapped),
-        (w_unknown, w_unmapped),
+        got_counts,
+        (w_unknown, w_unmapped, w_duplicates),
     )
     for i in range(w_ids.shape[0]):
         g_ids, g_log = got.ids[i], got.logits[i]

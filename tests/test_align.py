@@ -381,6 +381,7 @@ def test_fallbacks() -> None:
     assert ref.logits[2:4, 0].tolist() == [1.0, 1.0]
     nxt = check(_hand(fallback="next"), [seq])[0]
     assert nxt.ids[2:4, 0].tolist() == [4, 5]  # next token
+    assert nxt.logits[2:4, 0].tolist() == [0.0, 0.0]  # probability 1, as a log-probability
     assert nxt.status.tolist() == [MATCHED, MATCHED, FALLBACK, FALLBACK, MATCHED]
     masked = check(_hand(fallback="mask"), [seq])[0]
     assert masked.status.tolist() == [MATCHED, MATCHED, MASKED, MASKED, MATCHED]

@@ -97,6 +97,7 @@ def llama_run(tiny_llama: TinyModel, tmp_path_factory: pytest.TempPathFactory) -
 def check_against_reference(model: TinyModel, report: Any, texts: list[str] = TEXTS) -> None:
     lm, tok = load(model)
     ds = report.load()
+    values = read_manifest(report.output_dir)["key"]["values"]
     assert len(ds) == len(texts)
     assert ds["text"] == texts
     assert ds["row_index"] == list(range(len(texts)))
@@ -111,10 +112,14 @@ def check_against_reference(model: TinyModel, report: Any, texts: list[str] = TE
         assert got_ids.shape == got_logits.shape == (len(ids), K)
         assert (got_ids < model.num_tokens).all()
         np.testing.assert_array_equal(got_ids, ref["ids"])
-        np.testing.assert_allclose(got_logits, ref["logits"], rtol=2e-3, atol=2e-3)
+        want = ref[values]
+        np.testing.assert_allclose(got_logits, want, rtol=2e-3, atol=2e-3)
         # Equal to float16 rounding of the reference, except where the reference lies within
         # float noise of a rounding boundary.
-        assert np.mean(ref["logits"].astype(np.float16) == got_logits.astype(np.float16)) > 0.99
+        assert np.mean(want.astype(np.float16) == got_logits.astype(np.float16)) > 0.99
+        if values == "logprobs":  # the row's mass: at most 1, the rest outside the top-K
+            mass = np.exp(got_logits.astype(np.float64)).sum(-1)
+            assert (mass <= 1 + 2e-3).all()
         assert row["metric_ce"] == pytest.approx(ref["ce"], abs=2e-5)
         if "per_step_metric_ce" in row:
             np.testing.assert_allclose(row["per_step_metric_ce"], ref["steps"], atol=2e-5)
@@ -125,12 +130,19 @@ def check_against_reference(model: TinyModel, report: Any, texts: list[str] = TE
 
 
 def test_llama_mistral_matches_full_logits(tiny_llama: TinyModel, llama_run: Any) -> None:
+    assert read_manifest(llama_run.output_dir)["key"]["values"] == "logprobs"  # the default
     check_against_reference(tiny_llama, llama_run)
     ds = llama_run.load()
     # per_step_metric_ce has L - 1 entries whose mean is metric_ce.
     for row in ds:
         assert len(row["per_step_metric_ce"]) == row["num_tokens"] - 1
         assert np.mean(row["per_step_metric_ce"]) == pytest.approx(row["metric_ce"], abs=1e-5)
+
+
+def test_raw_logits_as_the_reference_stores_them(tiny_llama: TinyModel, tmp_path: Path) -> None:
+    report = run(tiny_llama, tmp_path / "logits", values="logits")
+    assert read_manifest(report.output_dir)["key"]["values"] == "logits"
+    check_against_reference(tiny_llama, report)
 
 
 FAMILY_TEXTS = TEXTS[:4] + TEXTS[8:11]

@@ -269,6 +269,251 @@ def test_lambda_one_is_plain_clm_and_matches_cross_entropy() -> None:
     torch.testing.assert_close(out.clm_loss, ce, rtol=1e-6, atol=1e-6)
 
 
+# ------------------------------------------------------------------------------------------------
+# The calibrated loss (spec section 11) and token-level selection, against a dense float64 oracle
+# ------------------------------------------------------------------------------------------------
+
+
+def as_logprobs(batch: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The batch's teacher rows as log-probabilities of rows holding a random share of the mass
+    (one-entry rows hold all of it, as alignment fallbacks do)."""
+    g = torch.Generator().manual_seed(seed)
+    z = batch["teacher_logits"]
+    valid = (batch["teacher_ids"] >= 0) & (z > -math.inf)
+    lse = torch.logsumexp(torch.where(valid, z, -math.inf), -1, keepdim=True)
+    mass = torch.rand((*z.shape[:-1], 1), generator=g) * 0.8 + 0.2
+    mass = torch.where(valid.sum(-1, keepdim=True) == 1, torch.ones_like(mass), mass)
+    lp = torch.where(valid, z - torch.where(torch.isfinite(lse), lse, 0) + mass.log(), -math.inf)
+    return {**batch, "teacher_logits": lp}
+
+
+def dense_calibrated(
+    logits: torch.Tensor,
+    batch: dict[str, Any],
+    *,
+    fusion: str,
+    distill_loss: str,
+    selection: str,
+    temperature: float,
+    lam: float,
+    cand_mask: list[bool],
+    matched: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Position by position, in float64: the fused teacher over the row ids plus one tail bin."""
+    labels, mask = batch["labels"], batch["attention_mask"]
+    t_ids, t_lp, scores = batch["teacher_ids"], batch["teacher_logits"], batch["teacher_scores"]
+    b, length, v = logits.shape
+    c = t_ids.shape[1]
+    p_student = torch.softmax(logits.double(), -1)
+    total_clm = total_fuse = logits.new_zeros((), dtype=torch.float64)
+    n_clm = n_fuse = 0
+    for i, t in itertools.product(range(b), range(length)):
+        rows = []
+        for j in range(c):
+            ids, lp = t_ids[i, j, t], t_lp[i, j, t]
+            ok = (ids >= 0) & (lp > -math.inf)
+            if not ok.any():  # empty: the ref row
+                ids, lp = t_ids[i, 0, t], t_lp[i, 0, t]
+                ok = (ids >= 0) & (lp > -math.inf)
+            ids, lp = ids[ok].tolist(), lp[ok].double()
+            p = torch.exp(lp)
+            if temperature != 1.0 and len(ids):
+                p = p.sum() * torch.softmax(lp / temperature, 0)
+            rows.append((ids, p, max(0.0, 1.0 - float(p.sum()))))
+        y = int(labels[i, t + 1]) if t + 1 < length else -100
+        reward = [math.exp(-float(scores[i, j])) for j in range(c)]
+        usable = [cand_mask[j] and (matched is None or bool(matched[i, j, t])) for j in range(c)]
+        if selection == "token" and y != -100 and any(usable):
+            reward = []
+            for j, (ids, p, tail) in enumerate(rows):
+                py = float(p[ids.index(y)]) if y in ids else tail / max(1, v - len(ids))
+                reward.append(py if usable[j] else -math.inf)
+        reward = [r if cand_mask[j] else -math.inf for j, r in enumerate(reward)]
+        if fusion == "mince":
+            pick = reward.index(max(reward))
+            weights = [1.0 if j == pick else 0.0 for j in range(c)]
+        else:
+            weights = torch.softmax(torch.tensor(reward, dtype=torch.float64), 0).tolist()
+        q = torch.zeros(v, dtype=torch.float64)
+        in_row = torch.zeros(v, dtype=torch.bool)
+        tail = 0.0
+        for w, (ids, p, row_tail) in zip(weights, rows, strict=True):
+            if w > 0:
+                for idx, pv in zip(ids, p.tolist(), strict=True):
+                    q[idx] += w * pv
+                    in_row[idx] = True
+                tail += w * row_tail
+        ps = p_student[i, t]
+        loss_t = -(q[in_row] * torch.log(ps[in_row])).sum()
+        if tail > 0:
+            loss_t = loss_t - tail * torch.log(ps[~in_row].sum())
+        if distill_loss == "kl":
+            qq = q[in_row & (q > 0)]
+            loss_t = loss_t + (qq * torch.log(qq)).sum() + (tail * math.log(tail) if tail else 0)
+        if mask[i, t]:
+            total_fuse = total_fuse + (1 - lam) * loss_t
+            n_fuse += 1
+        if y != -100:
+            total_clm = total_clm + lam * -torch.log(ps[y])
+            n_clm += 1
+    return total_clm / max(n_clm, 1) + total_fuse / max(n_fuse, 1)
+
+
+CALIBRATED = list(
+    itertools.product(("mince", "avgce"), ("block", "token"), ("ce", "kl"), (1.0, 0.7))
+)
+
+
+@pytest.mark.parametrize(("fusion", "selection", "distill_loss", "temperature"), CALIBRATED)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_calibrated_loss_equals_the_dense_definition(
+    fusion: str, selection: str, distill_loss: str, temperature: float, seed: int
+) -> None:
+    batch = as_logprobs(random_batch(seed), seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    matched = torch.rand((*batch["teacher_scores"].shape, 7), generator=g) < 0.8
+    matched[:, 0] = True  # ref rows are always the target's own
+    cand_mask = [True, True, seed == 0]
+    kw = {"fusion": fusion, "distill_loss": distill_loss, "temperature": temperature}
+    logits = batch["logits"].clone().requires_grad_(True)
+    out = fusion_loss(
+        logits,
+        batch["labels"],
+        batch["attention_mask"],
+        batch["teacher_ids"],
+        batch["teacher_logits"],
+        batch["teacher_scores"],
+        teacher="calibrated",
+        selection=selection,
+        lm_loss_weight=0.6,
+        candidate_mask=cand_mask,
+        teacher_matched=matched,
+        chunk_elements=50,
+        **kw,
+    )
+    out.loss.backward()
+    ref_logits = batch["logits"].clone().requires_grad_(True)
+    want = dense_calibrated(
+        ref_logits,
+        batch,
+        selection=selection,
+        lam=0.6,
+        cand_mask=cand_mask,
+        matched=matched,
+        **kw,
+    )
+    want.backward()
+    torch.testing.assert_close(out.loss.double(), want, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-6)
+
+
+def sub_batch(batch: dict[str, Any], block: int, cands: int, length: int) -> dict[str, Any]:
+    """One block, the first ``cands`` candidates and ``length`` positions of a batch."""
+    out = {k: v[block : block + 1, ..., :length] for k, v in batch.items() if v.dim() == 2}
+    out["teacher_scores"] = batch["teacher_scores"][block : block + 1, :cands]
+    out["logits"] = batch["logits"][block : block + 1, :length]
+    for k in ("teacher_ids", "teacher_logits"):
+        out[k] = batch[k][block : block + 1, :cands, :length]
+    return out
+
+
+def test_calibrated_tail_is_exact_when_the_row_holds_almost_all_student_mass() -> None:
+    ids = torch.tensor([[[[1, 4, 5, -1], [2, 3, 7, 8], [10, 14, 1, 11]]]], dtype=torch.int32)
+    lp = torch.where(ids >= 0, math.log(0.2), -math.inf)  # rows holding 60 % and 80 %
+    logits = torch.zeros(1, 3, 23)
+    for t in range(3):
+        logits[0, t, ids[0, 0, t][ids[0, 0, t] >= 0].long()] = 60.0
+    # the student's mass outside each row is ~e^-60: log(1 - Σ p) would be log(0) in float32
+    x = logits.clone().requires_grad_(True)
+    row = ids[:, 0]
+    _, log_tail = log_softmax_gather(x, row.clamp_min(0).long(), in_row=row >= 0)
+    p = torch.softmax(logits.double(), -1)
+    for t in range(3):
+        outside = torch.ones(23, dtype=torch.bool)
+        outside[row[0, t][row[0, t] >= 0].long()] = False
+        want = torch.log(p[0, t][outside].sum())
+        assert float(want) < -50
+        assert float(log_tail[0, t].detach()) == pytest.approx(float(want), rel=1e-5)
+    log_tail.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    student = logits.clone().requires_grad_(True)
+    labels, mask = torch.tensor([[1, 2, 10]]), torch.ones(1, 3, dtype=torch.long)
+    out = fusion_loss(student, labels, mask, ids, lp, torch.ones(1, 1), teacher="calibrated")
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert torch.isfinite(student.grad).all()
+    assert float(out.fusion_loss) > 10  # the tail bin's ~0.3 x 60 nats are counted
+
+
+def test_calibrated_equals_renormalized_for_rows_that_hold_all_the_mass() -> None:
+    """Rows whose probabilities sum to 1 have an empty tail: both targets are the same."""
+    batch = random_batch(3)
+    valid = (batch["teacher_ids"] >= 0) & (batch["teacher_logits"] > -math.inf)
+    lse = torch.logsumexp(batch["teacher_logits"], -1, keepdim=True)
+    full = torch.where(
+        valid, batch["teacher_logits"] - torch.where(valid.any(-1, True), lse, 0), -math.inf
+    )
+    args = [batch[k] for k in ("logits", "labels", "attention_mask", "teacher_ids")]
+    cal = fusion_loss(*args, full, batch["teacher_scores"], teacher="calibrated")
+    ren = fusion_loss(*args, full, batch["teacher_scores"], teacher="renormalized")
+    torch.testing.assert_close(cal.loss, ren.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_token_selection_picks_the_row_that_predicts_the_next_token() -> None:
+    # one block, 3 positions, candidates ref and a; labels 5 -> 6 -> 7
+    ids = torch.tensor([[[[6, 1], [7, 2], [9, 3]], [[1, 6], [2, 3], [4, 5]]]], dtype=torch.int32)
+    lp = torch.log(torch.tensor([[[[0.5, 0.1], [0.2, 0.1], [0.5, 0.5]],
+                                  [[0.6, 0.3], [0.5, 0.4], [0.5, 0.5]]]]))  # fmt: skip
+    labels = torch.tensor([[5, 6, 7]])
+    mask = torch.ones(1, 3, dtype=torch.long)
+    scores = torch.tensor([[1.0, 2.0]])  # block selection: ref
+    args = (torch.zeros(1, 3, 10), labels, mask, ids, lp, scores)
+    block = fusion_loss(*args, teacher="calibrated")
+    assert block.candidate_weights.tolist() == [[1.0, 0.0]]
+    tok = fusion_loss(*args, teacher="calibrated", selection="token")
+    # t=0 (next 6): ref 0.5 > a 0.3; t=1 (next 7): ref 0.2 > a's tail 0.1 / 8; t=2: no next
+    # token, the block's choice (ref)
+    assert tok.candidate_weights.tolist() == [[1.0, 0.0]]
+    lp[0, 1, 0] = torch.log(torch.tensor([0.3, 0.6]))  # now a gives 6 more: t=0 goes to a
+    tok = fusion_loss(*args[:4], lp, scores, teacher="calibrated", selection="token")
+    torch.testing.assert_close(tok.candidate_weights, torch.tensor([[2 / 3, 1 / 3]]))
+    matched = torch.tensor([[[True] * 3, [False, True, True]]])
+    tok = fusion_loss(
+        *args[:4], lp, scores, teacher="calibrated", selection="token", teacher_matched=matched
+    )
+    assert tok.candidate_weights.tolist() == [[1.0, 0.0]]  # a's row at t=0 is a fallback
+
+
+def test_compat_rewards_tie_within_one_bfloat16_step() -> None:
+    """The reference ranks candidates by 1 / exp(CE) in bfloat16: CEs that round to the same
+    bfloat16 value tie, and the tie goes to ref; fusellm compares them in float32."""
+    batch = sub_batch(random_batch(0), 2, 2, 7)
+    scores = torch.tensor([[2.0, 1.997]])  # the source is better, by less than a bf16 step
+    assert torch.equal(scores.to(torch.bfloat16)[0, 0], scores.to(torch.bfloat16)[0, 1])
+    args = [batch[k] for k in ("logits", "labels", "attention_mask", "teacher_ids")]
+    ours = fusion_loss(*args, batch["teacher_logits"], scores)
+    ref = fusion_loss(*args, batch["teacher_logits"], scores, compat="fusellm")
+    assert ours.candidate_weights.tolist() == [[0.0, 1.0]]
+    assert ref.candidate_weights.tolist() == [[1.0, 0.0]]
+    with pytest.raises(InputError, match="renormalized"):
+        fusion_loss(*args, batch["teacher_logits"], scores, compat="fusellm", teacher="calibrated")
+
+
+def test_compat_teacher_probabilities_are_rounded_to_bfloat16() -> None:
+    batch = sub_batch(random_batch(1), 2, 1, 2)
+    args = [batch[k] for k in ("logits", "labels", "attention_mask", "teacher_ids")]
+    z = batch["teacher_logits"]
+    got = fusion_loss(*args, z, batch["teacher_scores"], compat="fusellm", lm_loss_weight=0.0)
+    logp = torch.log_softmax(batch["logits"].float(), -1)
+    total = 0.0
+    for t in range(2):
+        ids, zz = batch["teacher_ids"][0, 0, t], z[0, 0, t]
+        ok = (ids >= 0) & (zz > -math.inf)
+        p = torch.softmax(zz[ok].to(torch.bfloat16), 0).float()
+        total += float(-(p * logp[0, t, ids[ok].long()]).sum())
+    assert float(got.loss) == pytest.approx(total / 2, rel=1e-6)
+
+
 def test_denominators_normalise_over_a_window() -> None:
     batch = random_batch(4)
     args = [batch[k] for k in ("logits", "labels", "attention_mask")]
@@ -333,9 +578,12 @@ class _BigAllocations(TorchDispatchMode):
         return out
 
 
-def test_no_dense_teacher_and_no_stored_log_softmax() -> None:
+@pytest.mark.parametrize("teacher", ["renormalized", "calibrated"])
+def test_no_dense_teacher_and_no_stored_log_softmax(teacher: str) -> None:
     """The forward pass allocates nothing of size [B, L, V]; the backward only the gradient."""
     batch = random_batch(1, b=3, c=3, length=16, k=4, v=101)
+    if teacher == "calibrated":
+        batch = as_logprobs(batch, 1)
     logits = batch["logits"].clone().requires_grad_(True)
     n = logits.numel()
     with _BigAllocations(n) as fwd:
@@ -348,6 +596,7 @@ def test_no_dense_teacher_and_no_stored_log_softmax() -> None:
             batch["teacher_scores"],
             fusion="avgce",
             distill_loss="kl",
+            teacher=teacher,  # type: ignore[arg-type]
             chunk_elements=8 * 101,
         )
     assert fwd.big == []

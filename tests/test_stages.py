@@ -61,9 +61,9 @@ def listing(path: Path) -> dict[str, int]:
     return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
 
 
-def extract(model: TinyModel, out: Path, texts: list[str] = TEXTS) -> Path:
+def extract(model: TinyModel, out: Path, texts: list[str] = TEXTS, **kw: Any) -> Path:
     with quiet():
-        extract_topk(texts, model.path, out, progress=False, rows_per_shard=3)
+        extract_topk(texts, model.path, out, progress=False, rows_per_shard=3, **kw)
     return out
 
 
@@ -77,6 +77,13 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModel]:
 def extracts(models: dict[str, TinyModel], tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("extracts")
     return {name: extract(m, root / name) for name, m in models.items()}
+
+
+@pytest.fixture(scope="module")
+def logit_extracts(models: dict[str, TinyModel], tmp_path_factory: Any) -> dict[str, Path]:
+    """Raw-logit extractions (the reference's), of the target and the NeoX source."""
+    root = tmp_path_factory.mktemp("logits")
+    return {n: extract(models[n], root / n, values="logits") for n in ("llama", "neox")}
 
 
 @pytest.fixture(scope="module")
@@ -224,11 +231,12 @@ def test_source_columns_equal_a_direct_aligner_call(
     rows, b_spans, s_spans = direct_rows(extracts, source)
     got = load_rows(aligned.output_dir)
     stats = json.loads((aligned.output_dir / ALIGN_STATS_NAME).read_text())["sources"][source]
-    totals = dict.fromkeys([*STATUS_KEYS, "unknown_ids", "unmapped_ids"], 0)
+    totals = dict.fromkeys([*STATUS_KEYS, "unknown_ids", "unmapped_ids", "duplicate_ids"], 0)
     exact = entries = 0
     for r, row in enumerate(rows):
         np.testing.assert_array_equal(got[r][f"{source}_ids"], row.ids)
         np.testing.assert_array_equal(got[r][f"{source}_logits"], row.logits.astype(np.float16))
+        np.testing.assert_array_equal(got[r][f"{source}_status"], row.status)
         for k, v in row.counts().items():
             totals[k] += v
         entries += int((row.ids[row.status == fusellm.MATCHED] >= 0).sum())
@@ -246,7 +254,7 @@ def test_source_columns_equal_a_direct_aligner_call(
 def test_align_stats_file_shape(aligned: Any) -> None:
     stats = json.loads((aligned.output_dir / ALIGN_STATS_NAME).read_text())
     assert stats == aligned.stats()
-    assert list(stats) == ["method", "vocab", "rows", "base_positions", "sources"]
+    assert list(stats) == ["method", "vocab", "rows", "base_positions", "sources", "teachers"]
     assert (stats["method"], stats["vocab"], stats["rows"]) == ("offsets", "hard", len(TEXTS))
     assert list(stats["sources"]) == list(SOURCES)
     for counts in stats["sources"].values():
@@ -255,6 +263,7 @@ def test_align_stats_file_shape(aligned: Any) -> None:
             "exact_span",
             "unknown_ids",
             "unmapped_ids",
+            "duplicate_ids",
             "topk_entries",
         }
         assert all(isinstance(v, int) for v in counts.values())
@@ -266,7 +275,7 @@ def test_align_stats_file_shape(aligned: Any) -> None:
 
 
 def test_mined_soft_with_a_vocab_map(
-    extracts: dict, source_dirs: dict, neox_map: Path, tmp_path: Path
+    extracts: dict, source_dirs: dict, logit_extracts: dict, neox_map: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "mined"
     report = align_dataset(
@@ -294,16 +303,21 @@ def test_mined_soft_with_a_vocab_map(
     hard, _, _ = direct_rows(extracts, "neox", method="mined", vocab="hard")
     assert stats["unmapped_ids"] < sum(r.num_unmapped for r in hard)
 
-    # The reference's rows (compat="fusellm"): one-hot fallback on the CURRENT token.
+    # The reference's rows (compat="fusellm", on raw logits as the reference stores them):
+    # one-hot fallback on the CURRENT token.
+    with pytest.raises(InputError, match="raw logits"):
+        align_dataset(
+            extracts["llama"], {"neox": source_dirs["neox"]}, tmp_path / "c", compat="fusellm"
+        )
     ref = align_dataset(
-        extracts["llama"],
-        {"neox": source_dirs["neox"]},
+        logit_extracts["llama"],
+        {"neox": logit_extracts["neox"]},
         tmp_path / "compat",
         method="mined",
         compat="fusellm",
         progress=False,
     )
-    rows, _, _ = direct_rows(extracts, "neox", method="mined", compat="fusellm")
+    rows, _, _ = direct_rows(logit_extracts, "neox", method="mined", compat="fusellm")
     got = load_rows(tmp_path / "compat")
     for r, row in enumerate(rows):
         np.testing.assert_array_equal(got[r]["neox_ids"], row.ids)
@@ -386,6 +400,88 @@ def test_row_count_and_text_mismatches_name_the_row(
     with pytest.raises(InputError, match="row 4: the text of source 'neox' differs"):
         align_dataset(extracts["llama"], {"neox": other}, out, progress=False)
     assert not out.exists()
+
+
+def test_extractions_of_different_values_are_not_mixed(
+    extracts: dict, logit_extracts: dict, tmp_path: Path
+) -> None:
+    with pytest.raises(InputError, match=r"'neox'.s extraction holds logits but the target"):
+        align_dataset(extracts["llama"], {"neox": logit_extracts["neox"]}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def domain_aligned(models: dict[str, TinyModel], tmp_path_factory: Any) -> Path:
+    """Extractions of texts with a domain column, aligned (the teacher diagnostics' input)."""
+    root = tmp_path_factory.mktemp("domains")
+    rows = datasets.Dataset.from_dict(
+        {"text": TEXTS, "domain": ["a", "b", "a", "b", "a", "b", "a"]}
+    )
+    ex = {n: extract(models[n], root / n, rows) for n in ("llama", "neox", "qwen2")}
+    out = root / "aligned"
+    align_dataset(
+        ex["llama"],
+        {"neox": ex["neox"], "qwen": ex["qwen2"]},
+        out,
+        rows_per_batch=2,
+        progress=False,
+    )
+    return out
+
+
+def test_teacher_diagnostics_equal_a_direct_computation(domain_aligned: Path) -> None:
+    """Every number of ``teachers`` in align_stats.json, recomputed position by position."""
+    stats = json.loads((domain_aligned / ALIGN_STATS_NAME).read_text())["teachers"]
+    rows = load_rows(domain_aligned)
+    vocab_size = len(load_tokenizer("mistral"))
+    assert stats["vocab_size"] == vocab_size
+    assert stats["logprobs"] is True
+    assert list(rows["domain"]) == ["a", "b", "a", "b", "a", "b", "a"]
+
+    def score(ids: Any, vals: Any, y: int) -> tuple[bool, bool, float]:
+        entries = [(int(i), float(v)) for i, v in zip(ids, vals, strict=True) if i >= 0]
+        probs = {i: math.exp(v) for i, v in entries}
+        if y in probs:
+            p = probs[y]
+        else:
+            p = max(0.0, 1.0 - sum(probs.values())) / (vocab_size - len(entries))
+        return bool(entries) and entries[0][0] == y, y in probs, -math.log(max(p, 1e-300))
+
+    want: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for row in rows:
+        ids = row["input_ids"]
+        for t in range(len(ids) - 1):
+            y = int(ids[t + 1])
+            ref = score(row["ref_ids"][t], row["ref_logits"][t], y)
+            for dom in ("all", row["domain"]):
+                acc = want.setdefault("ref", {}).setdefault(dom, {})
+                for key, v in zip(("top1", "coverage", "ce"), ref, strict=True):
+                    acc.setdefault(key, []).append(v)
+                for src in SOURCES:
+                    acc = want.setdefault(src, {}).setdefault(dom, {})
+                    matched = row[f"{src}_status"][t] == fusellm.MATCHED
+                    acc.setdefault("matched", []).append(matched)
+                    if not matched:
+                        continue
+                    got = score(row[f"{src}_ids"][t], row[f"{src}_logits"][t], y)
+                    for key, v in zip(("top1", "coverage", "ce"), got, strict=True):
+                        acc.setdefault(key, []).append(v)
+                    for key, v in zip(("ref_top1", "ref_coverage", "ref_ce"), ref, strict=True):
+                        acc.setdefault(key, []).append(v)
+    for cand, per in want.items():
+        assert set(stats["candidates"][cand]) == {"all", "a", "b"}
+        for dom, acc in per.items():
+            got = stats["candidates"][cand][dom]
+            if cand != "ref":
+                assert got["matched_share"] == pytest.approx(np.mean(acc.pop("matched")))
+            assert got["positions"] == len(acc["top1"])
+            for key, vals in acc.items():
+                assert got[key] == pytest.approx(np.mean(vals), rel=1e-6), (cand, dom, key)
+    assert 0 < stats["candidates"]["ref"]["all"]["coverage"] < 1
+    for src in SOURCES:
+        mass = stats["candidates"][src]["all"]
+        assert 0 < mass["topk_mass"] <= 1
+        assert 0 <= mass["dropped_mass"] <= mass["topk_mass"]
 
 
 def test_bad_inputs_write_nothing(

@@ -53,8 +53,13 @@ def successor(x: np.ndarray) -> np.ndarray:
     return (5 * x + 3) % V
 
 
-def packed_arrays(seed: int = 0, sources: tuple[str, ...] = ("a", "b")) -> dict[str, Any]:
-    """Blocks following x -> 5x + 3 (mod V); source 'a' knows the rule, ref and 'b' guess."""
+def packed_arrays(
+    seed: int = 0, sources: tuple[str, ...] = ("a", "b"), values: str = "logprobs"
+) -> dict[str, Any]:
+    """Blocks following x -> 5x + 3 (mod V); source 'a' knows the rule, ref and 'b' guess.
+
+    ``values="logprobs"``: the rows are log-probabilities of rows holding 90 % ('a') or 50 % of
+    the mass; ``"logits"``: the raw logits they come from."""
     rng = np.random.default_rng(seed)
     blocks = []
     for ln in LENGTHS:
@@ -76,6 +81,9 @@ def packed_arrays(seed: int = 0, sources: tuple[str, ...] = ("a", "b")) -> dict[
             a[:, 1:] = np.where(a[:, 1:] == a[:, :1], (a[:, 1:] + 1) % V, a[:, 1:])
             a[::4, K - 1] = -1  # padded entries
             z[::4, K - 1] = -np.inf
+            if values == "logprobs":
+                lse = np.log(np.exp(z).sum(1, keepdims=True))
+                z = z - lse + np.log(0.9 if good else 0.5)
             ids.append(a)
             logits.append(z)
         return {
@@ -131,13 +139,23 @@ def train(tmp_path: Path, seed: int = 0, data: Any = None, **kw: Any) -> FusionT
 # Training
 # ------------------------------------------------------------------------------------------------
 
-#: The first two logged losses of `train(tmp_path)` (seeded tiny Llama, MinCE, λ = 0.9).
+#: The first two logged losses of a seeded tiny Llama (MinCE, λ = 0.9) on the raw-logit rows,
+#: renormalised as the reference does (the values before the calibrated teacher existed).
 PINNED = [4.16927433013916, 4.00821590423584]
+#: The same with the default calibrated teacher on the log-probability rows.
+PINNED_CALIBRATED = [4.128170967102051, 3.968707799911499]
 
 
 def test_first_two_losses_are_pinned(tmp_path: Path) -> None:
+    ref = train(tmp_path, max_steps=2, data=packed(values="logits"), teacher="renormalized")
+    np.testing.assert_allclose(losses(ref), PINNED, rtol=1e-5, atol=1e-6)
     got = losses(train(tmp_path, max_steps=2))
-    np.testing.assert_allclose(got, PINNED, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, PINNED_CALIBRATED, rtol=1e-5, atol=1e-6)
+
+
+def test_calibrated_teacher_refuses_raw_logits(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="not log-probabilities"):
+        train(tmp_path, max_steps=1, data=packed(values="logits"))
 
 
 @pytest.mark.parametrize("fusion", ["mince", "avgce"])

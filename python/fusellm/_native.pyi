@@ -53,6 +53,7 @@ class Aligner:
             npt.NDArray[np.uint8],
             int,
             int,
+            int,
         ]
     ]: ...
 

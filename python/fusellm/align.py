@@ -13,15 +13,20 @@ Two pairings of base positions with blend positions:
 Two policies:
 
 - ``compat="fusellm"`` reproduces the reference rows exactly (spec section 6): duplicates keep
-  the first (highest) logit and an unmatched position gets a one-hot row on the CURRENT base
-  token, although the position predicts the next one.
+  the first (highest) logit and an unmatched position gets a one-hot row (logit 1.0) on the
+  CURRENT base token, although the position predicts the next one.
 - the default fixes the reference's defects: duplicates are merged by summing probabilities
-  (logsumexp of logits, exact at temperature 1), unmatched positions get a one-hot row on the NEXT
-  base token (``fallback="next"``; the last position is masked) or are masked
-  (``fallback="mask"``).
+  (logsumexp of the values: exact for log-probabilities, and for logits at temperature 1),
+  unmatched positions get a one-hot row on the NEXT base token (``fallback="next"``; the last
+  position is masked) or are masked (``fallback="mask"``). A one-hot row holds log-probability
+  0 (probability 1).
 
 In both, top-K ids that have no token string (padded vocabularies: model width > tokenizer length)
-are dropped and counted in :attr:`AlignedRow.num_unknown`.
+are dropped and counted in :attr:`AlignedRow.num_unknown`; entries whose string is not a base
+token in :attr:`AlignedRow.num_unmapped`. Nothing is renormalised: when the values are
+log-probabilities (``fusellm extract``'s default), the mass of every dropped entry is simply
+absent from the row, i.e. it moves to the row's tail (``1 - Σ exp(value)``), which the calibrated
+loss (:mod:`fusellm.fuse`) reads as probability outside the row.
 
 Rows are padded to K columns: ids with ``-1``, logits with ``-inf`` (probability zero under a
 softmax over the row). Every row is sorted by descending logit.
@@ -82,6 +87,8 @@ class AlignedRow:
             :data:`MASKED` per position.
         num_unknown: top-K entries dropped because the blend id has no token string.
         num_unmapped: top-K entries dropped because their string is not a base token.
+        num_duplicates: top-K entries whose base id repeats an earlier entry's: merged into it
+            (probabilities summed) by default, dropped with ``compat="fusellm"``.
     """
 
     ids: npt.NDArray[np.int32]
@@ -89,6 +96,7 @@ class AlignedRow:
     status: npt.NDArray[np.uint8]
     num_unknown: int
     num_unmapped: int
+    num_duplicates: int
 
     def counts(self) -> dict[str, int]:
         """Positions per status, plus the dropped top-K entries."""
@@ -100,6 +108,7 @@ class AlignedRow:
             "masked": int(c[MASKED]),
             "unknown_ids": self.num_unknown,
             "unmapped_ids": self.num_unmapped,
+            "duplicate_ids": self.num_duplicates,
         }
 
 

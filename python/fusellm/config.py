@@ -206,6 +206,13 @@ class ExtractSettings:
     per_step_ce: bool = field(
         default=False, metadata=_help("Also store every position's cross-entropy.")
     )
+    values: Literal["logprobs", "logits"] = field(
+        default="logprobs",
+        metadata=_help(
+            "What the top-K values are: exact log-probabilities, which keep the teacher's true "
+            "mass for the calibrated loss (improved), or raw logits (reference)."
+        ),
+    )
     rows_per_shard: int = field(
         default=2048, metadata=_help("Rows per output shard (the unit of resumption).")
     )
@@ -456,7 +463,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "improved": {
         "block_size": 2048,
         "split": {"boundary": "word"},
-        "extract": {"top_k": 10},
+        "extract": {"top_k": 10, "values": "logprobs"},
         "vocab_map": {"method": "surface"},
         "align": {"method": "offsets", "vocab": "soft", "compat": None, "fallback": "next"},
         "pack": {"mode": "concat"},
@@ -480,7 +487,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "reference": {
         "block_size": 2048,
         "split": {"boundary": "reference"},
-        "extract": {"top_k": 10},
+        "extract": {"top_k": 10, "values": "logits"},
         "vocab_map": {"method": "mined"},
         "align": {"method": "mined", "vocab": "soft", "compat": "fusellm", "fallback": "next"},
         "pack": {"mode": "concat"},

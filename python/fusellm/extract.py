@@ -3,9 +3,13 @@
 For each row (a split text), the model reads ``text + eos`` (no special tokens; both
 configurable) and fusellm keeps, for every real position ``t`` (which predicts token ``t + 1``):
 
-- the top-K logits (float16) and their ids (int32), descending; ids that have no token in the
+- the top-K values (float16) and their ids (int32), descending; ids that have no token in the
   tokenizer (padded vocabularies: 151,936 logits for 151,851 tokens) are excluded before the
-  top-K, and also from the softmax of the cross-entropy;
+  top-K, and also from the softmax of the cross-entropy. The values are exact log-probabilities
+  by default (``values="logprobs"``: the logits minus the position's float32 log-sum-exp over the
+  valid ids), so ``1 - Σ exp(value)`` is the mass the teacher puts outside its top-K; the
+  reference stores the raw logits (``values="logits"``), whose softmax over K entries loses that
+  mass. The manifest records which (key ``values``);
 - ``metric_ce``: the mean next-token cross-entropy of tokens 2..L given their prefix (float32,
   computed from float32 log-probabilities; the first token is not scored). A row with one token
   has no scored token: its ``metric_ce`` is NaN and it is listed in the report and manifest;
@@ -102,6 +106,8 @@ OUTPUT_COLUMNS = (
     "num_tokens",
     "num_bytes",
 )
+#: What the stored top-K values are: exact log-probabilities, or the raw logits (the reference).
+VALUES = ("logprobs", "logits")
 _GROUP = 64
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
 _COMPRESSIONS = ("zstd", "lz4", None)
@@ -144,9 +150,9 @@ def grouped_topk(x: Any, k: int, group: int = _GROUP, *, group_max: Any = None) 
     return top, cand.gather(1, j)
 
 
-def _stats_fused_impl(x: Any, targets: Any, group: int) -> tuple[Any, Any]:
+def _stats_fused_impl(x: Any, group: int) -> tuple[Any, Any]:
     """Compiled: the maxima of the full groups of ``group`` logits (for :func:`grouped_topk`) and
-    each row's ``logsumexp(x) - x[target]`` in float32, fused into one pass over ``x``."""
+    each row's float32 ``logsumexp(x)``, fused into one pass over ``x``."""
     import torch
 
     xf = x.float()
@@ -155,20 +161,20 @@ def _stats_fused_impl(x: Any, targets: Any, group: int) -> tuple[Any, Any]:
     gmax = xf[:, : ng * group].reshape(n, ng, group).amax(-1)
     m = xf.amax(-1, keepdim=True)
     lse = torch.log(torch.exp(xf - m).sum(-1)) + m.squeeze(-1)
-    return gmax, lse - xf.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return gmax, lse
 
 
 _COMPILED: dict[str, Any] = {}
 
 
-def _ce_eager(x: Any, targets: Any, chunk_rows: int) -> Any:
+def _lse_eager(x: Any, chunk_rows: int) -> Any:
+    """Each row's float32 ``logsumexp``, ``chunk_rows`` rows of float32 at a time."""
     import torch
-    import torch.nn.functional as F
 
     out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     for s in range(0, x.shape[0], chunk_rows):
         e = min(s + chunk_rows, x.shape[0])
-        out[s:e] = F.cross_entropy(x[s:e].float(), targets[s:e], reduction="none")
+        out[s:e] = torch.logsumexp(x[s:e].float(), dim=-1)
     return out
 
 
@@ -199,6 +205,9 @@ class TopKEngine:
         num_valid: ids ``>= num_valid`` have no token (padded vocabulary) and are excluded;
             ``None`` keeps every logit. ``invalid_ids`` excludes an explicit list instead.
         per_step_ce: also return each position's CE.
+        values: ``"logprobs"``: the top-K values are exact log-probabilities (the logits minus
+            the position's float32 log-sum-exp over the valid ids), so the row keeps the
+            teacher's true probability mass; ``"logits"``: the raw logits (the reference's).
         fused_ce: compute the CE with a fused compiled reduction (``None``: on CUDA only).
         group: group width of :func:`grouped_topk`.
 
@@ -214,12 +223,16 @@ class TopKEngine:
         num_valid: int | None = None,
         invalid_ids: Sequence[int] | None = None,
         per_step_ce: bool = False,
+        values: str = "logits",
         fused_ce: bool | None = None,
         group: int = _GROUP,
         ce_chunk_bytes: int = 256 << 20,
     ) -> None:
         import torch
 
+        if values not in VALUES:
+            raise InputError(f"values must be one of {list(VALUES)}, got {values!r}")
+        self.values = values
         self.model = model
         self.top_k = int(top_k)
         self.num_valid = num_valid
@@ -238,7 +251,9 @@ class TopKEngine:
         self.ce_path = "fused" if self.fused_ce else "eager"
 
     def _topk_and_ce(self, x: Any, targets: Any) -> tuple[Any, Any, Any]:
-        """(top-K values, top-K ids, per-row CE) of the masked logits ``x`` ``[N, V]``."""
+        """(top-K values, top-K ids, per-row CE) of the masked logits ``x`` ``[N, V]``; the
+        values are log-probabilities with ``values="logprobs"``."""
+        vals = idx = lse = None
         if self.fused_ce:
             import torch
 
@@ -246,17 +261,20 @@ class TopKEngine:
             if fn is None:
                 fn = _COMPILED["stats"] = torch.compile(_stats_fused_impl, dynamic=True)
             try:
-                gmax, ce = fn(x, targets, self.group)
+                gmax, lse = fn(x, self.group)
             except Exception as e:  # no compiler / backend: fall back, once, loudly
                 logger.warning("fused CE unavailable (%s: %s); using eager", type(e).__name__, e)
                 self.fused_ce = False
                 self.ce_path = "eager"
             else:
                 vals, idx = grouped_topk(x, self.top_k, self.group, group_max=gmax)
-                return vals, idx, ce
-        vals, idx = grouped_topk(x, self.top_k, self.group)
-        rows = max(1, self.ce_chunk_bytes // (4 * x.shape[1]))
-        return vals, idx, _ce_eager(x, targets, rows)
+        if lse is None:
+            vals, idx = grouped_topk(x, self.top_k, self.group)
+            lse = _lse_eager(x, max(1, self.ce_chunk_bytes // (4 * x.shape[1])))
+        ce = lse - x.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
+        if self.values == "logprobs":
+            vals = vals.float() - lse.unsqueeze(-1)
+        return vals, idx, ce
 
     def forward_logits(self, input_ids: Any) -> Any:
         """The bare forward pass this engine runs (right padding, no attention mask)."""
@@ -658,6 +676,7 @@ def extract_topk(
     append_eos: bool = True,
     add_special_tokens: bool = False,
     per_step_ce: bool = False,
+    values: str = "logprobs",
     rows_per_shard: int = 2048,
     max_tokens_per_batch: int = 16384,
     max_batch_size: int = 256,
@@ -688,6 +707,11 @@ def extract_topk(
         append_eos, add_special_tokens: the model reads ``text + eos`` without special tokens by
             default (the reference's convention).
         per_step_ce: also store each position's CE (``per_step_metric_ce``, ``[L - 1]``).
+        values: what ``per_step_logits`` holds: ``"logprobs"`` (default: exact top-K
+            log-probabilities, log-softmax over the valid ids with a float32 log-sum-exp, so a
+            row keeps the teacher's true probability mass) or ``"logits"`` (the raw logits, as
+            the reference pipeline stores them). Recorded in the manifest; alignment, packing
+            and training refuse to mix the two.
         rows_per_shard: rows per output shard (fixes the shard layout of the output).
         max_tokens_per_batch, max_batch_size: batch limits (padded tokens / rows).
         compression: shard compression, ``"zstd"`` (default), ``"lz4"`` or ``None``.
@@ -720,6 +744,8 @@ def extract_topk(
         raise InputError("rows_per_shard, max_tokens_per_batch and max_batch_size must be positive")
     if compression not in _COMPRESSIONS:
         raise InputError(f"compression must be one of {list(_COMPRESSIONS)}, got {compression!r}")
+    if values not in VALUES:
+        raise InputError(f"values must be one of {list(VALUES)}, got {values!r}")
     worker, workers = _worker_slot(shard)
 
     # 1. The input.
@@ -773,6 +799,7 @@ def extract_topk(
         "append_eos": append_eos,
         "add_special_tokens": add_special_tokens,
         "per_step_ce": per_step_ce,
+        "values": values,
         "rows_per_shard": rows_per_shard,
         "num_shards": num_shards,
         "compression": compression,
@@ -858,6 +885,7 @@ def extract_topk(
         num_valid=num_valid,
         invalid_ids=holes,
         per_step_ce=per_step_ce,
+        values=values,
         fused_ce=fused_ce,
     )
     report = ExtractReport(
@@ -1290,6 +1318,12 @@ def add_extract_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-eos", action="store_true", help="do not append the EOS token")
     p.add_argument("--add-special-tokens", action="store_true", help="add BOS etc.")
     p.add_argument("--per-step-ce", action="store_true", help="store per-position CE too")
+    p.add_argument(
+        "--values",
+        choices=VALUES,
+        default="logprobs",
+        help="top-K values stored: exact log-probabilities (default) or raw logits (reference)",
+    )
     p.add_argument("--rows-per-shard", type=int, default=2048, help="rows per shard (2048)")
     p.add_argument("--max-tokens-per-batch", type=int, default=16384, help="padded tokens/batch")
     p.add_argument("--max-batch-size", type=int, default=256, help="rows per batch")
@@ -1326,6 +1360,7 @@ def _extract_cli(args: argparse.Namespace) -> int:
         append_eos=not args.no_eos,
         add_special_tokens=args.add_special_tokens,
         per_step_ce=args.per_step_ce,
+        values=args.values,
         rows_per_shard=args.rows_per_shard,
         max_tokens_per_batch=args.max_tokens_per_batch,
         max_batch_size=args.max_batch_size,

@@ -88,11 +88,15 @@ Fusion = Literal["mince", "avgce"]
 Combine = Literal["hard", "hard_and_decay", "soft"]
 DistillLoss = Literal["ce", "kl"]
 Score = Literal["ce", "ce_per_byte"]
+Teacher = Literal["renormalized", "calibrated"]
+Selection = Literal["block", "token"]
 
 FUSIONS = ("mince", "avgce")
 COMBINES = ("hard", "hard_and_decay", "soft")
 DISTILL_LOSSES = ("ce", "kl")
 SCORES = ("ce", "ce_per_byte")
+TEACHERS = ("renormalized", "calibrated")
+SELECTIONS = ("block", "token")
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 #: Float32 elements per chunk of rows in :func:`log_softmax_gather`, by device type: chunks that
@@ -164,9 +168,70 @@ class _LogSoftmaxGather(torch.autograd.Function):
         return grad, None, None
 
 
+class _LogSoftmaxGatherTail(torch.autograd.Function):
+    """:class:`_LogSoftmaxGather` plus, per row, the log of the softmax mass OUTSIDE a set of ids:
+    ``log Σ_{v ∉ R} softmax(z)_v`` with ``R`` the gathered ids flagged in ``in_row``.
+
+    The tail is summed over the vocabulary with the row's ids masked out, never computed as
+    ``log(1 - Σ_R p)``: it stays exact (relative float32 precision) however close the row's mass
+    comes to 1. Its gradient is ``1[v ∉ R] p_v / tail - p_v``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, logits: torch.Tensor, index: torch.Tensor, in_row: torch.Tensor, rows: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = logits.shape[0]
+        out = torch.empty(index.shape, dtype=torch.float32, device=logits.device)
+        tail = torch.empty(n, dtype=torch.float32, device=logits.device)
+        for a in range(0, n, rows):
+            lp = torch.log_softmax(logits[a : a + rows].float(), dim=-1)
+            out[a : a + rows] = lp.gather(1, index[a : a + rows])
+            lp.masked_fill_(_row_mask(lp, index[a : a + rows], in_row[a : a + rows]), -math.inf)
+            tail[a : a + rows] = torch.logsumexp(lp, dim=-1)
+            del lp
+        ctx.save_for_backward(logits, index, in_row, tail)
+        ctx.rows = rows
+        return out, tail
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_out: torch.Tensor, grad_tail: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, None, None]:
+        logits, index, in_row, tail = ctx.saved_tensors
+        rows = ctx.rows
+        grad = torch.empty_like(logits)
+        grad_out = grad_out.float()
+        finite = torch.isfinite(tail)
+        g_tail = torch.where(finite, grad_tail.float(), torch.zeros_like(tail)).unsqueeze(-1)
+        safe_tail = torch.where(finite, tail, torch.zeros_like(tail)).unsqueeze(-1)
+        neg_total = grad_out.sum(-1, keepdim=True).neg_() - g_tail
+        for a in range(0, logits.shape[0], rows):
+            sl = slice(a, a + rows)
+            lp = torch.log_softmax(logits[sl].float(), dim=-1)
+            outside = torch.exp(lp - safe_tail[sl]).mul_(g_tail[sl])  # p_v / tail * g
+            outside.masked_fill_(_row_mask(lp, index[sl], in_row[sl]), 0.0)
+            g = lp.exp_().mul_(neg_total[sl]).add_(outside)
+            g.scatter_add_(1, index[sl], grad_out[sl])
+            grad[sl].copy_(g)
+            del lp, outside, g
+        return grad, None, None, None
+
+
+def _row_mask(like: torch.Tensor, index: torch.Tensor, in_row: torch.Tensor) -> torch.Tensor:
+    """``[n, V]`` bool: True at the ids of ``index`` whose ``in_row`` flag is set (repeats and
+    unflagged columns are harmless: the flags are summed, not scattered)."""
+    hits = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+    return hits.scatter_add_(1, index, in_row.float()) > 0
+
+
 def log_softmax_gather(
-    logits: torch.Tensor, index: torch.Tensor, *, chunk_elements: int | None = None
-) -> torch.Tensor:
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    *,
+    in_row: torch.Tensor | None = None,
+    chunk_elements: int | None = None,
+) -> Any:
     """Float32 ``log_softmax(logits, -1).gather(-1, index)``, differentiable w.r.t. ``logits``.
 
     ``logits`` is ``[..., V]`` in any float dtype, ``index`` ``[..., J]`` (same leading shape,
@@ -175,20 +240,30 @@ def log_softmax_gather(
     values are kept; nothing of size ``[..., V]`` is saved
     for the backward pass except ``logits`` itself (the softmax is recomputed chunk by chunk), and
     the gradient is returned in ``logits.dtype``.
+
+    With ``in_row`` (bool ``[..., J]``) it returns ``(gathered, log_tail)``: ``log_tail[...]`` is
+    the log of the softmax mass outside the ids ``index[..., j]`` whose ``in_row`` is set, exact
+    (summed over the other ids, not ``log(1 - Σ p)``) and differentiable.
     """
     if logits.shape[:-1] != index.shape[:-1]:
         raise InputError(
             f"logits {tuple(logits.shape)} and index {tuple(index.shape)} leading shapes differ"
         )
+    if in_row is not None and in_row.shape != index.shape:
+        raise InputError(f"in_row {tuple(in_row.shape)} must have index's shape")
     lead = logits.shape[:-1]
     v = logits.shape[-1]
     if chunk_elements is None:
         chunk_elements = CHUNK_ELEMENTS.get(logits.device.type, 1 << 22)
     rows = max(1, chunk_elements // max(1, v))
-    flat = _LogSoftmaxGather.apply(
-        logits.reshape(-1, v), index.reshape(-1, index.shape[-1]).long(), rows
+    flat_index = index.reshape(-1, index.shape[-1]).long()
+    if in_row is None:
+        flat = _LogSoftmaxGather.apply(logits.reshape(-1, v), flat_index, rows)
+        return flat.view(*lead, index.shape[-1])
+    flat, tail = _LogSoftmaxGatherTail.apply(
+        logits.reshape(-1, v), flat_index, in_row.reshape(flat_index.shape).bool(), rows
     )
-    return flat.view(*lead, index.shape[-1])
+    return flat.view(*lead, index.shape[-1]), tail.view(lead)
 
 
 @dataclass
@@ -200,8 +275,9 @@ class FusionLossOutput:
         clm_loss: the CLM term alone (detached), this batch's mean per token.
         fusion_loss: the fusion term alone (detached), this batch's mean per position.
         lm_weight: the effective weight of the CLM term, per block ``[B]`` (detached).
-        candidate_weights: ``[B, C]`` each block's weight per stacked candidate: a one-hot
-            selection for MinCE, the softmax weights for AvgCE (zeros for non-candidates).
+        candidate_weights: ``[B, C]`` each block's weight per stacked candidate: the share of
+            the block's positions that selected it for MinCE (a one-hot with block selection),
+            the mean softmax weight for AvgCE (zeros for non-candidates).
     """
 
     loss: torch.Tensor
@@ -211,28 +287,131 @@ class FusionLossOutput:
     candidate_weights: torch.Tensor
 
 
-def _teacher_probs(
-    ids: torch.Tensor, logits: torch.Tensor, temperature: float, ref_index: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empty rows replaced by the ref row; ``softmax(logits / T)`` over valid entries.
+@dataclass
+class _Teacher:
+    """The stacked candidates' rows as probabilities (no grad): ``ids`` int64 ``[B, C, L, K]``
+    (invalid entries 0), ``probs`` float32 (0 on invalid entries), ``valid``, and per row the
+    mass outside it, ``tail`` ``[B, C, L]`` (zeros for renormalised rows)."""
 
-    Returns ``(ids int64 [B, C, L, K] with invalid entries set to 0, probs float32)``.
+    ids: torch.Tensor
+    probs: torch.Tensor
+    valid: torch.Tensor
+    tail: torch.Tensor
+
+
+def _teacher_rows(
+    ids: torch.Tensor,
+    values: torch.Tensor,
+    temperature: float,
+    ref_index: int | None,
+    teacher: str,
+    compat: str | None,
+) -> _Teacher:
+    """Empty rows replaced by the ref row, then each row as probabilities.
+
+    ``renormalized``: ``softmax(values / T)`` over the valid entries (the reference; with
+    ``compat="fusellm"`` in bfloat16, as the reference computes it). ``calibrated``: the values
+    are log-probabilities; ``p = exp(value)`` keeps the row's true mass ``Σ p`` and its tail
+    ``1 - Σ p``; with ``T != 1`` the row is reshaped within itself, ``Σ p · softmax(value / T)``
+    (the tail is the teacher's at ``T = 1``, which is all the row can tell).
     """
     ids = ids.long()
-    logits = logits.float()
-    valid = (ids >= 0) & (logits > -math.inf)
+    values = values.float()
+    valid = (ids >= 0) & (values > -math.inf)
     if ref_index is not None:
         empty = ~valid.any(-1, keepdim=True)  # [B, C, L, 1]
         sl = slice(ref_index, ref_index + 1)
         ids = torch.where(empty, ids[:, sl], ids)
-        logits = torch.where(empty, logits[:, sl], logits)
+        values = torch.where(empty, values[:, sl], values)
         valid = torch.where(empty, valid[:, sl], valid)
-    z = torch.where(valid, logits / temperature, -math.inf)
+    ids = torch.where(valid, ids, torch.zeros_like(ids))
+    if teacher == "calibrated":
+        p = torch.where(valid, torch.exp(torch.where(valid, values, 0.0)), 0.0)
+        mass = p.sum(-1, keepdim=True)
+        if temperature != 1.0:
+            p = mass * _masked_softmax(values / temperature, valid)
+        return _Teacher(ids, p, valid, (1.0 - mass.squeeze(-1)).clamp_(0.0, 1.0))
+    if compat == "fusellm":
+        z = torch.where(valid, values, -math.inf).to(torch.bfloat16) / temperature
+        p = torch.where(valid, torch.softmax(z, dim=-1).float(), 0.0)
+    else:
+        p = _masked_softmax(values / temperature, valid)
+    return _Teacher(ids, p, valid, torch.zeros(p.shape[:-1], device=p.device))
+
+
+def _masked_softmax(z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    z = torch.where(valid, z, -math.inf)
     zmax = z.amax(-1, keepdim=True)
     zmax = torch.where(torch.isfinite(zmax), zmax, torch.zeros_like(zmax))
     e = torch.exp(z - zmax)  # exactly 0 on invalid entries
-    probs = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.where(valid, ids, torch.zeros_like(ids)), probs
+    return e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _rewards(scores: torch.Tensor, compat: str | None) -> torch.Tensor:
+    """``exp(-score)`` per block and candidate; the reference computes ``1 / exp(score)`` in
+    bfloat16, so scores within one bfloat16 step tie (and a tie goes to ref)."""
+    if compat == "fusellm":
+        return (1 / torch.exp(scores.to(torch.bfloat16))).float()
+    return torch.exp(-scores.float())
+
+
+def _next_token_probs(t: _Teacher, nxt: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``[B, C, L]`` each row's probability of the next target token (``nxt`` ``[B, L]``,
+    ``-100``: none): the entry's where the row lists it, else the row's tail spread evenly over
+    the ids it does not list (zero for renormalised rows, which have no tail)."""
+    hit = t.valid & (t.ids == nxt[:, None, :, None])
+    listed = (t.probs * hit).sum(-1)
+    rest = (vocab_size - t.valid.sum(-1)).clamp_min(1)
+    return torch.where(hit.any(-1), listed, t.tail / rest)
+
+
+def _candidate_scores(
+    t: _Teacher,
+    block: torch.Tensor,
+    cmask: torch.Tensor,
+    nxt: torch.Tensor,
+    selection: str,
+    matched: torch.Tensor | None,
+    vocab_size: int,
+) -> torch.Tensor:
+    """``[B, C, L]`` what ranks the candidates at each position (higher is better): the block
+    reward, or with ``selection="token"`` the row's probability of the next target token, where
+    there is one and the candidate's row is its own distribution (``matched``)."""
+    b, c, length = t.tail.shape
+    s = block[:, :, None].expand(b, c, length)
+    if selection == "token":
+        tok = _next_token_probs(t, nxt, vocab_size)
+        ok = (nxt != -100)[:, None, :] & cmask[None, :, None]
+        if matched is not None:
+            ok = ok & matched.bool()
+        ok_any = ok.any(1, keepdim=True)
+        s = torch.where(ok_any, torch.where(ok, tok, -math.inf), s)
+    return torch.where(cmask[None, :, None], s, -math.inf)
+
+
+def _fused_target(
+    t: _Teacher, s: torch.Tensor, fusion: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused target per position: ``(ids [B, L, J], q, in_row, tail [B, L], weights
+    [B, C, L])`` from the candidates' rows and scores (MinCE: the best candidate's row, ties to
+    the first; AvgCE: the softmax-weighted mixture of all rows, ids side by side)."""
+    b, c, length, k = t.ids.shape
+    if fusion == "mince":
+        pick = s.argmax(1)  # [B, L]: the first maximum, ref on ties
+        weights = torch.nn.functional.one_hot(pick, c).permute(0, 2, 1).float()
+        g = pick[:, None, :, None].expand(b, 1, length, k)
+        sel = [x.gather(1, g).squeeze(1) for x in (t.ids, t.probs, t.valid)]
+        tail = t.tail.gather(1, pick[:, None, :]).squeeze(1)
+        return sel[0], sel[1], sel[2], tail, weights
+    weights = torch.softmax(s, dim=1)  # [B, C, L]
+
+    def side_by_side(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 1, 3).reshape(b, length, c * k)
+
+    q = side_by_side(weights[..., None] * t.probs)
+    in_row = side_by_side(t.valid & (weights[..., None] > 0))
+    tail = (weights * t.tail).sum(1)
+    return side_by_side(t.ids), q, in_row, tail, weights
 
 
 def _neg_entropy(ids: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -246,6 +425,10 @@ def _neg_entropy(ids: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(merged > 0, merged * torch.log(merged), torch.zeros_like(merged)).sum(-1)
 
 
+def _xlogx(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > 0, x * torch.log(x.clamp_min(torch.finfo(x.dtype).tiny)), 0.0)
+
+
 def fusion_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -257,11 +440,15 @@ def fusion_loss(
     fusion: Fusion = "mince",
     combine: Combine = "hard",
     distill_loss: DistillLoss = "ce",
+    teacher: Teacher = "renormalized",
+    selection: Selection = "block",
     lm_loss_weight: float = 0.9,
     temperature: float = 1.0,
     progress: float = 0.0,
     ref_index: int | None = 0,
     candidate_mask: Sequence[bool] | torch.Tensor | None = None,
+    teacher_matched: torch.Tensor | None = None,
+    compat: str | None = None,
     clm_denominator: torch.Tensor | float | None = None,
     fusion_denominator: torch.Tensor | float | None = None,
     chunk_elements: int | None = None,
@@ -274,21 +461,128 @@ def fusion_loss(
             ``labels[:, t + 1]``.
         attention_mask: ``[B, L]``, the fusion term's mask ``m`` (no shift).
         teacher_ids: ``[B, C, L, K]`` stacked candidates' ids, ``-1`` padded.
-        teacher_logits: ``[B, C, L, K]`` matching logits, ``-inf`` padded.
+        teacher_logits: ``[B, C, L, K]`` matching values (logits, or log-probabilities for
+            ``teacher="calibrated"``), ``-inf`` padded.
         teacher_scores: ``[B, C]`` per-block CE of each candidate (lower is better).
         fusion, combine, distill_loss, lm_loss_weight, temperature: see the module docstring.
+        teacher: ``"renormalized"`` (the reference: each row's softmax over its kept entries) or
+            ``"calibrated"`` (rows of log-probabilities keep their true mass; one extra "every
+            other token" bin per position).
+        selection: ``"block"`` (a candidate per block, by ``teacher_scores``: the paper's) or
+            ``"token"`` (per position, by each row's probability of the next target token).
         progress: training progress in ``[0, 1]`` (``combine="hard_and_decay"``).
         ref_index: the stacked index of the ref rows that replace empty rows (None: no ref rows).
         candidate_mask: ``[C]`` which stacked rows take part in the fusion (default: all); a ref
             excluded here still fills empty rows.
+        teacher_matched: optional bool ``[B, C, L]``: where a candidate's row is its own
+            distribution (not an alignment fallback); token selection considers only those.
+        compat: ``"fusellm"``: the reference's bfloat16 teacher probabilities and rewards (so
+            MinCE ties within one bfloat16 step go to ref).
         clm_denominator, fusion_denominator: token counts to normalise the sums by (e.g. over a
             whole gradient-accumulation window); default: this batch's counts.
         chunk_elements: float32 elements per chunk of the student log-softmax (default: by
             device, :data:`CHUNK_ELEMENTS`).
     """
-    check_choice("fusion", fusion, FUSIONS)
-    check_choice("combine", combine, COMBINES)
-    check_choice("distill_loss", distill_loss, DISTILL_LOSSES)
+    b, length, c = _check_loss_args(
+        logits,
+        labels,
+        attention_mask,
+        teacher_ids,
+        teacher_logits,
+        teacher_scores,
+        fusion=fusion,
+        combine=combine,
+        distill_loss=distill_loss,
+        teacher=teacher,
+        selection=selection,
+        temperature=temperature,
+        ref_index=ref_index,
+        compat=compat,
+    )
+    device = logits.device
+    if candidate_mask is None:
+        cmask = torch.ones(c, dtype=torch.bool, device=device)
+    else:
+        cmask = torch.as_tensor(candidate_mask, dtype=torch.bool, device=device)
+        if cmask.shape != (c,) or not bool(cmask.any()):
+            raise InputError(f"candidate_mask must be [C] = [{c}] with at least one True")
+    if teacher_matched is not None and tuple(teacher_matched.shape) != (b, c, length):
+        raise InputError(f"teacher_matched must be [B, C, L] = {(b, c, length)}")
+
+    calibrated = teacher == "calibrated"
+    with torch.no_grad():
+        rows = _teacher_rows(teacher_ids, teacher_logits, temperature, ref_index, teacher, compat)
+        block = torch.where(cmask, _rewards(teacher_scores, compat), -math.inf)  # [B, C]
+        # CLM target of position t: labels[t + 1].
+        nxt = torch.full_like(labels, -100)
+        nxt[:, :-1] = labels[:, 1:]
+        clm_mask = nxt != -100
+        s = _candidate_scores(rows, block, cmask, nxt, selection, teacher_matched, logits.shape[-1])
+        sel_ids, q, in_row, q_tail, weights = _fused_target(rows, s, fusion)
+        index = torch.cat([nxt.clamp_min(0).unsqueeze(-1), sel_ids], dim=-1)
+        m = attention_mask.float()
+        if distill_loss == "kl":
+            neg_ent = _neg_entropy(sel_ids, q) + (_xlogx(q_tail) if calibrated else 0.0)
+
+    if calibrated:
+        flags = torch.cat([torch.zeros_like(in_row[..., :1]), in_row], dim=-1)
+        logp, log_tail = log_softmax_gather(
+            logits, index, in_row=flags, chunk_elements=chunk_elements
+        )
+        tail_term = torch.where(q_tail > 0, q_tail * log_tail, torch.zeros((), device=device))
+    else:
+        logp = log_softmax_gather(logits, index, chunk_elements=chunk_elements)
+        tail_term = torch.zeros((), device=device)
+    clm_tok = torch.where(clm_mask, -logp[..., 0], torch.zeros((), device=device))
+    fuse_tok = -(q * logp[..., 1:]).sum(-1) - tail_term
+    if distill_loss == "kl":
+        fuse_tok = fuse_tok + neg_ent
+    fuse_tok = fuse_tok * m
+
+    if combine == "soft":
+        lm_w = 1.0 - block.amax(1)
+    else:
+        lam = lm_loss_weight
+        if combine == "hard_and_decay":
+            lam = lam + (1.0 - lam) * min(max(float(progress), 0.0), 1.0)
+        lm_w = torch.full((b,), float(lam), device=device)
+
+    clm_n = clm_mask.sum().clamp_min(1)
+    fuse_n = m.sum().clamp_min(1)
+    clm_den = clm_n if clm_denominator is None else clm_denominator
+    fuse_den = fuse_n if fusion_denominator is None else fusion_denominator
+    clm_sum = clm_tok.sum(-1)  # [B]
+    fuse_sum = fuse_tok.sum(-1)
+    loss = (lm_w * clm_sum).sum() / clm_den + ((1.0 - lm_w) * fuse_sum).sum() / fuse_den
+    per_block = (weights * m[:, None, :]).sum(-1) / m.sum(-1, keepdim=True).clamp_min(1)
+    return FusionLossOutput(
+        loss=loss,
+        clm_loss=(clm_sum.sum() / clm_n).detach(),
+        fusion_loss=(fuse_sum.sum() / fuse_n).detach(),
+        lm_weight=lm_w.detach(),
+        candidate_weights=per_block,
+    )
+
+
+def _check_loss_args(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_scores: torch.Tensor,
+    **choices: Any,
+) -> tuple[int, int, int]:
+    """Checks the arguments of :func:`fusion_loss`; returns ``(B, L, C)``."""
+    check_choice("fusion", choices["fusion"], FUSIONS)
+    check_choice("combine", choices["combine"], COMBINES)
+    check_choice("distill_loss", choices["distill_loss"], DISTILL_LOSSES)
+    check_choice("teacher", choices["teacher"], TEACHERS)
+    check_choice("selection", choices["selection"], SELECTIONS)
+    check_choice("compat", choices["compat"], (None, "fusellm"))
+    if choices["compat"] == "fusellm" and choices["teacher"] != "renormalized":
+        raise InputError("compat='fusellm' reproduces the reference: teacher must be renormalized")
+    temperature = choices["temperature"]
     if not temperature > 0:
         raise InputError(f"temperature must be > 0, got {temperature}")
     if logits.dim() != 3:
@@ -310,69 +604,10 @@ def fusion_loss(
         raise InputError(
             f"teacher_scores must be [B, C] = {(b, c)}, got {tuple(teacher_scores.shape)}"
         )
+    ref_index = choices["ref_index"]
     if ref_index is not None and not 0 <= ref_index < c:
         raise InputError(f"ref_index {ref_index} out of range for {c} candidates")
-    device = logits.device
-    if candidate_mask is None:
-        cmask = torch.ones(c, dtype=torch.bool, device=device)
-    else:
-        cmask = torch.as_tensor(candidate_mask, dtype=torch.bool, device=device)
-        if cmask.shape != (c,) or not bool(cmask.any()):
-            raise InputError(f"candidate_mask must be [C] = [{c}] with at least one True")
-
-    with torch.no_grad():
-        ids, probs = _teacher_probs(teacher_ids, teacher_logits, temperature, ref_index)
-        s = torch.exp(-teacher_scores.float())  # [B, C]
-        s_masked = torch.where(cmask, s, -math.inf)
-        if fusion == "mince":
-            pick = s_masked.argmax(1)  # the first maximum: ref on ties
-            weights = torch.nn.functional.one_hot(pick, c).float()
-            rows = torch.arange(b, device=device)
-            sel_ids, q = ids[rows, pick], probs[rows, pick]  # [B, L, K]
-        else:
-            weights = torch.softmax(s_masked, dim=1)
-            k = ids.shape[-1]
-            sel_ids = ids.permute(0, 2, 1, 3).reshape(b, length, c * k)
-            q = (weights[:, :, None, None] * probs).permute(0, 2, 1, 3).reshape(b, length, c * k)
-        s_max = s_masked.amax(1)  # [B]
-        # CLM target of position t: labels[t + 1].
-        nxt = torch.full_like(labels, -100)
-        nxt[:, :-1] = labels[:, 1:]
-        clm_mask = nxt != -100
-        index = torch.cat([nxt.clamp_min(0).unsqueeze(-1), sel_ids], dim=-1)
-        m = attention_mask.float()
-        if distill_loss == "kl":
-            neg_ent = _neg_entropy(sel_ids, q)
-
-    logp = log_softmax_gather(logits, index, chunk_elements=chunk_elements)  # [B, L, 1 + J]
-    clm_tok = torch.where(clm_mask, -logp[..., 0], torch.zeros((), device=device))
-    fuse_tok = -(q * logp[..., 1:]).sum(-1)
-    if distill_loss == "kl":
-        fuse_tok = fuse_tok + neg_ent
-    fuse_tok = fuse_tok * m
-
-    if combine == "soft":
-        lm_w = 1.0 - s_max
-    else:
-        lam = lm_loss_weight
-        if combine == "hard_and_decay":
-            lam = lam + (1.0 - lam) * min(max(float(progress), 0.0), 1.0)
-        lm_w = torch.full((b,), float(lam), device=device)
-
-    clm_n = clm_mask.sum().clamp_min(1)
-    fuse_n = m.sum().clamp_min(1)
-    clm_den = clm_n if clm_denominator is None else clm_denominator
-    fuse_den = fuse_n if fusion_denominator is None else fusion_denominator
-    clm_sum = clm_tok.sum(-1)  # [B]
-    fuse_sum = fuse_tok.sum(-1)
-    loss = (lm_w * clm_sum).sum() / clm_den + ((1.0 - lm_w) * fuse_sum).sum() / fuse_den
-    return FusionLossOutput(
-        loss=loss,
-        clm_loss=(clm_sum.sum() / clm_n).detach(),
-        fusion_loss=(fuse_sum.sum() / fuse_n).detach(),
-        lm_weight=lm_w.detach(),
-        candidate_weights=weights,
-    )
+    return b, length, c
 
 
 # ------------------------------------------------------------------------------------------------
@@ -483,6 +718,7 @@ def validate_packed(
     vocab_size: int | None,
     full: bool = True,
     batch_size: int = 1024,
+    teacher: Teacher = "renormalized",
 ) -> list[str]:
     """Check a packed dataset against the training configuration before the first step.
 
@@ -490,8 +726,9 @@ def validate_packed(
     or the data holds candidates the configuration does not list; an id is ``>= vocab_size`` (the
     model's logits width) or below ``-1``; lengths disagree between ``input_ids``, ``{c}_ids`` and
     ``{c}_logits``, or a candidate's ``K`` is not constant; a logit is NaN or ``+inf``; a score
-    is NaN or infinite. With ``full`` it reads every column once (Arrow compute, batch by batch);
-    without, it checks only the column names.
+    is NaN or infinite; with ``teacher="calibrated"``, a row that does not hold log-probabilities.
+    With ``full`` it reads every column once (Arrow compute, batch by batch); without, it checks
+    only the column names.
 
     Returns the stacked candidate order (``["ref", *sources]``, ref only when its columns exist).
     """
@@ -585,6 +822,8 @@ def validate_packed(
                             )
                     elif np.isnan(x).any() or np.isposinf(x).any():
                         raise InputError(f"{name} holds NaN or +inf logits near block {offset}")
+                    elif teacher == "calibrated":
+                        check_logprob_rows(x.reshape(-1, ks[c]), f"{name} near block {offset}")
         scored = [c for c in stack if c in expected]
         if "attention_mask" in table.column_names:
             am = np.concatenate(
@@ -712,8 +951,10 @@ class FusionCollator:
     Output keys: ``input_ids`` / ``attention_mask`` / ``labels`` ``[B, L]`` (int64; labels are the
     input ids with ``-100`` on padding), ``position_ids`` when the data has them,
     ``teacher_ids`` ``int32 [B, C, L, K]`` (``-1`` padded), ``teacher_logits`` ``float32
-    [B, C, L, K]`` (``-inf`` padded) and ``teacher_scores`` ``float32 [B, C]``, candidates in
-    :attr:`stack` order. Blocks are padded on the right to the longest block (times
+    [B, C, L, K]`` (``-inf`` padded), ``teacher_scores`` ``float32 [B, C]`` and
+    ``teacher_matched`` ``bool [B, C, L]`` (where a candidate's row is its own distribution: the
+    ``{c}_status`` column says MATCHED; every position of a candidate without one), candidates
+    in :attr:`stack` order. Blocks are padded on the right to the longest block (times
     ``pad_to_multiple_of``), candidates to the largest ``K``.
 
     Args:
@@ -722,12 +963,15 @@ class FusionCollator:
         ref_rows: whether ref rows are stacked (to fill empty rows) although ``with_ref`` is False.
         score: ``"ce"`` or ``"ce_per_byte"``: which block score to read.
         vocab_size: when set, ids ``>= vocab_size`` raise :class:`InputError`.
+        teacher: ``"calibrated"`` checks that every row holds log-probabilities (its
+            probabilities sum to at most 1, up to float16 rounding).
     """
 
     sources: Sequence[str]
     with_ref: bool = True
     ref_rows: bool = True
     score: Score = "ce_per_byte"
+    teacher: Teacher = "renormalized"
     pad_token_id: int = 0
     pad_to_multiple_of: int | None = None
     vocab_size: int | None = None
@@ -735,6 +979,7 @@ class FusionCollator:
 
     def __post_init__(self) -> None:
         check_choice("score", self.score, SCORES)
+        check_choice("teacher", self.teacher, TEACHERS)
         self.sources = tuple(check_candidate_name(s) for s in self.sources)
         use_ref = self.with_ref or self.ref_rows
         self.stack = ((REF,) if use_ref else ()) + tuple(self.sources)
@@ -810,10 +1055,19 @@ class FusionCollator:
             rows.append(per)
         t_ids = np.full((b, len(self.stack), length, kmax), -1, dtype=np.int32)
         t_logits = np.full((b, len(self.stack), length, kmax), -np.inf, dtype=np.float32)
+        matched = np.zeros((b, len(self.stack), length), dtype=bool)
         for j, per in enumerate(rows):
+            status_col = f"{self.stack[j]}_status"
             for i, (ids, lg) in enumerate(per):
                 t_ids[i, j, : ids.shape[0], : ids.shape[1]] = ids
                 t_logits[i, j, : lg.shape[0], : lg.shape[1]] = lg
+                if status_col in features[i]:
+                    st = np.asarray(features[i][status_col]).reshape(-1)
+                    if st.size != lens[i]:
+                        raise InputError(f"{status_col} has {st.size} entries for {lens[i]} tokens")
+                    matched[i, j, : lens[i]] = st == 0  # MATCHED
+                else:
+                    matched[i, j, : lens[i]] = True
         if t_ids.size:
             if t_ids.min() < -1 or (self.vocab_size is not None and t_ids.max() >= self.vocab_size):
                 raise InputError(
@@ -822,6 +1076,8 @@ class FusionCollator:
                 )
             if np.isnan(t_logits).any() or np.isposinf(t_logits).any():
                 raise InputError("teacher logits hold NaN or +inf")
+            if self.teacher == "calibrated":
+                check_logprob_rows(t_logits, "the batch's teacher rows")
 
         scored = [c for c, keep in zip(self.stack, self.candidate_mask, strict=True) if keep]
         cols = list(features[0].keys())
@@ -843,10 +1099,29 @@ class FusionCollator:
             "teacher_ids": torch.from_numpy(t_ids),
             "teacher_logits": torch.from_numpy(t_logits),
             "teacher_scores": torch.from_numpy(scores),
+            "teacher_matched": torch.from_numpy(matched),
         }
         if pos is not None:
             out["position_ids"] = torch.from_numpy(pos)
         return out
+
+
+#: How far above 1 a row's probabilities may sum (float16 storage of log-probabilities).
+MASS_TOLERANCE = 1e-2
+
+
+def check_logprob_rows(values: np.ndarray, what: str) -> None:
+    """Raise :class:`InputError` unless every row of ``values`` (``[..., K]``, ``-inf`` padded)
+    holds log-probabilities: entries ``<= 0`` whose probabilities sum to at most 1."""
+    with np.errstate(over="ignore"):
+        mass = np.exp(values.astype(np.float64)).sum(-1)
+    bad = mass > 1.0 + MASS_TOLERANCE
+    if bad.any():
+        raise InputError(
+            f"{what} are not log-probabilities: a row's probabilities sum to "
+            f"{float(mass[bad].max()):.3g} > 1 (raw logits?). The calibrated teacher needs "
+            "`fusellm extract --values logprobs`; use teacher='renormalized' for raw logits"
+        )
 
 
 def _as_2d(x: Any, dtype: Any) -> np.ndarray:

@@ -867,6 +867,7 @@ def _extract_fn(
             device=s.device,
             attn_implementation=s.attn_implementation,
             per_step_ce=s.per_step_ce,
+            values=s.values,
             rows_per_shard=s.rows_per_shard,
             max_tokens_per_batch=s.max_tokens_per_batch,
             max_batch_size=s.max_batch_size,

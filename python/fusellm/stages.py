@@ -109,6 +109,8 @@ _EXTRACT_COLUMNS = (
     "num_bytes",
 )
 _DATA_PATTERNS = ("data-*.arrow", "state.json", "dataset_info.json")
+#: The input column carried through align and pack (per-domain diagnostics), when present.
+DOMAIN_COLUMN = "domain"
 _COMPRESSIONS = ("zstd", "lz4", None)
 _LOGITS_DTYPES = ("float16", "float32")
 
@@ -281,6 +283,11 @@ def _open_extract(path: Any, what: str) -> tuple[Path, dict[str, Any]]:
     if not manifest.get("complete") or not (p / "state.json").is_file():
         raise InputError(f"{what}: the extraction in {p} is not complete (run fusellm extract)")
     return p, manifest
+
+
+def _values_of(manifest: Mapping[str, Any]) -> str:
+    """What an extraction's top-K values are (extractions without the key hold raw logits)."""
+    return str(manifest.get("key", {}).get("values", "logits"))
 
 
 def _make_side(name: str, path: Path, manifest: dict[str, Any], tok_spec: Any, what: str) -> _Side:
@@ -590,8 +597,10 @@ class AlignReport:
     ``masked`` (base positions by status; they sum to ``base_positions``), ``exact_span``
     (offsets method: matched positions whose source token has the same character span as the
     base token; ``None`` for MinED), ``unknown_ids`` / ``unmapped_ids`` (top-K entries dropped:
-    id without a token string / string not in the base vocabulary) and ``topk_entries`` (entries
-    kept in matched rows).
+    id without a token string / string not in the base vocabulary), ``duplicate_ids`` (entries
+    merged into an earlier one of the same target id) and ``topk_entries`` (entries kept in
+    matched rows). ``teachers`` scores every candidate's rows against the true next token
+    (:mod:`fusellm.diagnostics`).
     """
 
     output_dir: Path
@@ -600,6 +609,8 @@ class AlignReport:
     rows: int
     base_positions: int
     sources: dict[str, dict[str, int | None]]
+    #: Teacher quality per candidate and domain (:class:`fusellm.diagnostics.TeacherStats`).
+    teachers: dict[str, Any] = field(default_factory=dict)
     skipped: bool = False
     seconds: float = 0.0
 
@@ -611,6 +622,7 @@ class AlignReport:
             "rows": self.rows,
             "base_positions": self.base_positions,
             "sources": {k: dict(v) for k, v in self.sources.items()},
+            "teachers": self.teachers,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -899,6 +911,18 @@ def align_dataset(
             )
     if base_side.num_rows < 1:
         raise InputError("the target's extraction has no rows")
+    values = _values_of(base_manifest)
+    for n, s in sides.items():
+        if _values_of(s.manifest) != values:
+            raise InputError(
+                f"source {n!r}'s extraction holds {_values_of(s.manifest)} but the target's holds "
+                f"{values}: extract every model with the same values"
+            )
+    if compat == "fusellm" and values != "logits":
+        raise InputError(
+            "compat='fusellm' reproduces the reference rows, which are raw logits; these "
+            "extractions hold log-probabilities (extract with values='logits')"
+        )
     maps = _resolve_maps(vocab_maps, names, base_side, sides)
     if method == "offsets":
         base_side.backend = _backend(base_side.tokenizer, "base")
@@ -947,6 +971,7 @@ def align_dataset(
         "compat": compat,
         "fallback": fallback,
         "logits_dtype": logits_dtype,
+        "values": values,
     }
     state = _output_state(out, "align", key, overwrite)
     if state == "done":
@@ -962,6 +987,7 @@ def align_dataset(
             stats["rows"],
             stats["base_positions"],
             stats["sources"],
+            teachers=stats.get("teachers", {}),
             skipped=True,
             seconds=time.perf_counter() - t0,
         )
@@ -984,10 +1010,12 @@ def align_dataset(
     from datasets import List, Value
 
     k_ref = base_side.top_k
+    has_domain = DOMAIN_COLUMN in base_ds.column_names
     feats: dict[str, Any] = {
         "text": Value("string"),
         "row_index": Value("int64"),
         "num_bytes": Value("int32"),
+        **({DOMAIN_COLUMN: Value("string")} if has_domain else {}),
         "input_ids": List(Value("int32")),
         "ref_ids": List(List(Value("int32"), length=k_ref)),
         "ref_logits": List(List(Value(logits_dtype), length=k_ref)),
@@ -999,6 +1027,7 @@ def align_dataset(
         feats[f"{n}_logits"] = List(List(Value(logits_dtype), length=s.top_k))
         feats[f"{n}_metric_ce"] = Value("float32")
         feats[f"{n}_num_tokens"] = Value("int32")
+        feats[f"{n}_status"] = List(Value("uint8"))
     features = datasets.Features(feats)
     schema = features.arrow_schema
     np_logits = np.dtype(logits_dtype)
@@ -1014,10 +1043,18 @@ def align_dataset(
             "exact_span": 0 if method == "offsets" else None,
             "unknown_ids": 0,
             "unmapped_ids": 0,
+            "duplicate_ids": 0,
             "topk_entries": 0,
         }
         for n in names
     }
+    from .diagnostics import TeacherStats, next_tokens
+
+    teachers = TeacherStats(len(base_side.vocab), logprobs=values == "logprobs")
+    domain_codes: dict[str, int] = {}
+    kept_ids = {
+        n: np.append(a.targets(vocab) >= 0, False) for n, a in aligners.items()
+    }  # per blend id (the last slot: ids without a string)
     positions = 0
     files: list[str] = []
     bar = _progress_bar(progress, num_rows, "align", "row")
@@ -1039,7 +1076,9 @@ def align_dataset(
                 base_num_tokens = _scalar_column(tb, "num_tokens", np.int64)
                 if not np.array_equal(np.diff(base_off), base_num_tokens):
                     raise InputError(f"base: num_tokens disagrees with input_ids near row {start}")
-                ref_off, _ = _list_column(tb.column("per_step_indices"), "base per_step_indices")
+                ref_off, ref_ids = _list_column(
+                    tb.column("per_step_indices"), "base per_step_indices"
+                )
                 if not np.array_equal(ref_off, base_off):
                     raise InputError(
                         f"base: per_step_indices rows do not match input_ids near row {start}"
@@ -1051,6 +1090,16 @@ def align_dataset(
                     else None
                 )
                 base_rows = [base_ids[base_off[r] : base_off[r + 1]] for r in range(n_rows)]
+                nxt = next_tokens(base_ids, base_off)
+                if has_domain:
+                    row_dom = _array(tb.column(DOMAIN_COLUMN)).cast(pa.string()).to_pylist()
+                    codes = [domain_codes.setdefault(str(d), len(domain_codes)) for d in row_dom]
+                    pos_dom = np.repeat(np.asarray(codes, np.int64), np.diff(base_off))
+                else:
+                    pos_dom = np.full(int(base_off[-1]), -1, np.int64)
+                dom_names = list(domain_codes)
+                _, ref_vals = _list_column(tb.column("per_step_logits"), "base per_step_logits")
+                teachers.add_ref(ref_ids, ref_vals, nxt, pos_dom, dom_names)
                 cols: dict[str, Any] = {
                     "text": _array(texts_col).cast(pa.string()),
                     "row_index": pa.array(np.arange(start, start + n_rows, dtype=np.int64)),
@@ -1067,6 +1116,8 @@ def align_dataset(
                     "ref_metric_ce": _array(tb.column("metric_ce")).cast(pa.float32()),
                     "ref_num_tokens": _array(tb.column("num_tokens")).cast(pa.int32()),
                 }
+                if has_domain:
+                    cols[DOMAIN_COLUMN] = _array(tb.column(DOMAIN_COLUMN)).cast(pa.string())
                 base_bytes = _scalar_column(tb, "num_bytes", np.int64)
                 positions += int(base_off[-1])
                 for n, t in zip(names, ts, strict=True):
@@ -1115,6 +1166,7 @@ def align_dataset(
                             c[key_] += rc[key_]
                         c["unknown_ids"] += row.num_unknown
                         c["unmapped_ids"] += row.num_unmapped
+                        c["duplicate_ids"] += row.num_duplicates
                         c["topk_entries"] += int(
                             np.count_nonzero(row.ids[row.status == MATCHED] >= 0)
                         )
@@ -1132,6 +1184,11 @@ def align_dataset(
                         if rows
                         else np.zeros((0, s.top_k), np.float32)
                     )
+                    flat_status = (
+                        np.concatenate([row.status for row in rows])
+                        if rows
+                        else np.zeros(0, np.uint8)
+                    )
                     del rows
                     if np_logits != flat_logits.dtype:
                         with np.errstate(over="ignore"):
@@ -1143,10 +1200,25 @@ def align_dataset(
                                 f"overflows {logits_dtype}; use logits_dtype='float32'"
                             )
                         flat_logits = cast
+                    # scored as stored (a merged value rounded to logits_dtype)
+                    teachers.add_source(
+                        n,
+                        flat_ids,
+                        flat_logits,
+                        flat_status == MATCHED,
+                        ref_ids,
+                        ref_vals,
+                        nxt,
+                        pos_dom,
+                        dom_names,
+                    )
+                    known = kept_ids[n]
+                    teachers.add_source_mass(n, k_logits, known[np.minimum(k_ids, known.size - 1)])
                     cols[f"{n}_ids"] = _nested(base_off, flat_ids)
                     cols[f"{n}_logits"] = _nested(base_off, flat_logits)
                     cols[f"{n}_metric_ce"] = _array(t.column("metric_ce")).cast(pa.float32())
                     cols[f"{n}_num_tokens"] = _array(t.column("num_tokens")).cast(pa.int32())
+                    cols[f"{n}_status"] = _nested(base_off, flat_status)
                 table = pa.Table.from_arrays(
                     [cols[f.name].cast(f.type) for f in schema], schema=schema
                 )
@@ -1166,7 +1238,9 @@ def align_dataset(
                 files,
                 fingerprint=hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest(),
             )
-            report = AlignReport(out, method, vocab, num_rows, positions, counts)
+            report = AlignReport(
+                out, method, vocab, num_rows, positions, counts, teachers=teachers.result()
+            )
             atomic_write_json(tmp / ALIGN_STATS_NAME, report.stats(), sort_keys=False)
             write_manifest(
                 tmp,
@@ -1329,7 +1403,9 @@ class _Chunk:
         )
 
 
-def _read_chunk(table: Any, cands: list[str], nan_rows: str, first_row: int) -> _Chunk:
+def _read_chunk(
+    table: Any, cands: list[str], nan_rows: str, first_row: int, domains: Sequence[str]
+) -> _Chunk:
     offsets, ids = _list_column(table.column("input_ids"), "input_ids")
     columns: dict[str, np.ndarray] = {"input_ids": ids}
     lengths = np.diff(offsets).astype(np.float64)
@@ -1338,6 +1414,11 @@ def _read_chunk(table: Any, cands: list[str], nan_rows: str, first_row: int) -> 
         raise InputError(f"row {r} has no tokens")
     num_bytes = _scalar_column(table, "num_bytes", np.float64)
     scores: dict[str, np.ndarray] = {"__bytes": num_bytes / lengths}
+    if domains:
+        # One indicator per domain: its block mean is the domain's share of the block's tokens.
+        row_dom = np.asarray(_array(table.column(DOMAIN_COLUMN)).to_pylist(), dtype=object)
+        for d in domains:
+            scores[f"__domain_{d}"] = (row_dom == d).astype(np.float64)
     nan = np.zeros(len(lengths), dtype=bool)
     per_c = {}
     for c in cands:
@@ -1351,6 +1432,11 @@ def _read_chunk(table: Any, cands: list[str], nan_rows: str, first_row: int) -> 
                     "input_ids token"
                 )
             columns[name] = v
+        if f"{c}_status" in table.column_names:
+            o, v = _list_column(table.column(f"{c}_status"), f"{c}_status")
+            if not np.array_equal(o, offsets):
+                raise InputError(f"{c}_status: rows do not have one entry per input_ids token")
+            columns[f"{c}_status"] = v
         ce = _scalar_column(table, f"{c}_metric_ce", np.float64)
         n_tok = _scalar_column(table, f"{c}_num_tokens", np.float64)
         per_c[c] = (ce, n_tok)
@@ -1370,7 +1456,13 @@ def _read_chunk(table: Any, cands: list[str], nan_rows: str, first_row: int) -> 
 
 
 def _pack_table(
-    blocks: Any, cands: list[str], schema: Any, mode: str, first_block: int, nan_rows: str
+    blocks: Any,
+    cands: list[str],
+    schema: Any,
+    mode: str,
+    first_block: int,
+    nan_rows: str,
+    domains: Sequence[str],
 ) -> Any:
     import pyarrow as pa
 
@@ -1383,9 +1475,14 @@ def _pack_table(
     if mode == "bfd":
         cols["position_ids"] = _nested(bo, blocks.position_ids)
     cols["num_bytes"] = pa.array(blocks.scores["__bytes"] * lengths)
+    if domains:  # the block's commonest domain by tokens (ties: the first in name order)
+        shares = np.stack([blocks.scores[f"__domain_{d}"] for d in domains], axis=1)
+        cols[DOMAIN_COLUMN] = pa.array([domains[i] for i in shares.argmax(1).tolist()])
     for c in cands:
         cols[f"{c}_ids"] = _nested(bo, blocks.columns[f"{c}_ids"])
         cols[f"{c}_logits"] = _nested(bo, blocks.columns[f"{c}_logits"])
+        if f"{c}_status" in blocks.columns:
+            cols[f"{c}_status"] = _nested(bo, blocks.columns[f"{c}_status"])
         ce = blocks.scores[f"{c}__ce"]
         with np.errstate(invalid="ignore", divide="ignore"):
             per_byte = blocks.scores[f"{c}__ce_sum"] / blocks.scores[f"{c}__bytes"]
@@ -1468,6 +1565,8 @@ def pack_dataset(
         raise InputError(f"{src}: the aligned dataset is not complete")
     ds = _DiskDataset(src, "aligned")
     cands = _pack_candidates(ds, src_manifest)
+    values = str(((src_manifest or {}).get("key") or {}).get("values", "logits"))
+    domains = _domains(ds)
 
     fp = _files_fingerprint(src, _previous_fingerprints(out).get("aligned"))
     key = {
@@ -1502,10 +1601,13 @@ def pack_dataset(
     if mode == "bfd":
         feats["position_ids"] = List(Value("int32"))
     feats["num_bytes"] = Value("float64")
+    if domains:
+        feats[DOMAIN_COLUMN] = Value("string")
     in_features = datasets.Features.from_arrow_schema(ds.schema)
     for c in cands:
-        for s in ("ids", "logits"):
-            feats[f"{c}_{s}"] = in_features[f"{c}_{s}"]
+        for s in ("ids", "logits", "status"):
+            if f"{c}_{s}" in in_features:
+                feats[f"{c}_{s}"] = in_features[f"{c}_{s}"]
         feats[f"{c}_metric_ce"] = Value("float32")
         feats[f"{c}_metric_ce_per_byte"] = Value("float32")
     features = datasets.Features(feats)
@@ -1546,7 +1648,7 @@ def pack_dataset(
                     return
                 if keep < packed.num_blocks:
                     packed = _first_blocks(packed, keep)
-                table = _pack_table(packed, cands, schema, mode, blocks_total, nan_rows)
+                table = _pack_table(packed, cands, schema, mode, blocks_total, nan_rows, domains)
                 path = tmp / f".part-{len(written):05d}.arrow"
                 write_arrow_shard(table, path, compression=compression)
                 written.append(path)
@@ -1556,7 +1658,7 @@ def pack_dataset(
             for table in ds.batches():
                 if table.num_rows == 0:
                     continue
-                chunk = _read_chunk(table, cands, nan_rows, rows)
+                chunk = _read_chunk(table, cands, nan_rows, rows, domains)
                 rows += table.num_rows
                 nan_total += int(np.count_nonzero(chunk.nan))
                 pending.append(chunk)
@@ -1592,6 +1694,8 @@ def pack_dataset(
                     "inputs": {"aligned": str(src.resolve())},
                     "parameters": {"compression": compression, "chunk_tokens": chunk_tokens},
                     "candidates": cands,
+                    "values": values,
+                    "domains": domains,
                     "totals": totals,
                     "complete": True,
                 },
@@ -1612,6 +1716,21 @@ def pack_dataset(
         nan_rows=nan_total,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _domains(ds: _DiskDataset) -> list[str]:
+    """The sorted distinct values of the aligned data's domain column (none: no column)."""
+    if DOMAIN_COLUMN not in ds.column_names:
+        return []
+    import pyarrow.compute as pc
+
+    seen: set[str] = set()
+    for batch in ds.batches():
+        col = batch.column(DOMAIN_COLUMN)
+        if col.null_count:
+            raise InputError(f"{ds.path}: the {DOMAIN_COLUMN!r} column has null values")
+        seen.update(str(v) for v in pc.unique(col).to_pylist())
+    return sorted(seen)
 
 
 def _first_blocks(packed: Any, keep: int) -> Any:

@@ -43,6 +43,8 @@ from .fuse import (
     FUSIONS,
     REF,
     SCORES,
+    SELECTIONS,
+    TEACHERS,
     FusionCollator,
     check_candidate_name,
     check_choice,
@@ -118,6 +120,26 @@ class FusionConfig(TrainingArguments):
             "('kl'; the same gradient, the value excludes the target's entropy)."
         },
     )
+    teacher: str | None = field(
+        default=None,
+        metadata={
+            "choices": list(TEACHERS),
+            "help": "How a teacher row becomes a target: 'calibrated' keeps the row's true "
+            "probability mass (rows of log-probabilities, from `fusellm extract --values "
+            "logprobs`) and adds one bin for every other token, so a teacher that is unsure is "
+            "taught as unsure; 'renormalized' is the reference's softmax over the K kept entries, "
+            "which teaches a row as if it held all the mass. Default: calibrated, or "
+            "renormalized with compat=fusellm.",
+        },
+    )
+    selection: Literal["block", "token"] = field(
+        default="block",
+        metadata={
+            "help": "Where candidates are compared: 'block' (the paper: one candidate per block "
+            "by its block score) or 'token' (per position, by each row's probability of the "
+            "next target token; rows that are alignment fallbacks do not compete)."
+        },
+    )
     lm_loss_weight: float = field(
         default=0.9,
         metadata={"help": "Weight λ of the CLM term (the fusion term gets 1 - λ); paper: 0.9."},
@@ -139,8 +161,9 @@ class FusionConfig(TrainingArguments):
         default=None,
         metadata={
             "choices": ["fusellm"],
-            "help": "'fusellm' reproduces the reference training choices (per-token CE score); "
-            "unset: fusellm's defaults.",
+            "help": "'fusellm' reproduces the reference training choices (per-token CE score, "
+            "renormalized rows, bfloat16 teacher probabilities and rewards: MinCE ties within "
+            "one bfloat16 step go to ref); unset: fusellm's defaults.",
         },
     )
     validate_data: bool = field(
@@ -180,6 +203,15 @@ class FusionConfig(TrainingArguments):
         if self.score is None:
             self.score = "ce" if self.compat == "fusellm" else "ce_per_byte"
         check_choice("score", self.score, SCORES)
+        if self.teacher is None:
+            self.teacher = "renormalized" if self.compat == "fusellm" else "calibrated"
+        check_choice("teacher", self.teacher, TEACHERS)
+        check_choice("selection", self.selection, SELECTIONS)
+        if self.compat == "fusellm" and (self.teacher, self.selection) != ("renormalized", "block"):
+            raise InputError(
+                "compat='fusellm' reproduces the reference: teacher='renormalized' and "
+                f"selection='block', got {self.teacher!r} and {self.selection!r}"
+            )
         if not 0.0 <= self.lm_loss_weight <= 1.0:
             raise InputError(f"lm_loss_weight must be in [0, 1], got {self.lm_loss_weight}")
         if not (self.teacher_temperature > 0 and math.isfinite(self.teacher_temperature)):
@@ -276,6 +308,7 @@ class FusionTrainer(Trainer):
                 score=args.score,  # type: ignore[arg-type]
                 vocab_size=width,
                 full=args.validate_data,
+                teacher=args.teacher,  # type: ignore[arg-type]
             )
             ref_rows = ref_rows or REF in stack
         if data_collator is None:
@@ -285,6 +318,7 @@ class FusionTrainer(Trainer):
                 ref_rows=ref_rows,
                 score=args.score,  # type: ignore[arg-type]
                 vocab_size=width,
+                teacher=args.teacher,  # type: ignore[arg-type]
             )
         elif not isinstance(data_collator, FusionCollator):
             raise InputTypeError(
@@ -294,8 +328,11 @@ class FusionTrainer(Trainer):
             tuple(data_collator.sources) != tuple(args.sources)
             or data_collator.with_ref != args.with_ref
             or data_collator.score != args.score
+            or data_collator.teacher != args.teacher
         ):
-            raise InputError("data_collator's sources / with_ref / score differ from args")
+            raise InputError(
+                "data_collator's sources / with_ref / score / teacher differ from args"
+            )
         train_dataset = _numpy_format(train_dataset)
         eval_dataset = _numpy_format(eval_dataset)
         super().__init__(
@@ -346,6 +383,7 @@ class FusionTrainer(Trainer):
         t_ids = inputs.pop("teacher_ids")
         t_logits = inputs.pop("teacher_logits")
         t_scores = inputs.pop("teacher_scores")
+        t_matched = inputs.pop("teacher_matched", None)
         fuse_items = inputs.pop("num_fuse_items", None)
         outputs = model(**inputs, use_cache=False)
         clm_den = fuse_den = None
@@ -368,11 +406,15 @@ class FusionTrainer(Trainer):
             fusion=args.fusion,
             combine=args.combine,
             distill_loss=args.distill_loss,
+            teacher=args.teacher,  # type: ignore[arg-type]
+            selection=args.selection,
             lm_loss_weight=args.lm_loss_weight,
             temperature=args.teacher_temperature,
             progress=progress,
             ref_index=col.ref_index,
             candidate_mask=col.candidate_mask,
+            teacher_matched=t_matched,
+            compat=args.compat,
             clm_denominator=clm_den,
             fusion_denominator=fuse_den,
         )

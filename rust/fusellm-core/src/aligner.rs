@@ -158,6 +158,9 @@ pub struct SeqOutput {
     pub num_unknown: u64,
     /// Top-K entries dropped because their string is not a base token (after mapping).
     pub num_unmapped: u64,
+    /// Top-K entries whose base id repeats an earlier entry's: merged into it (probabilities
+    /// summed) by default, dropped in compat mode.
+    pub num_duplicates: u64,
 }
 
 /// The aligner of one (base, blend) tokenizer pair.
@@ -583,9 +586,13 @@ impl Aligner {
             k,
             num_unknown: 0,
             num_unmapped: 0,
+            num_duplicates: 0,
         };
         let mut order: Vec<usize> = (0..k).collect();
         let merge = !self.compat;
+        // A one-hot row holds probability 1: log-probability 0 (the reference stores logit 1.0,
+        // which a softmax over the one entry also reads as probability 1).
+        let fallback_value = if self.compat { 1.0 } else { 0.0 };
         for (i, &j) in pairing.iter().enumerate() {
             prefetcher.step();
             let base_id = inp.base_ids[i] as u32;
@@ -596,7 +603,7 @@ impl Aligner {
                 let j = j as usize;
                 let src_ids = &inp.topk_ids[j * k..(j + 1) * k];
                 let src_logits = &inp.topk_logits[j * k..(j + 1) * k];
-                let (len, invalid, unknown) = match (is_descending(src_logits), clean) {
+                let (len, invalid, unknown, duplicates) = match (is_descending(src_logits), clean) {
                     (true, true) => {
                         let entries = src_ids.iter().copied().zip(src_logits.iter().copied());
                         fill_row::<T, B, true>(table, entries, &mut buf, merge)
@@ -613,6 +620,7 @@ impl Aligner {
                 };
                 out.num_unknown += unknown;
                 out.num_unmapped += invalid - unknown;
+                out.num_duplicates += duplicates;
                 if len > 0 {
                     status::MATCHED
                 } else {
@@ -626,7 +634,7 @@ impl Aligner {
                 };
                 match target {
                     Some(t) => {
-                        buf.put(0, t as i32, 1.0);
+                        buf.put(0, t as i32, fallback_value);
                         status::FALLBACK
                     }
                     None => status::MASKED,
@@ -806,7 +814,8 @@ impl RowBuf for Wide {
 
 /// Maps top-K `entries` (highest logit first) to base ids through `table` and writes the valid
 /// ones, in order, to the front of a cleared row; returns the row's length, the number of entries
-/// dropped as invalid, and how many of those have no string. `CLEAN` promises that every id has
+/// dropped as invalid, how many of those have no string, and how many duplicates were merged (or
+/// dropped). `CLEAN` promises that every id has
 /// a string and indexes the table, whose length is a power of two (no counting, masked look-ups).
 /// The row ends sorted by descending logit, without duplicate ids: a duplicate merges into the
 /// first occurrence by summing probabilities (`merge`) or is dropped (the reference keeps the
@@ -823,7 +832,7 @@ fn fill_row<T: Cell, B: RowBuf, const CLEAN: bool>(
     entries: impl ExactSizeIterator<Item = (i32, f32)>,
     buf: &mut B,
     merge: bool,
-) -> (usize, u64, u64) {
+) -> (usize, u64, u64, u64) {
     let (mut len, mut filter, mut collide, mut unknown) = (0usize, 0u64, 0u64, 0u64);
     let read = entries.len();
     // With `CLEAN`, every id indexes the table, whose length is a power of two: the mask changes
@@ -855,11 +864,14 @@ fn fill_row<T: Cell, B: RowBuf, const CLEAN: bool>(
         ids[len] = -1;
         logits[len] = f32::NEG_INFINITY;
     }
+    let mut duplicates = 0;
     if collide != 0 && buf.has_duplicate(len) {
         let (ids, logits) = buf.parts();
-        len = dedup_row(ids, logits, len, merge);
+        let kept = dedup_row(ids, logits, len, merge);
+        duplicates = (len - kept) as u64;
+        len = kept;
     }
-    (len, invalid, unknown)
+    (len, invalid, unknown, duplicates)
 }
 
 /// Removes duplicate ids from the first `len` entries of a row (in descending logit order),

@@ -95,6 +95,7 @@ type AlignedRow<'py> = (
     Bound<'py, PyArray1<u8>>,
     u64,
     u64,
+    u64,
 );
 
 #[pymethods]
@@ -267,6 +268,7 @@ impl Aligner {
                     o.status.into_pyarray(py),
                     o.num_unknown,
                     o.num_unmapped,
+                    o.num_duplicates,
                 ))
             })
             .collect()

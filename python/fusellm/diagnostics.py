@@ -1,0 +1,167 @@
+"""Teacher diagnostics: how well each candidate's rows predict the target's next token.
+
+A row at target position ``t`` is a teacher's distribution over the token at ``t + 1``. Scored
+against the token that really follows (``y``), per candidate and per domain:
+
+- ``top1``: the row's first (highest) entry is ``y``;
+- ``coverage``: ``y`` is among the row's ids;
+- ``ce`` (rows of log-probabilities only): the cross-entropy of ``y`` under the row, in nats.
+  Where ``y`` is in the row its probability is the entry's; where it is not, the row's tail
+  ``1 - Σ p`` is taken as spread evenly over the ``V - n`` ids the row does not list (``V`` the
+  target's vocabulary, ``n`` the row's entries). Rows of raw logits do not know their tail, so
+  they get no ``ce``.
+
+A source is scored on the positions where its row holds its own distribution (status MATCHED:
+fallback rows are the true next token by construction, and empty rows are replaced by the
+target's in training); the target's own rows (``ref``) on the same positions are scored beside
+it (``ref_top1``, ``ref_coverage``, ``ref_ce``), so the two are compared on equal ground. ``ref``
+alone is scored on every position that has a next token. ``all`` pools the domains.
+
+:class:`TeacherStats` accumulates these batch by batch (the align stage feeds it every shard) and
+writes them into ``align_stats.json`` under ``"teachers"``; :func:`next_token_scores` is the
+per-position computation, shared by the accumulator and by token-level candidate selection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ALL", "TeacherStats", "next_token_scores", "next_tokens"]
+
+#: The pooled "domain".
+ALL = "all"
+_TINY = np.finfo(np.float64).tiny
+
+
+def next_tokens(ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """``int64 [N]``: the token after each position of the rows ``ids[offsets[r]:offsets[r+1]]``,
+    ``-1`` at the last position of a row."""
+    nxt = np.full(ids.shape[0], -1, dtype=np.int64)
+    if ids.shape[0] > 1:
+        nxt[:-1] = ids[1:]
+    ends = np.asarray(offsets[1:], dtype=np.int64) - 1
+    nxt[ends[ends >= 0]] = -1
+    return nxt
+
+
+def next_token_scores(
+    ids: np.ndarray, values: np.ndarray, nxt: np.ndarray, vocab_size: int, logprobs: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Per position: ``(top1, coverage, ce)`` of the rows ``ids``/``values`` ``[N, K]`` against
+    the next tokens ``nxt`` ``[N]`` (see the module docstring; ``ce`` is None for raw logits)."""
+    ids = np.asarray(ids)
+    values = np.asarray(values, dtype=np.float64)
+    valid = (ids >= 0) & (values > -np.inf)
+    hit_at = valid & (ids == nxt[:, None])
+    top1 = valid[:, 0] & (ids[:, 0] == nxt) if ids.shape[1] else np.zeros(len(nxt), bool)
+    coverage = hit_at.any(1)
+    if not logprobs:
+        return top1, coverage, None
+    p = np.where(valid, np.exp(np.where(valid, values, 0.0)), 0.0)
+    tail = np.clip(1.0 - p.sum(1), 0.0, 1.0)
+    rest = np.maximum(vocab_size - valid.sum(1), 1)
+    p_y = np.where(coverage, (p * hit_at).sum(1), tail / rest)
+    return top1, coverage, -np.log(np.maximum(p_y, _TINY))
+
+
+class TeacherStats:
+    """Accumulates the next-token scores of every candidate, per domain (module docstring)."""
+
+    def __init__(self, vocab_size: int, logprobs: bool) -> None:
+        self.vocab_size = int(vocab_size)
+        self.logprobs = bool(logprobs)
+        self._sums: dict[str, dict[str, dict[str, float]]] = {}
+        self._mass: dict[str, dict[str, float]] = {}
+
+    def _add(
+        self, name: str, domains: np.ndarray, names: Sequence[str], cols: dict[str, Any]
+    ) -> None:
+        """Adds per-position columns (``None`` ones skipped) into ``name``'s per-domain sums."""
+        per = self._sums.setdefault(name, {})
+        for code, dom in [(-1, ALL), *enumerate(names)]:
+            sel = np.ones(len(domains), bool) if code < 0 else domains == code
+            acc = per.setdefault(dom, {})
+            for key, col in cols.items():
+                if col is not None:
+                    acc[key] = acc.get(key, 0.0) + float(np.sum(col[sel], dtype=np.float64))
+
+    def add_ref(
+        self,
+        ids: np.ndarray,
+        values: np.ndarray,
+        nxt: np.ndarray,
+        domains: np.ndarray,
+        names: Sequence[str],
+    ) -> None:
+        """The target's own rows, on every position with a next token."""
+        use = nxt >= 0
+        t, c, ce = next_token_scores(
+            ids[use], values[use], nxt[use], self.vocab_size, self.logprobs
+        )
+        n = np.ones(int(use.sum()))
+        self._add("ref", domains[use], names, {"n": n, "top1": t, "coverage": c, "ce": ce})
+
+    def add_source(
+        self,
+        name: str,
+        ids: np.ndarray,
+        values: np.ndarray,
+        matched: np.ndarray,
+        ref_ids: np.ndarray,
+        ref_values: np.ndarray,
+        nxt: np.ndarray,
+        domains: np.ndarray,
+        names: Sequence[str],
+    ) -> None:
+        """A source's aligned rows on its matched positions, and the ref rows beside them."""
+        has_next = nxt >= 0
+        use = has_next & matched
+        y = nxt[use]
+        t, c, ce = next_token_scores(ids[use], values[use], y, self.vocab_size, self.logprobs)
+        rt, rc, rce = next_token_scores(
+            ref_ids[use], ref_values[use], y, self.vocab_size, self.logprobs
+        )
+        cols = {
+            "n": matched[has_next].astype(np.float64),
+            "with_next": np.ones(int(has_next.sum())),
+        }
+        self._add(name, domains[has_next], names, cols)
+        cols = {"top1": t, "coverage": c, "ce": ce, "ref_top1": rt, "ref_coverage": rc}
+        cols["ref_ce"] = rce
+        self._add(name, domains[use], names, cols)
+
+    def add_source_mass(self, name: str, topk_values: np.ndarray, kept: np.ndarray) -> None:
+        """A source's own top-K rows (log-probabilities) and which entries the alignment keeps
+        (the id maps to a target token): the mass it holds and the mass sent to the tail."""
+        if not self.logprobs:
+            return
+        p = np.exp(np.asarray(topk_values, dtype=np.float64))
+        acc = self._mass.setdefault(name, {"rows": 0.0, "topk_mass": 0.0, "dropped_mass": 0.0})
+        acc["rows"] += p.shape[0]
+        acc["topk_mass"] += float(p.sum())
+        acc["dropped_mass"] += float((p * ~kept).sum())
+
+    def result(self) -> dict[str, Any]:
+        """Means per candidate and domain (JSON-ready)."""
+        out: dict[str, Any] = {}
+        for name, per in self._sums.items():
+            res: dict[str, Any] = {}
+            for dom, acc in per.items():
+                n = acc.get("n", 0.0)
+                row: dict[str, Any] = {"positions": int(n)}
+                if "with_next" in acc:
+                    row["matched_share"] = n / acc["with_next"] if acc["with_next"] else None
+                for key in ("top1", "coverage", "ce", "ref_top1", "ref_coverage", "ref_ce"):
+                    if key in acc:
+                        row[key] = acc[key] / n if n else None
+                res[dom] = row
+            if name in self._mass:
+                m = self._mass[name]
+                rows = m["rows"] or 1.0
+                res[ALL]["topk_mass"] = m["topk_mass"] / rows
+                res[ALL]["dropped_mass"] = m["dropped_mass"] / rows
+            out[name] = res
+        return {"vocab_size": self.vocab_size, "logprobs": self.logprobs, "candidates": out}
