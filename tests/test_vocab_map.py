@@ -176,6 +176,28 @@ def test_mined_and_exact_equal_the_definition(base, blend, markers, threads) -> 
                 assert vm.kinds[i] == (MAP_EXACT if d == 0 else MAP_MINED)
 
 
+@given(
+    base=vocab,
+    blend=vocab,
+    markers=st.sampled_from(MARKERS),
+    method=st.sampled_from(["mined", "surface"]),
+    cap=st.integers(1, 4),
+)
+@settings(max_examples=_examples(1.0))
+def test_max_distance_unmaps_exactly_the_far_tokens(base, blend, markers, method, cap) -> None:
+    bm, xm = markers
+    full = VocabMap.build(base, blend, base_marker=bm, blend_marker=xm, method=method)
+    vm = VocabMap.build(base, blend, base_marker=bm, blend_marker=xm, method=method, max_distance=cap)
+    far = (full.kinds == MAP_MINED) & (full.distances > cap)
+    assert vm.max_distance == cap
+    assert vm.base_ids.tolist() == np.where(far, -1, full.base_ids).tolist()
+    assert (vm.kinds[far] == MAP_UNMAPPED).all()
+    assert (vm.distances[~far] == full.distances[~far]).all()
+    # every mined token that is kept lies within the cap; exact and surface matches are kept
+    assert (vm.distances[vm.kinds == MAP_MINED] <= cap).all()
+    assert vm.stats()["unmapped"] == full.stats()["unmapped"] + int(far.sum())
+
+
 @given(base=vocab, blend=vocab, markers=st.sampled_from(MARKERS))
 @settings(max_examples=_examples(1.0))
 def test_surface_equals_its_rule(base, blend, markers) -> None:
@@ -353,7 +375,15 @@ def test_save_load_round_trip(tmp_path) -> None:
     assert back.distances.tolist() == vm.distances.tolist()
     assert back.method == "mined"
     assert back.stats() == vm.stats()
+    assert back.max_distance is None
     vm.save(path)  # overwriting is fine
+    capped = VocabMap.build(
+        base, blend, base_marker=SPM, blend_marker=BBPE, method="mined", max_distance=1
+    )
+    capped.save(path)
+    back = VocabMap.load(path, base, blend)
+    assert back.max_distance == 1
+    assert back.base_ids.tolist() == capped.base_ids.tolist()
 
 
 def test_load_refuses_stale_maps(tmp_path) -> None:
@@ -426,6 +456,8 @@ def test_bad_input() -> None:
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(InputError, match="num_threads"):
             VocabMap.build(base, blend, num_threads=bad, **kw)  # type: ignore[arg-type]
+        with pytest.raises(InputError, match="max_distance"):
+            VocabMap.build(base, blend, max_distance=bad, **kw)  # type: ignore[arg-type]
     with pytest.raises(InputTypeError, match="mapping"):
         VocabMap.from_dict([("a", "b")], base, blend, **kw)  # type: ignore[arg-type]
     with pytest.raises(InputTypeError, match="str to str"):

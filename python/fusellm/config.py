@@ -239,6 +239,13 @@ class VocabMapSettings:
     num_threads: int | None = field(
         default=None, metadata=_help("Threads (default: the top-level num_threads, else all).")
     )
+    max_distance: int | None = field(
+        default=None,
+        metadata=_help(
+            "Leave unmapped the source tokens whose nearest target string is more edits away "
+            "(their probability goes to the row's tail); null: no cap."
+        ),
+    )
 
 
 @dataclass

@@ -712,6 +712,7 @@ def _run(
                 "base_tokenizer": tok_fp[cfg.target.name],
                 "blend_tokenizer": tok_fp[s.name],
                 "method": cfg.vocab_map.method,
+                "max_distance": cfg.vocab_map.max_distance,
             }
 
             def do_vocab(s: ModelSpec = s, path: Path = path) -> dict[str, Any]:
@@ -723,6 +724,7 @@ def _run(
                     s.tokenizer_path,
                     path,
                     method=cfg.vocab_map.method,
+                    max_distance=cfg.vocab_map.max_distance,
                     num_threads=cfg.vocab_map.num_threads or threads,
                 )
                 stats = getattr(vm, "stats", None)

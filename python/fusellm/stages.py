@@ -510,6 +510,7 @@ def run_vocab_map(
     *,
     method: str = "surface",
     num_threads: int | None = None,
+    max_distance: int | None = None,
     overwrite: bool = False,
 ) -> Any:
     """Builds and saves the map of every blend token onto the base vocabulary (stage 3a).
@@ -521,6 +522,8 @@ def run_vocab_map(
             also writes ``<output>.meta.json`` (method, markers, statistics, checksums).
         method: ``"surface"`` (default), ``"mined"`` (the reference map) or ``"exact"``.
         num_threads: worker threads (default: ``FUSELLM_NUM_THREADS`` or all cores).
+        max_distance: leave unmapped the tokens whose nearest base string is more edits away
+            (:meth:`fusellm.VocabMap.build`; ``None``: no cap).
         overwrite: replace an existing map built for other vocabularies or another method.
 
     Returns:
@@ -556,16 +559,19 @@ def run_vocab_map(
                     f"{out} holds another vocabulary map ({e}); pass overwrite=True to rebuild it"
                 ) from e
         else:
-            if vm.method == method and (vm.base_marker, vm.blend_marker) == (
+            same = (vm.method, vm.max_distance, vm.base_marker, vm.blend_marker) == (
+                method,
+                max_distance,
                 base_marker,
                 blend_marker,
-            ):
+            )
+            if same:
                 logger.info("%s is up to date (%s map): skipped", out, method)
                 return vm
             if not overwrite:
                 raise StaleArtifactError(
-                    f"{out} holds a {vm.method!r} map, not {method!r}; pass overwrite=True to "
-                    "rebuild it"
+                    f"{out} holds a {vm.method!r} map (max_distance {vm.max_distance}), not "
+                    f"{method!r} (max_distance {max_distance}); pass overwrite=True to rebuild it"
                 )
     out.parent.mkdir(parents=True, exist_ok=True)
     vm = VocabMap.build(
@@ -575,6 +581,7 @@ def run_vocab_map(
         blend_marker=blend_marker,
         method=method,  # type: ignore[arg-type]
         num_threads=threads,
+        max_distance=max_distance,
     )
     vm.save(out)
     return vm
@@ -1800,6 +1807,12 @@ def add_vocab_map_parser(subparsers: Any) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--num-threads", type=int, default=None, help="worker threads (default: all)")
+    p.add_argument(
+        "--max-distance",
+        type=int,
+        default=None,
+        help="leave unmapped the tokens whose nearest target string is more edits away",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a map built for other inputs")
     p.set_defaults(func=_vocab_map_cli)
     return p
@@ -1812,6 +1825,7 @@ def _vocab_map_cli(args: argparse.Namespace) -> int:
         args.output,
         method=args.method,
         num_threads=args.num_threads,
+        max_distance=args.max_distance,
         overwrite=args.overwrite,
     )
     s = vm.stats()

@@ -116,6 +116,12 @@ def _check_threads(num_threads: Any) -> int | None:
     return num_threads
 
 
+def _check_max_distance(value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise InputError(f"max_distance must be a positive int or None, got {value!r}")
+    return value
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -147,6 +153,7 @@ class VocabMap:
         distances: ``int32`` Levenshtein distance between the key and its target (``-1``:
             unmapped).
         method: ``"exact"``, ``"mined"``, ``"surface"``, or ``"imported"`` (:meth:`from_dict`).
+        max_distance: the cap on edit-distance mappings it was built with (``None``: no cap).
     """
 
     def __init__(
@@ -171,6 +178,7 @@ class VocabMap:
         self.distances = distances
         self._dict: dict[str, str] | None = None
         self._checksums: tuple[str, str] | None = None
+        self.max_distance: int | None = None
 
     # -- construction ---------------------------------------------------------------------
 
@@ -184,6 +192,7 @@ class VocabMap:
         blend_marker: str,
         method: MapMethod = "mined",
         num_threads: int | None = None,
+        max_distance: int | None = None,
     ) -> VocabMap:
         """Maps every blend token onto the base vocabulary.
 
@@ -195,6 +204,10 @@ class VocabMap:
             method: ``"exact"``, ``"mined"`` (reference) or ``"surface"`` (module docstring).
             num_threads: worker threads (default: ``FUSELLM_NUM_THREADS`` or all cores); the
                 result does not depend on it. The interpreter is released during the work.
+            max_distance: leave unmapped every token whose nearest base string is more than
+                this many edits away (``None``: no cap). A far-fetched neighbour (Qwen's long
+                code tokens reach distance 112 on Mistral's vocabulary) names another token;
+                unmapped, the entry's probability goes to the row's tail instead.
         """
         if method not in _METHODS:
             raise InputError(f"method must be one of {list(_METHODS)}, got {method!r}")
@@ -202,8 +215,16 @@ class VocabMap:
         blend = _vocab_list(blend_vocab, "blend_vocab")
         bm = _check_marker(base_marker, "base_marker")
         xm = _check_marker(blend_marker, "blend_marker")
-        arrays = _native.build_vocab_map(base, blend, bm, xm, method, _check_threads(num_threads))
-        return cls(base, blend, bm, xm, method, arrays)
+        cap = _check_max_distance(max_distance)
+        base_ids, kinds, distances = _native.build_vocab_map(
+            base, blend, bm, xm, method, _check_threads(num_threads)
+        )
+        if cap is not None:
+            far = (kinds == MAP_MINED) & (distances > cap)
+            base_ids[far], kinds[far], distances[far] = -1, MAP_UNMAPPED, -1
+        vm = cls(base, blend, bm, xm, method, (base_ids, kinds, distances))
+        vm.max_distance = cap
+        return vm
 
     @classmethod
     def from_dict(
@@ -294,6 +315,7 @@ class VocabMap:
             blend_marker=meta["blend_marker"],
         )
         vm.method = str(meta.get("method", "imported"))
+        vm.max_distance = meta.get("max_distance")
         return vm
 
     # -- output ---------------------------------------------------------------------------
@@ -331,6 +353,7 @@ class VocabMap:
             "format": _FORMAT,
             "version": _VERSION,
             "method": self.method,
+            "max_distance": self.max_distance,
             "base_marker": self.base_marker,
             "blend_marker": self.blend_marker,
             "base_vocab": {"size": len(self._base_vocab), "sha256": base_sum},
