@@ -186,8 +186,9 @@ def test_mined_and_exact_equal_the_definition(base, blend, markers, threads) -> 
 @settings(max_examples=_examples(1.0))
 def test_max_distance_unmaps_exactly_the_far_tokens(base, blend, markers, method, cap) -> None:
     bm, xm = markers
-    full = VocabMap.build(base, blend, base_marker=bm, blend_marker=xm, method=method)
-    vm = VocabMap.build(base, blend, base_marker=bm, blend_marker=xm, method=method, max_distance=cap)
+    kw = {"base_marker": bm, "blend_marker": xm, "method": method}
+    full = VocabMap.build(base, blend, **kw)
+    vm = VocabMap.build(base, blend, max_distance=cap, **kw)
     far = (full.kinds == MAP_MINED) & (full.distances > cap)
     assert vm.max_distance == cap
     assert vm.base_ids.tolist() == np.where(far, -1, full.base_ids).tolist()
