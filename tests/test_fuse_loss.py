@@ -298,8 +298,13 @@ def dense_calibrated(
     lam: float,
     cand_mask: list[bool],
     matched: torch.Tensor | None = None,
+    with_student: bool = False,
+    block_bytes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Position by position, in float64: the fused teacher over the row ids plus one tail bin."""
+    """Position by position, in float64: the fused teacher over the row ids plus one tail bin.
+    With ``with_student``, a position where the student beats the picked row (per block: its CE
+    per byte / per token against the candidate's score; per token: its probability of the next
+    token against the row's) gets no fusion term and CLM weight 1."""
     labels, mask = batch["labels"], batch["attention_mask"]
     t_ids, t_lp, scores = batch["teacher_ids"], batch["teacher_logits"], batch["teacher_scores"]
     b, length, v = logits.shape
@@ -307,6 +312,15 @@ def dense_calibrated(
     p_student = torch.softmax(logits.double(), -1)
     total_clm = total_fuse = logits.new_zeros((), dtype=torch.float64)
     n_clm = n_fuse = 0
+    student_reward = []
+    for i in range(b):
+        nll = [
+            -math.log(float(p_student[i, t, int(labels[i, t + 1])].detach()))
+            for t in range(length - 1)
+            if labels[i, t + 1] != -100
+        ]
+        den = float(block_bytes[i]) if block_bytes is not None else len(nll)
+        student_reward.append(math.exp(-sum(nll) / den))
     for i, t in itertools.product(range(b), range(length)):
         rows = []
         for j in range(c):
@@ -329,9 +343,18 @@ def dense_calibrated(
                 py = float(p[ids.index(y)]) if y in ids else tail / max(1, v - len(ids))
                 reward.append(py if usable[j] else -math.inf)
         reward = [r if cand_mask[j] else -math.inf for j, r in enumerate(reward)]
+        lam_t = lam
         if fusion == "mince":
             pick = reward.index(max(reward))
             weights = [1.0 if j == pick else 0.0 for j in range(c)]
+            if with_student and selection == "block":
+                if student_reward[i] >= math.exp(-float(scores[i, pick])):
+                    weights, lam_t = [0.0] * c, 1.0
+            elif with_student and y != -100:
+                ids, p, row_tail = rows[pick]
+                py = float(p[ids.index(y)]) if y in ids else row_tail / max(1, v - len(ids))
+                if float(p_student[i, t, y].detach()) >= py:
+                    weights, lam_t = [0.0] * c, 1.0
         else:
             weights = torch.softmax(torch.tensor(reward, dtype=torch.float64), 0).tolist()
         q = torch.zeros(v, dtype=torch.float64)
@@ -351,10 +374,10 @@ def dense_calibrated(
             qq = q[in_row & (q > 0)]
             loss_t = loss_t + (qq * torch.log(qq)).sum() + (tail * math.log(tail) if tail else 0)
         if mask[i, t]:
-            total_fuse = total_fuse + (1 - lam) * loss_t
+            total_fuse = total_fuse + (1 - lam_t) * loss_t
             n_fuse += 1
         if y != -100:
-            total_clm = total_clm + lam * -torch.log(ps[y])
+            total_clm = total_clm + lam_t * -torch.log(ps[y])
             n_clm += 1
     return total_clm / max(n_clm, 1) + total_fuse / max(n_fuse, 1)
 
@@ -417,6 +440,58 @@ def sub_batch(batch: dict[str, Any], block: int, cands: int, length: int) -> dic
     return out
 
 
+@pytest.mark.parametrize("selection", ["block", "token"])
+@pytest.mark.parametrize("per_byte", [False, True])
+def test_student_competes_with_the_selected_candidate(selection: str, per_byte: bool) -> None:
+    batch = as_logprobs(random_batch(4), 4)
+    logits = batch["logits"].clone()
+    labels = batch["labels"]
+    # the student already knows some continuations well: those positions train by CLM alone
+    for i, t in [(0, 0), (0, 1), (1, 2), (2, 3), (2, 4)]:
+        logits[i, t, labels[i, t + 1]] += 9.0
+    kw: dict[str, Any] = {"selection": selection, "lm_loss_weight": 0.4}
+    block_bytes = torch.tensor([40.0, 25.0, 3.0]) if per_byte else None
+    scores = torch.tensor([[1.0, 0.6, 0.9], [0.2, 0.1, 0.3], [3.0, 2.5, 2.6]])
+    batch = {**batch, "teacher_scores": scores}
+    x = logits.clone().requires_grad_(True)
+    out = fusion_loss(
+        x,
+        labels,
+        batch["attention_mask"],
+        batch["teacher_ids"],
+        batch["teacher_logits"],
+        scores,
+        teacher="calibrated",
+        with_student=True,
+        block_bytes=block_bytes,
+        **kw,
+    )
+    out.loss.backward()
+    y = logits.clone().requires_grad_(True)
+    want = dense_calibrated(
+        y,
+        batch,
+        fusion="mince",
+        distill_loss="ce",
+        temperature=1.0,
+        lam=0.4,
+        cand_mask=[True] * 3,
+        with_student=True,
+        block_bytes=block_bytes,
+        selection=selection,
+    )
+    want.backward()
+    torch.testing.assert_close(out.loss.double(), want, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-6)
+    assert 0 < float(out.student_share.sum()) < 3  # the student wins somewhere, not everywhere
+    torch.testing.assert_close(
+        out.candidate_weights.sum(1) + out.student_share, torch.ones(3), rtol=1e-6, atol=1e-6
+    )
+    with pytest.raises(InputError, match="mince"):
+        fusion_loss(x, labels, batch["attention_mask"], batch["teacher_ids"],
+                    batch["teacher_logits"], scores, fusion="avgce", with_student=True)  # fmt: skip
+
+
 def test_calibrated_tail_is_exact_when_the_row_holds_almost_all_student_mass() -> None:
     ids = torch.tensor([[[[1, 4, 5, -1], [2, 3, 7, 8], [10, 14, 1, 11]]]], dtype=torch.int32)
     lp = torch.where(ids >= 0, math.log(0.2), -math.inf)  # rows holding 60 % and 80 %
@@ -443,6 +518,33 @@ def test_calibrated_tail_is_exact_when_the_row_holds_almost_all_student_mass() -
     assert torch.isfinite(out.loss)
     assert torch.isfinite(student.grad).all()
     assert float(out.fusion_loss) > 10  # the tail bin's ~0.3 x 60 nats are counted
+
+
+@pytest.mark.parametrize("lift", [0.0, 3.0, 12.0, 40.0])
+def test_log_tail_and_its_gradient_match_float64(lift: float) -> None:
+    """Rows where the student's tail is large (the fast path), small and vanishing (exact path):
+    value and gradient against float64 autograd, with repeated and unflagged ids."""
+    g = torch.Generator().manual_seed(int(lift))
+    z = torch.randn(6, 19, generator=g, dtype=torch.float64)
+    index = torch.randint(0, 19, (6, 5), generator=g)
+    index[:, 2] = index[:, 1]  # a repeated id
+    in_row = torch.ones(6, 5, dtype=torch.bool)
+    in_row[:, 0] = False  # e.g. the CLM column
+    for r in range(6):
+        z[r, index[r, 1:]] += lift * (r % 2)  # odd rows: the row holds nearly all the mass
+    w = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    x = z.clone().requires_grad_(True)
+    got, tail = log_softmax_gather(x, index, in_row=in_row, chunk_elements=40)
+    ((got.double() * w).sum() + (tail.double() * torch.arange(6.0)).sum()).backward()
+    y = z.clone().requires_grad_(True)
+    lp = torch.log_softmax(y, -1)
+    outside = torch.ones(6, 19, dtype=torch.bool)
+    for r in range(6):
+        outside[r, index[r, 1:]] = False
+    want = torch.logsumexp(torch.where(outside, lp, -math.inf), -1)
+    ((lp.gather(-1, index) * w).sum() + (want * torch.arange(6.0)).sum()).backward()
+    torch.testing.assert_close(tail.double(), want.detach(), rtol=2e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad, y.grad, rtol=2e-4, atol=2e-5)
 
 
 def test_calibrated_equals_renormalized_for_rows_that_hold_all_the_mass() -> None:

@@ -35,7 +35,7 @@ import yaml
 
 from fusellm.cli import main
 from fusellm.config import load_config
-from fusellm.pipeline import STAGE_RECORD, run_names
+from fusellm.pipeline import STAGE_RECORD, train_runs
 from models import quiet
 
 SOURCES = ("neox_bible", "mpt_python")
@@ -307,7 +307,7 @@ def test_changed_settings_redo_exactly_what_depends_on_them(
     assert proc.returncode == 0, proc.stderr[-5000:]
     st = statuses(wd)
     assert all(st[s] == "skipped" for s in upstream), st
-    trains = [f"train/{r}" for r, _, _ in run_names([0, 1], True)]
+    trains = ["train/fused", "train/clm", "train/fused-seed1", "train/clm-seed1"]
     assert all(st[s] == "ran" for s in [*trains, "evaluate"]), st
     assert fused.read_bytes() != old
     log = (wd / "fusellm.log").read_text(encoding="utf-8")
@@ -507,15 +507,40 @@ def test_missing_source_and_unloadable_tokenizer_fail_before_any_work(
         assert not wd.exists()
 
 
-def test_run_names_for_several_seeds() -> None:
-    assert run_names([0], True) == [("fused", "fused", 0), ("clm", "clm", 0)]
-    assert run_names([3, 5], False) == [("fused", "fused", 3), ("fused-seed5", "fused", 5)]
-    assert [r for r, _, _ in run_names([0, 1], True)] == [
+def test_training_runs_for_several_seeds_baselines_and_a_sweep(reference: dict[str, Any]) -> None:
+    cfg = load_config(reference["workdir"] / "config.yaml")
+    assert [(r.name, r.kind, r.seed) for r in train_runs(cfg)] == [
+        ("fused", "fused", 0),
+        ("clm", "clm", 0),
+    ]
+    cfg.seeds = [3, 5]
+    cfg.train.control = False
+    assert [(r.name, r.seed) for r in train_runs(cfg)] == [("fused", 3), ("fused-seed5", 5)]
+    cfg.seeds = [0, 1]
+    cfg.train.control = True
+    cfg.train.kd_baselines = True
+    cfg.train.sweep_lm_loss_weight = [0.5]
+    runs = {r.name: r for r in train_runs(cfg)}
+    assert list(runs) == [
         "fused",
         "clm",
+        "kd-neox_bible",
+        "kd-mpt_python",
+        "fused-lmw0.5",
         "fused-seed1",
         "clm-seed1",
+        "kd-neox_bible-seed1",
+        "kd-mpt_python-seed1",
+        "fused-lmw0.5-seed1",
     ]
+    assert runs["clm"].overrides == {"lm_loss_weight": 1.0, "combine": "hard"}
+    assert runs["kd-neox_bible"].overrides == {
+        "sources": ["neox_bible"],
+        "ignore_sources": ["mpt_python"],
+        "with_ref": False,
+    }
+    assert runs["fused-lmw0.5-seed1"].overrides == {"lm_loss_weight": 0.5}
+    assert runs["fused-lmw0.5-seed1"].seed == 1
 
 
 def test_help_config_and_dry_run(

@@ -316,9 +316,9 @@ class PackSettings:
 class TrainSettings:
     """Stage 5: continual training of the target (fusion run, and its CLM control).
 
-    Besides ``control``, every key is a :class:`fusellm.FusionConfig` (``TrainingArguments``)
-    field, except those the pipeline sets itself (``output_dir``, ``seed``, ``sources``,
-    ``resume_from_checkpoint``).
+    Besides the run plan (``control``, ``kd_baselines``, ``sweep_lm_loss_weight``), every key is
+    a :class:`fusellm.FusionConfig` (``TrainingArguments``) field, except those the pipeline sets
+    itself (``output_dir``, ``seed``, ``sources``, ``resume_from_checkpoint``).
     """
 
     control: bool = field(
@@ -326,6 +326,21 @@ class TrainSettings:
         metadata=_help(
             "Also train the CLM control: the same trainer, data, steps and seed with the fusion "
             "term off (lm_loss_weight = 1), run 'clm' beside 'fused'."
+        ),
+    )
+    kd_baselines: bool = field(
+        default=False,
+        metadata=_help(
+            "Also train one knowledge-distillation baseline per source, 'kd-<source>': the same "
+            "trainer, data, steps and seed, distilling that source alone (no ref, nothing to "
+            "select), as the paper compares FuseLLM with single-teacher KD."
+        ),
+    )
+    sweep_lm_loss_weight: list[float] = field(
+        default_factory=list,
+        metadata=_help(
+            "Also train a fused run per value of lm_loss_weight, 'fused-lmw<value>' (the fusion "
+            "weight is 1 - value), every other setting unchanged: a sweep of the fusion weight."
         ),
     )
     args: dict[str, Any] = field(
@@ -443,7 +458,8 @@ class PipelineConfig:
         """The resolved config as plain data (the ``train`` args inline under ``train``)."""
         out = dataclasses.asdict(self)
         train = out.pop("train")
-        out["train"] = {"control": train["control"], **train["args"]}
+        args = train.pop("args")
+        out["train"] = {**train, **args}
         return out
 
     def to_yaml(self) -> str:
@@ -710,27 +726,30 @@ def _build(
 
 
 def _build_train(raw: Mapping[str, Any]) -> TrainSettings:
-    control = raw.get("control", True)
-    if not isinstance(control, bool):
-        raise ConfigError("train.control", f"must be true or false, got {_describe(control)}")
+    hints = typing.get_type_hints(TrainSettings)
+    plan_keys = [f.name for f in dataclasses.fields(TrainSettings) if f.name != "args"]
+    plan = {k: _coerce(raw[k], hints[k], f"train.{k}") for k in plan_keys if k in raw}
+    for i, w in enumerate(plan.get("sweep_lm_loss_weight", [])):
+        if not 0.0 <= w <= 1.0:
+            raise ConfigError(f"train.sweep_lm_loss_weight[{i}]", f"must be in [0, 1], got {w}")
     fusion_fields = _fusion_fields()
     args: dict[str, Any] = {}
     for k, v in raw.items():
-        if k == "control":
+        if k in plan_keys:
             continue
         if k in _MANAGED_TRAIN_FIELDS:
             raise ConfigError(f"train.{k}", f"is set by the pipeline: {_MANAGED_TRAIN_FIELDS[k]}")
         if k not in fusion_fields:
-            known = ["control", *sorted(set(fusion_fields) - set(_MANAGED_TRAIN_FIELDS))]
+            known = [*plan_keys, *sorted(set(fusion_fields) - set(_MANAGED_TRAIN_FIELDS))]
             close = difflib.get_close_matches(k, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(
                 f"train.{k}",
-                "unknown key: not 'control' nor a FusionConfig / TrainingArguments field "
-                f"(see `fusellm train --help`){hint}",
+                f"unknown key: not one of {plan_keys} nor a FusionConfig / TrainingArguments "
+                f"field (see `fusellm train --help`){hint}",
             )
         args[k] = _simple_train_value(k, v, fusion_fields[k])
-    return TrainSettings(control=control, args=args)
+    return TrainSettings(**plan, args=args)
 
 
 def _positive(key: str, value: int | None, *, allow_none: bool = True) -> None:
@@ -939,26 +958,31 @@ def validate_config(config: PipelineConfig) -> dict[str, Any]:
             raise ConfigError(
                 f"sources[{i}].domain", "is set but data.heldout is not: nothing to evaluate on"
             )
-    fusion_config(config, "fused", seed=config.seeds[0], output_dir=os.devnull, check=True)
+    fusion_config(config, {}, seed=config.seeds[0], output_dir=os.devnull, check=True)
     return info
 
 
 def fusion_config(
-    config: PipelineConfig, run: str, *, seed: int, output_dir: str, check: bool = False
+    config: PipelineConfig,
+    overrides: Mapping[str, Any],
+    *,
+    seed: int,
+    output_dir: str,
+    check: bool = False,
 ) -> Any:
-    """The :class:`fusellm.FusionConfig` of a training run (``run``: ``"fused"`` or ``"clm"``).
+    """The :class:`fusellm.FusionConfig` of a training run: the config's ``train`` settings, the
+    sources, seed and output directory, then the run's ``overrides``
+    (:class:`fusellm.pipeline.TrainRun`).
 
-    The control (``"clm"``) is the fusion run with ``lm_loss_weight = 1``: the same trainer,
-    data order, steps, schedule and seed, the fusion term weighted 0 (it costs one gather of K
-    student log-probabilities per position, nothing else).
+    The control is the fusion run with ``lm_loss_weight = 1`` (and the ``hard`` combination):
+    the same trainer, data order, steps, schedule and seed, the fusion term weighted 0 (it costs
+    one gather of K student log-probabilities per position, nothing else).
     """
     from .train import FusionConfig
 
     args = dict(config.train.args)
     args.update(output_dir=output_dir, seed=seed, sources=config.source_names)
-    if run == "clm":
-        args["lm_loss_weight"] = 1.0
-        args["combine"] = "hard"
+    args.update(overrides)
     try:
         return FusionConfig(**args)
     except InputError as e:

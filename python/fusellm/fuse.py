@@ -168,13 +168,22 @@ class _LogSoftmaxGather(torch.autograd.Function):
         return grad, None, None
 
 
+#: Rows whose gathered ids hold more than ``1 - TAIL_EXACT_BELOW`` of the student's mass get their
+#: tail summed over the other ids (exact); the others take ``log1p(-Σ p)`` (relative error below
+#: ``float32 eps / TAIL_EXACT_BELOW`` ~ 1e-4).
+TAIL_EXACT_BELOW = 1e-3
+
+
 class _LogSoftmaxGatherTail(torch.autograd.Function):
     """:class:`_LogSoftmaxGather` plus, per row, the log of the softmax mass OUTSIDE a set of ids:
     ``log Σ_{v ∉ R} softmax(z)_v`` with ``R`` the gathered ids flagged in ``in_row``.
 
-    The tail is summed over the vocabulary with the row's ids masked out, never computed as
-    ``log(1 - Σ_R p)``: it stays exact (relative float32 precision) however close the row's mass
-    comes to 1. Its gradient is ``1[v ∉ R] p_v / tail - p_v``.
+    Cost: the passes over the vocabulary of :class:`_LogSoftmaxGather` (one forward, one
+    backward); the tail and its gradient ``1[v ∉ R] p_v / T - p_v`` come from the gathered
+    values, ``T = 1 - Σ_R p``, and a scatter over ``R``. Where ``T < TAIL_EXACT_BELOW`` (the
+    student puts nearly all its mass on the row) that cancels, so those rows (rare, found with
+    one synchronisation per call) are recomputed with the tail summed over the vocabulary minus
+    ``R``: exact however close ``Σ_R p`` comes to 1.
     """
 
     @staticmethod
@@ -183,14 +192,21 @@ class _LogSoftmaxGatherTail(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = logits.shape[0]
         out = torch.empty(index.shape, dtype=torch.float32, device=logits.device)
-        tail = torch.empty(n, dtype=torch.float32, device=logits.device)
         for a in range(0, n, rows):
             lp = torch.log_softmax(logits[a : a + rows].float(), dim=-1)
             out[a : a + rows] = lp.gather(1, index[a : a + rows])
-            lp.masked_fill_(_row_mask(lp, index[a : a + rows], in_row[a : a + rows]), -math.inf)
-            tail[a : a + rows] = torch.logsumexp(lp, dim=-1)
             del lp
-        ctx.save_for_backward(logits, index, in_row, tail)
+        first = _first_in_row(index, in_row)
+        mass = torch.where(first, out.exp(), 0.0).sum(-1)
+        tail = torch.log1p(-mass.clamp(max=1.0))
+        exact = (mass > 1.0 - TAIL_EXACT_BELOW).nonzero().squeeze(1)
+        for a in range(0, exact.numel(), rows):
+            r = exact[a : a + rows]
+            lp = torch.log_softmax(logits[r].float(), dim=-1)
+            lp.masked_fill_(_row_mask(lp, index[r], in_row[r]), -math.inf)
+            tail[r] = torch.logsumexp(lp, dim=-1)
+            del lp
+        ctx.save_for_backward(logits, index, in_row, first, out, tail, exact)
         ctx.rows = rows
         return out, tail
 
@@ -198,22 +214,30 @@ class _LogSoftmaxGatherTail(torch.autograd.Function):
     def backward(
         ctx: Any, grad_out: torch.Tensor, grad_tail: torch.Tensor
     ) -> tuple[torch.Tensor | None, None, None, None]:
-        logits, index, in_row, tail = ctx.saved_tensors
+        logits, index, in_row, first, gathered, tail, exact = ctx.saved_tensors
         rows = ctx.rows
         grad = torch.empty_like(logits)
         grad_out = grad_out.float()
         finite = torch.isfinite(tail)
         g_tail = torch.where(finite, grad_tail.float(), torch.zeros_like(tail)).unsqueeze(-1)
-        safe_tail = torch.where(finite, tail, torch.zeros_like(tail)).unsqueeze(-1)
-        neg_total = grad_out.sum(-1, keepdim=True).neg_() - g_tail
+        inv_t = torch.where(finite, torch.exp(-tail), torch.zeros_like(tail)).unsqueeze(-1)
+        # d/dz_v: p_v (-Σ g_out - g_t + g_t / T) + g_out at the ids - g_t p_v / T at the row ids
+        scale = grad_out.sum(-1, keepdim=True).neg_() + g_tail * (inv_t - 1.0)
+        at_ids = grad_out - torch.where(first, gathered.exp() * g_tail * inv_t, 0.0)
         for a in range(0, logits.shape[0], rows):
             sl = slice(a, a + rows)
-            lp = torch.log_softmax(logits[sl].float(), dim=-1)
-            outside = torch.exp(lp - safe_tail[sl]).mul_(g_tail[sl])  # p_v / tail * g
-            outside.masked_fill_(_row_mask(lp, index[sl], in_row[sl]), 0.0)
-            g = lp.exp_().mul_(neg_total[sl]).add_(outside)
-            g.scatter_add_(1, index[sl], grad_out[sl])
-            grad[sl].copy_(g)
+            p = torch.softmax(logits[sl].float(), dim=-1)
+            p.mul_(scale[sl]).scatter_add_(1, index[sl], at_ids[sl])
+            grad[sl].copy_(p)
+            del p
+        for a in range(0, exact.numel(), rows):  # the rows whose tail is nearly empty, exactly
+            r = exact[a : a + rows]
+            lp = torch.log_softmax(logits[r].float(), dim=-1)
+            outside = torch.exp(lp - tail[r].unsqueeze(-1)).mul_(g_tail[r])
+            outside.masked_fill_(_row_mask(lp, index[r], in_row[r]), 0.0)
+            neg = grad_out[r].sum(-1, keepdim=True).neg_() - g_tail[r]
+            g = lp.exp_().mul_(neg).add_(outside).scatter_add_(1, index[r], grad_out[r])
+            grad[r] = g.to(grad.dtype)
             del lp, outside, g
         return grad, None, None, None
 
@@ -223,6 +247,16 @@ def _row_mask(like: torch.Tensor, index: torch.Tensor, in_row: torch.Tensor) -> 
     unflagged columns are harmless: the flags are summed, not scattered)."""
     hits = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
     return hits.scatter_add_(1, index, in_row.float()) > 0
+
+
+def _first_in_row(index: torch.Tensor, in_row: torch.Tensor) -> torch.Tensor:
+    """``[n, J]`` bool: ``in_row`` columns whose id no earlier ``in_row`` column of the row has."""
+    key = torch.where(in_row, index, -1 - torch.arange(index.shape[1], device=index.device))
+    sid, perm = key.sort(dim=-1, stable=True)
+    new = torch.ones_like(sid, dtype=torch.bool)
+    new[:, 1:] = sid[:, 1:] != sid[:, :-1]
+    first = torch.empty_like(new).scatter_(1, perm, new)
+    return first & in_row
 
 
 def log_softmax_gather(
@@ -278,6 +312,9 @@ class FusionLossOutput:
         candidate_weights: ``[B, C]`` each block's weight per stacked candidate: the share of
             the block's positions that selected it for MinCE (a one-hot with block selection),
             the mean softmax weight for AvgCE (zeros for non-candidates).
+        student_share: ``[B]`` with ``with_student``, the share of each block's positions where
+            the student predicted better than the selected candidate (trained by CLM alone);
+            zeros otherwise.
     """
 
     loss: torch.Tensor
@@ -285,6 +322,7 @@ class FusionLossOutput:
     fusion_loss: torch.Tensor
     lm_weight: torch.Tensor
     candidate_weights: torch.Tensor
+    student_share: torch.Tensor
 
 
 @dataclass
@@ -448,6 +486,8 @@ def fusion_loss(
     ref_index: int | None = 0,
     candidate_mask: Sequence[bool] | torch.Tensor | None = None,
     teacher_matched: torch.Tensor | None = None,
+    with_student: bool = False,
+    block_bytes: torch.Tensor | None = None,
     compat: str | None = None,
     clm_denominator: torch.Tensor | float | None = None,
     fusion_denominator: torch.Tensor | float | None = None,
@@ -476,6 +516,12 @@ def fusion_loss(
             excluded here still fills empty rows.
         teacher_matched: optional bool ``[B, C, L]``: where a candidate's row is its own
             distribution (not an alignment fallback); token selection considers only those.
+        with_student: MinCE only: the student competes with the selected candidate, judged the
+            same way (``selection="block"``: its CE on the block, per byte with
+            ``block_bytes`` else per token, against the candidate's score; ``"token"``: its
+            probability of the next token against the row's). Where the student is better the
+            position gets no fusion target: the CLM term alone, weight 1.
+        block_bytes: ``[B]`` bytes of text per block (the student's per-byte block score).
         compat: ``"fusellm"``: the reference's bfloat16 teacher probabilities and rewards (so
             MinCE ties within one bfloat16 step go to ref).
         clm_denominator, fusion_denominator: token counts to normalise the sums by (e.g. over a
@@ -508,6 +554,10 @@ def fusion_loss(
             raise InputError(f"candidate_mask must be [C] = [{c}] with at least one True")
     if teacher_matched is not None and tuple(teacher_matched.shape) != (b, c, length):
         raise InputError(f"teacher_matched must be [B, C, L] = {(b, c, length)}")
+    if with_student and fusion != "mince":
+        raise InputError("with_student works with fusion='mince' (a candidate to compete with)")
+    if block_bytes is not None and tuple(block_bytes.shape) != (b,):
+        raise InputError(f"block_bytes must be [B] = [{b}], got {tuple(block_bytes.shape)}")
 
     calibrated = teacher == "calibrated"
     with torch.no_grad():
@@ -546,22 +596,63 @@ def fusion_loss(
         if combine == "hard_and_decay":
             lam = lam + (1.0 - lam) * min(max(float(progress), 0.0), 1.0)
         lm_w = torch.full((b,), float(lam), device=device)
+    lm_t = lm_w[:, None].expand(b, length)  # per position
+    student = torch.zeros(b, length, dtype=torch.bool, device=device)
+    if with_student:
+        student = _student_wins(
+            rows,
+            weights,
+            block,
+            -logp[..., 0].detach(),
+            clm_mask,
+            nxt,
+            selection,
+            block_bytes,
+            logits.shape[-1],
+        )
+        lm_t = torch.where(student, 1.0, lm_t)
 
     clm_n = clm_mask.sum().clamp_min(1)
     fuse_n = m.sum().clamp_min(1)
     clm_den = clm_n if clm_denominator is None else clm_denominator
     fuse_den = fuse_n if fusion_denominator is None else fusion_denominator
-    clm_sum = clm_tok.sum(-1)  # [B]
-    fuse_sum = fuse_tok.sum(-1)
-    loss = (lm_w * clm_sum).sum() / clm_den + ((1.0 - lm_w) * fuse_sum).sum() / fuse_den
-    per_block = (weights * m[:, None, :]).sum(-1) / m.sum(-1, keepdim=True).clamp_min(1)
+    loss = (lm_t * clm_tok).sum() / clm_den + ((1.0 - lm_t) * fuse_tok).sum() / fuse_den
+    share = m.sum(-1).clamp_min(1)
     return FusionLossOutput(
         loss=loss,
-        clm_loss=(clm_sum.sum() / clm_n).detach(),
-        fusion_loss=(fuse_sum.sum() / fuse_n).detach(),
-        lm_weight=lm_w.detach(),
-        candidate_weights=per_block,
+        clm_loss=(clm_tok.sum() / clm_n).detach(),
+        fusion_loss=(fuse_tok.sum() / fuse_n).detach(),
+        lm_weight=((lm_t * m).sum(-1) / share).detach() if with_student else lm_w.detach(),
+        candidate_weights=(weights * (m * ~student)[:, None, :]).sum(-1) / share[:, None],
+        student_share=(student * m).sum(-1) / share,
     )
+
+
+def _student_wins(
+    rows: _Teacher,
+    weights: torch.Tensor,
+    block: torch.Tensor,
+    student_ce: torch.Tensor,
+    clm_mask: torch.Tensor,
+    nxt: torch.Tensor,
+    selection: str,
+    block_bytes: torch.Tensor | None,
+    vocab_size: int,
+) -> torch.Tensor:
+    """``[B, L]`` where the student predicts better than the MinCE-selected candidate (no grad):
+    per block, its CE (per byte with ``block_bytes``, else per token) against the selected
+    candidate's score; per token, its probability of the next token against the row's."""
+    with torch.no_grad():
+        pick = weights.argmax(1)  # [B, L]
+        if selection == "block":
+            ce = torch.where(clm_mask, student_ce, 0.0).sum(-1)
+            den = block_bytes.float() if block_bytes is not None else clm_mask.sum(-1).float()
+            mine = torch.exp(-ce / den.clamp_min(1e-9))  # [B], the reward's scale
+            theirs = block.gather(1, pick[:, :1]).squeeze(1)
+            return (mine >= theirs)[:, None].expand_as(pick)
+        p_rows = _next_token_probs(rows, nxt, vocab_size)  # [B, C, L]
+        theirs_t = p_rows.gather(1, pick[:, None, :]).squeeze(1)
+        return clm_mask & (torch.exp(-student_ce) >= theirs_t)
 
 
 def _check_loss_args(
@@ -719,14 +810,16 @@ def validate_packed(
     full: bool = True,
     batch_size: int = 1024,
     teacher: Teacher = "renormalized",
+    ignore: Sequence[str] = (),
 ) -> list[str]:
     """Check a packed dataset against the training configuration before the first step.
 
     Raises :class:`InputError` naming the column and rows when: a configured candidate is missing
-    or the data holds candidates the configuration does not list; an id is ``>= vocab_size`` (the
-    model's logits width) or below ``-1``; lengths disagree between ``input_ids``, ``{c}_ids`` and
-    ``{c}_logits``, or a candidate's ``K`` is not constant; a logit is NaN or ``+inf``; a score
-    is NaN or infinite; with ``teacher="calibrated"``, a row that does not hold log-probabilities.
+    or the data holds candidates the configuration lists neither in ``sources`` nor in
+    ``ignore``; an id is ``>= vocab_size`` (the model's logits width) or below ``-1``; lengths
+    disagree between ``input_ids``, ``{c}_ids`` and ``{c}_logits``, or a candidate's ``K`` is not
+    constant; a logit is NaN or ``+inf``; a score is NaN or infinite; with
+    ``teacher="calibrated"``, a row that does not hold log-probabilities.
     With ``full`` it reads every column once (Arrow compute, batch by batch); without, it checks
     only the column names.
 
@@ -744,7 +837,7 @@ def validate_packed(
     present = detect_candidates(cols)
     expected = ([REF] if with_ref else []) + list(sources)
     missing = [c for c in expected if c not in present]
-    extra = [c for c in present if c not in expected and c != REF]
+    extra = [c for c in present if c not in expected and c != REF and c not in ignore]
     if missing or extra:
         parts = []
         if missing:
@@ -954,8 +1047,10 @@ class FusionCollator:
     [B, C, L, K]`` (``-inf`` padded), ``teacher_scores`` ``float32 [B, C]`` and
     ``teacher_matched`` ``bool [B, C, L]`` (where a candidate's row is its own distribution: the
     ``{c}_status`` column says MATCHED; every position of a candidate without one), candidates
-    in :attr:`stack` order. Blocks are padded on the right to the longest block (times
-    ``pad_to_multiple_of``), candidates to the largest ``K``.
+    in :attr:`stack` order, ``block_domain`` ``int64 [B]`` (the index of each block's
+    ``domain`` in :attr:`domains`, ``-1`` without one) and, when the data has ``num_bytes``,
+    ``block_bytes`` ``float32 [B]``. Blocks are padded on the right to
+    the longest block (times ``pad_to_multiple_of``), candidates to the largest ``K``.
 
     Args:
         sources: the source candidates' names, in order.
@@ -965,6 +1060,7 @@ class FusionCollator:
         vocab_size: when set, ids ``>= vocab_size`` raise :class:`InputError`.
         teacher: ``"calibrated"`` checks that every row holds log-probabilities (its
             probabilities sum to at most 1, up to float16 rounding).
+        domains: the values of the packed data's ``domain`` column, for ``block_domain``.
     """
 
     sources: Sequence[str]
@@ -975,6 +1071,7 @@ class FusionCollator:
     pad_token_id: int = 0
     pad_to_multiple_of: int | None = None
     vocab_size: int | None = None
+    domains: Sequence[str] = ()
     stack: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -990,6 +1087,16 @@ class FusionCollator:
     def ref_index(self) -> int | None:
         """Index of the ref rows in the stack (they replace empty rows), or None."""
         return 0 if self.stack and self.stack[0] == REF else None
+
+    def _domain_index(self, value: Any) -> int:
+        if value is None:
+            return -1
+        try:
+            return list(self.domains).index(str(value))
+        except ValueError:
+            raise InputError(
+                f"block domain {value!r} is not one of the collator's domains {list(self.domains)}"
+            ) from None
 
     @property
     def candidate_mask(self) -> list[bool]:
@@ -1100,7 +1207,13 @@ class FusionCollator:
             "teacher_logits": torch.from_numpy(t_logits),
             "teacher_scores": torch.from_numpy(scores),
             "teacher_matched": torch.from_numpy(matched),
+            "block_domain": torch.tensor(
+                [self._domain_index(f.get("domain")) for f in features], dtype=torch.int64
+            ),
         }
+        if "num_bytes" in features[0]:
+            nb = np.asarray([f["num_bytes"] for f in features], dtype=np.float32).reshape(b)
+            out["block_bytes"] = torch.from_numpy(nb)
         if pos is not None:
             out["position_ids"] = torch.from_numpy(pos)
         return out

@@ -81,9 +81,11 @@ __all__ = [
     "STAGES",
     "PipelineResult",
     "StageRun",
+    "TrainRun",
     "add_run_parser",
     "builtin_config",
     "run_pipeline",
+    "train_runs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -459,12 +461,13 @@ def _resume_checkpoint(output_dir: Path) -> str | None:
 
 
 def _train_run(
-    config: PipelineConfig, run: str, kind: str, seed: int, pack_dir: Path, out: Path, progress: Any
+    config: PipelineConfig, tr: TrainRun, pack_dir: Path, out: Path, progress: Any
 ) -> dict[str, Any]:
     import gc
 
     from .train import run_train
 
+    run, kind, seed = tr.name, tr.kind, tr.seed
     resume = _resume_checkpoint(out)
     if resume and _finished(Path(resume)):
         # Killed after the last checkpoint: the Trainer, resumed there, would train one step
@@ -473,7 +476,7 @@ def _train_run(
         return _finalize_from_checkpoint(Path(resume), out, kind, seed)
     if resume:
         logger.info("train/%s: resuming from %s", run, resume)
-    fc = fusion_config(config, kind, seed=seed, output_dir=str(out))
+    fc = fusion_config(config, tr.overrides, seed=seed, output_dir=str(out))
     fc.resume_from_checkpoint = resume
     if progress is False:
         fc.disable_tqdm = True
@@ -531,15 +534,39 @@ def _finalize_from_checkpoint(checkpoint: Path, out: Path, kind: str, seed: int)
     }
 
 
-def run_names(seeds: Sequence[int], control: bool) -> list[tuple[str, str, int]]:
-    """``(run name, kind, seed)`` of every training run: ``fused`` / ``clm`` for the first seed,
-    ``fused-seed<N>`` / ``clm-seed<N>`` for the others."""
+@dataclass(frozen=True)
+class TrainRun:
+    """One training run of the pipeline: ``train/<name>/``."""
+
+    name: str
+    #: ``"fused"`` (FuseLLM, or a point of the fusion-weight sweep), ``"clm"`` (the control) or
+    #: ``"kd"`` (single-source distillation).
+    kind: str
+    seed: int
+    #: The FusionConfig fields this run sets on top of the config's ``train`` settings.
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def train_runs(cfg: PipelineConfig) -> list[TrainRun]:
+    """Every training run, per seed: ``fused``, ``clm`` (with ``train.control``), one
+    ``kd-<source>`` per source (with ``train.kd_baselines``) and one ``fused-lmw<value>`` per
+    ``train.sweep_lm_loss_weight`` value. The first seed's runs have these names; the others'
+    get ``-seed<N>`` appended."""
+    t = cfg.train
+    names = cfg.source_names
     out = []
-    for i, s in enumerate(seeds):
-        suffix = "" if i == 0 else f"-seed{s}"
-        out.append((f"fused{suffix}", "fused", s))
-        if control:
-            out.append((f"clm{suffix}", "clm", s))
+    for i, seed in enumerate(cfg.seeds):
+        suffix = "" if i == 0 else f"-seed{seed}"
+        out.append(TrainRun(f"fused{suffix}", "fused", seed))
+        if t.control:
+            clm = {"lm_loss_weight": 1.0, "combine": "hard"}
+            out.append(TrainRun(f"clm{suffix}", "clm", seed, clm))
+        if t.kd_baselines:
+            for s in names:
+                kd = {"sources": [s], "ignore_sources": [n for n in names if n != s]}
+                out.append(TrainRun(f"kd-{s}{suffix}", "kd", seed, {**kd, "with_ref": False}))
+        for w in t.sweep_lm_loss_weight:
+            out.append(TrainRun(f"fused-lmw{w:g}{suffix}", "fused", seed, {"lm_loss_weight": w}))
     return out
 
 
@@ -792,23 +819,24 @@ def _run(
 
         # 5. train
         model_dirs: dict[str, Path] = {}
-        for run, kind, seed in run_names(cfg.seeds, cfg.train.control):
-            out = wd / "train" / run
-            model_dirs[run] = out
+        for tr in train_runs(cfg):
+            out = wd / "train" / tr.name
+            model_dirs[tr.name] = out
             key = {
                 "pack": runner.outputs["pack"],
                 "model": model_fp[cfg.target.name],
-                "kind": kind,
-                "seed": seed,
+                "kind": tr.kind,
+                "seed": tr.seed,
                 "sources": cfg.source_names,
                 "args": cfg.train.args,
+                "overrides": tr.overrides,
                 "num_threads": threads,
             }
 
-            def do_train(run: str = run, kind: str = kind, seed: int = seed) -> dict[str, Any]:
-                return _train_run(cfg, run, kind, seed, pack_dir, wd / "train" / run, progress)
+            def do_train(tr: TrainRun = tr) -> dict[str, Any]:
+                return _train_run(cfg, tr, pack_dir, wd / "train" / tr.name, progress)
 
-            runner.run(f"train/{run}", [out], key, do_train, record_dir=out)
+            runner.run(f"train/{tr.name}", [out], key, do_train, record_dir=out)
 
         # 6. evaluate
         perplexity = None

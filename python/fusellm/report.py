@@ -58,7 +58,10 @@ NOT_AVAILABLE = "not available (stage not run)"
 #: Most configuration entries listed in the run summary.
 _MAX_CONFIG_ROWS = 80
 _MAX_VALUE_CHARS = 120
-_SEED_LABEL = re.compile(r"^(fused|clm)(?:[-_ ]?seed[-_ ]?(\d+))?$", re.IGNORECASE)
+#: A training run's label: its kind (``fused``, ``clm``, ``kd-<source>``, ``fused-lmw<λ>``), then
+#: an optional ``-seed<N>``.
+_RUN_LABEL = re.compile(r"^(fused|clm|kd-.+?|fused-lmw[0-9.]+)(?:-seed(\d+))?$")
+_CONTROL = "clm"
 _SELECT = "fusion/select_"
 _WEIGHT = "fusion/weight_"
 
@@ -317,11 +320,21 @@ def _candidates(run: _Run) -> tuple[str, list[str]]:
     for e in run.logs:
         for k in e:
             for prefix, what in ((_SELECT, "select"), (_WEIGHT, "weight")):
-                if k.startswith(prefix):
+                if k.startswith(prefix) and "/" not in k[len(prefix) :]:
                     kind = kind or what
                     names.setdefault(k[len(prefix) :], None)
     ordered = sorted(names, key=lambda n: n != "ref")
     return kind, ordered
+
+
+def _logged_domains(run: _Run, prefix: str) -> list[str]:
+    """The domains of the per-domain candidate shares a run logged (``<prefix><name>/<d>``)."""
+    found: dict[str, None] = {}
+    for e in run.logs:
+        for k in e:
+            if k.startswith(prefix) and "/" in k[len(prefix) :]:
+                found.setdefault(k.rsplit("/", 1)[1], None)
+    return sorted(found)
 
 
 def _step_weighted_mean(steps: list[float], values: list[float]) -> float:
@@ -355,17 +368,31 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def _moving_average(values: Sequence[float], window: int) -> list[float]:
+    """The mean of each value and the ``window - 1`` before it (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def _selection_plot(run: _Run, kind: str, names: list[str]) -> bytes:
     fig, (ax,) = _figure()
     prefix = _SELECT if kind == "select" else _WEIGHT
-    for name in names:
+    for i, name in enumerate(names):
         steps, values = _series(run, prefix + name)
         if steps:
-            ax.plot(steps, values, marker="." if len(steps) < 50 else None, label=name)
+            window = max(1, len(values) // 10)
+            color = f"C{i % 10}"
+            ax.plot(steps, values, color=color, alpha=0.3, linewidth=0.8)
+            ax.plot(steps, _moving_average(values, window), color=color, label=f"{name}")
     ax.set_xlabel("step")
     ax.set_ylabel("selection share (MinCE)" if kind == "select" else "mean weight (AvgCE)")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"{run.name}: fusion candidates")
+    ax.set_title(f"{run.name}: fusion candidates (faint: per log; bold: moving average)")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
     return _png(fig)
@@ -524,6 +551,71 @@ def _align_section(wd: _Workdir) -> list[str]:
     return out
 
 
+def _teacher_section(wd: _Workdir) -> list[str]:
+    """Teacher quality per candidate and domain (``align_stats.json`` ``teachers``)."""
+    out = ["### Teacher quality", ""]
+    teachers = (wd.align or {}).get("teachers") or {}
+    cands = teachers.get("candidates") or {}
+    if not cands:
+        return [*out, NOT_AVAILABLE, ""]
+    if not isinstance(cands, dict) or not all(isinstance(v, dict) for v in cands.values()):
+        raise InputError("align_stats.json: teachers.candidates must map names to objects")
+    rows = []
+    for name, per in cands.items():
+        for domain, r in per.items():
+            if not isinstance(r, dict):
+                raise InputError(f"align_stats.json: teachers {name}/{domain} is not an object")
+            src = name != "ref"
+            rows.append(
+                [
+                    name,
+                    domain,
+                    _int(r.get("positions")),
+                    _pct(r.get("matched_share"), 1) if src else "–",
+                    _pct(r.get("top1"), 1),
+                    _pct(r.get("ref_top1"), 1) if src else "–",
+                    _pct(r.get("coverage"), 1),
+                    _pct(r.get("ref_coverage"), 1) if src else "–",
+                    _f(r.get("ce"), 3),
+                    _f(r.get("ref_ce"), 3) if src else "–",
+                    _pct(r.get("topk_mass"), 1) if "topk_mass" in r else "–",
+                    _pct(r.get("dropped_mass"), 1) if "dropped_mass" in r else "–",
+                ]
+            )
+    headers = [
+        "candidate",
+        "domain",
+        "positions",
+        "matched",
+        "top-1",
+        "ref top-1",
+        "coverage",
+        "ref coverage",
+        "CE (nats)",
+        "ref CE",
+        "top-K mass",
+        "mass sent to the tail",
+    ]
+    merged = {n: s.get("duplicate_ids") for n, s in (wd.align or {}).get("sources", {}).items()}
+    return [
+        *out,
+        "Each candidate's aligned rows scored against the target's true next token: *top-1* "
+        "(the row's first entry is it), *coverage* (it is among the row's ids) and the CE of it "
+        "under the row (the row's tail spread evenly over the ids it does not list). A source "
+        "is scored where its row is its own distribution (*matched*), the target's own rows "
+        "(*ref*) on the same positions beside it. *top-K mass*: the share of probability the "
+        "source's top-K holds; *mass sent to the tail*: the share whose token has no target "
+        "token (unmapped).",
+        "",
+        _table(headers, rows, numeric_from=2),
+        "",
+        "Duplicate entries merged into one target id: "
+        + ", ".join(f"{n}: {_int(v)}" for n, v in merged.items())
+        + ".",
+        "",
+    ]
+
+
 def _training_section(wd: _Workdir, plots: dict[str, bytes]) -> list[str]:
     out = ["## Training", ""]
     if not wd.runs:
@@ -583,6 +675,16 @@ def _training_section(wd: _Workdir, plots: dict[str, bytes]) -> list[str]:
                     _pct(values[-1], 1) if values else "–",
                 ]
             )
+        domains = _logged_domains(run, prefix)
+        if domains:
+            drow = []
+            for name in names:
+                cells = []
+                for d in domains:
+                    steps, values = _series(run, f"{prefix}{name}/{d}")
+                    cells.append(_pct(_step_weighted_mean(steps, values), 1) if values else "–")
+                drow.append([name, *cells])
+            crow_domain = _table(["candidate", *domains], drow)
         png = f"selection_{_safe_name(run.name)}.png"
         plots[png] = _selection_plot(run, kind, names)
         out += [
@@ -590,9 +692,11 @@ def _training_section(wd: _Workdir, plots: dict[str, bytes]) -> list[str]:
             "",
             _table(["candidate", "over training", "first log", "last log"], crow),
             "",
-            f"![{run.name}: fusion candidates]({png})",
-            "",
         ]
+        if domains:
+            out += ["Per domain of the block (its commonest domain), over training:", ""]
+            out += [crow_domain, ""]
+        out += [f"![{run.name}: fusion candidates]({png})", ""]
     if not any_candidates:
         out += [NOT_AVAILABLE if not fused else "No fusion candidate was logged.", ""]
 
@@ -612,12 +716,13 @@ def _training_section(wd: _Workdir, plots: dict[str, bytes]) -> list[str]:
 
 
 def _seed_groups(labels: Sequence[str]) -> dict[str, dict[str, str]]:
-    """``{"fused": {seed: label}, "clm": {seed: label}}``; the unsuffixed run is seed ``""``."""
-    out: dict[str, dict[str, str]] = {"fused": {}, "clm": {}}
+    """``{run kind: {seed: label}}`` for the training runs (``fused``, ``clm``, ``kd-<source>``,
+    ``fused-lmw<λ>``) among ``labels``; the unsuffixed run is seed ``""``."""
+    out: dict[str, dict[str, str]] = {}
     for label in labels:
-        m = _SEED_LABEL.match(label.strip())
+        m = _RUN_LABEL.match(label.strip())
         if m:
-            out[m.group(1).lower()][m.group(2) or ""] = label
+            out.setdefault(m.group(1), {})[m.group(2) or ""] = label
     return out
 
 
@@ -668,40 +773,58 @@ def _perplexity_section(wd: _Workdir) -> tuple[list[str], str | None]:
     ]
 
     seeds = _seed_groups(list(models))
-    common = sorted(set(seeds["fused"]) & set(seeds["clm"]))
-    headline = None
-    out += ["### Fused vs CLM control", ""]
-    if not common:
-        out += ["not available (no `fused` and `clm` pair of models was evaluated)", ""]
-        return out, None
-    several = len(seeds["fused"]) > 1 or len(seeds["clm"]) > 1
+    lines, headline = _fused_vs_control(models, seeds, groups)
+    out += lines
+    out += _runs_vs_control(models, seeds, groups)
+    closure_lines, closure = _gap_closure(models, seeds)
+    out += closure_lines
+    if headline and closure:
+        headline += " " + closure
+    return out, headline
+
+
+def _paired(
+    models: Mapping[str, Any], runs: Mapping[str, str], ctrl: Mapping[str, str], g: str, key: str
+) -> tuple[list[float], list[float]]:
+    """Per seed with both runs: ``(run - control, 100 (run - control) / control)`` of ``key``."""
+    diff, rel = [], []
+    for seed in sorted(set(runs) & set(ctrl)):
+        a, b = _stat(models, runs[seed], g, key), _stat(models, ctrl[seed], g, key)
+        if a is not None and b is not None:
+            diff.append(a - b)
+            rel.append(100.0 * (a - b) / b if b else math.nan)
+    return diff, rel
+
+
+def _fused_vs_control(
+    models: Mapping[str, Any], seeds: Mapping[str, Mapping[str, str]], groups: Sequence[str]
+) -> tuple[list[str], str | None]:
+    out = ["### Fused vs CLM control", ""]
+    fused, ctrl = seeds.get("fused", {}), seeds.get(_CONTROL, {})
+    if not set(fused) & set(ctrl):
+        return [*out, "not available (no `fused` and `clm` pair of models was evaluated)", ""], None
+    several = len(fused) > 1 or len(ctrl) > 1
     rows = []
+    headline = None
     for g in groups:
-        vals: dict[str, list[float]] = {}
-        for kind in ("fused", "clm"):
-            for key in ("ppl", "bits_per_byte"):
-                found = (_stat(models, label, g, key) for label in seeds[kind].values())
-                vals[f"{kind} {key}"] = [v for v in found if v is not None]
-        dp, rel, db = [], [], []
-        for seed in common:
-            f_label, c_label = seeds["fused"][seed], seeds["clm"][seed]
-            fp, cp = _stat(models, f_label, g, "ppl"), _stat(models, c_label, g, "ppl")
-            fb = _stat(models, f_label, g, "bits_per_byte")
-            cb = _stat(models, c_label, g, "bits_per_byte")
-            if fp is not None and cp is not None:
-                dp.append(fp - cp)
-                rel.append(100.0 * (fp - cp) / cp)
-            if fb is not None and cb is not None:
-                db.append(fb - cb)
+        vals = {
+            (kind, key): [
+                v for v in (_stat(models, x, g, key) for x in runs.values()) if v is not None
+            ]
+            for kind, runs in (("fused", fused), ("clm", ctrl))
+            for key in ("ppl", "bits_per_byte")
+        }
+        dp, rel = _paired(models, fused, ctrl, g, "ppl")
+        db, _ = _paired(models, fused, ctrl, g, "bits_per_byte")
         rows.append(
             [
                 g,
-                _pm(vals["fused ppl"], 3),
-                _pm(vals["clm ppl"], 3),
+                _pm(vals["fused", "ppl"], 3),
+                _pm(vals["clm", "ppl"], 3),
                 _pm(dp, 3, True),
                 _pm(rel, 2, True) + ("%" if rel else ""),
-                _pm(vals["fused bits_per_byte"], 4),
-                _pm(vals["clm bits_per_byte"], 4),
+                _pm(vals["fused", "bits_per_byte"], 4),
+                _pm(vals["clm", "bits_per_byte"], 4),
                 _pm(db, 4, True),
                 str(len(dp)),
             ]
@@ -717,7 +840,7 @@ def _perplexity_section(wd: _Workdir) -> tuple[list[str], str | None]:
                 verdict = "lower (better)" if dp[0] < 0 else "higher (worse)" if dp[0] else "equal"
                 headline = (
                     f"Headline: the fused model's held-out perplexity is "
-                    f"{_pm(vals['fused ppl'], 3)} against {_pm(vals['clm ppl'], 3)} for the "
+                    f"{_pm(vals['fused', 'ppl'], 3)} against {_pm(vals['clm', 'ppl'], 3)} for the "
                     f"CLM-only control ({_pm(dp, 3, True)}, {_pm(rel, 2, True)}%: {verdict})."
                 )
     headers = [
@@ -732,14 +855,92 @@ def _perplexity_section(wd: _Workdir) -> tuple[list[str], str | None]:
         "pairs",
     ]
     if several:
-        n_f, n_c = len(seeds["fused"]), len(seeds["clm"])
         out += [
-            f"Mean ± sample standard deviation across seeds ({n_f} fused, {n_c} CLM runs); "
-            "differences are paired by seed.",
+            f"Mean ± sample standard deviation across seeds ({len(fused)} fused, {len(ctrl)} "
+            "CLM runs); differences are paired by seed.",
             "",
         ]
     out += [_table(headers, rows), "", "Δ = fused − CLM: negative is better.", ""]
     return out, headline
+
+
+def _runs_vs_control(
+    models: Mapping[str, Any], seeds: Mapping[str, Mapping[str, str]], groups: Sequence[str]
+) -> list[str]:
+    """Every training run kind (FuseLLM, the KD baselines, the weight sweep) against the control,
+    in one table."""
+    ctrl = seeds.get(_CONTROL, {})
+    kinds = [k for k in seeds if k != _CONTROL and set(seeds[k]) & set(ctrl)]
+    if not kinds or kinds == ["fused"]:
+        return []
+    rows = []
+    for kind in kinds:
+        cells = []
+        for g in groups:
+            _, rel = _paired(models, seeds[kind], ctrl, g, "ppl")
+            cells.append(_pm(rel, 2, True) + ("%" if rel else ""))
+        rows.append([_RUN_KIND.get(kind.split("-")[0], kind) + f" `{kind}`", *cells])
+    return [
+        "### Every run against the CLM control",
+        "",
+        "Relative held-out perplexity difference to the control of the same seed (mean ± sd "
+        "across seeds); negative is better. KD: the same training distilling one source alone.",
+        "",
+        _table(["run", *groups], rows),
+        "",
+    ]
+
+
+_RUN_KIND = {"fused": "FuseLLM", "kd": "KD"}
+_SOURCE_LABEL = re.compile(r"^(.+) \(source(?:, (.+))?\)$")
+
+
+def _gap_closure(
+    models: Mapping[str, Any], seeds: Mapping[str, Mapping[str, str]]
+) -> tuple[list[str], str | None]:
+    """Per source with a domain: the share of the control-to-source gap on that domain that each
+    run closed, in perplexity and in bits per byte."""
+    ctrl = seeds.get(_CONTROL, {})
+    sources = []
+    for label in models:
+        m = _SOURCE_LABEL.match(label)
+        if m and m.group(2):
+            sources.append((m.group(1), m.group(2), label))
+    kinds = [k for k in seeds if k != _CONTROL and set(seeds[k]) & set(ctrl)]
+    if not sources or not kinds:
+        return [], None
+    rows, parts = [], []
+    for name, domain, label in sources:
+        for kind in kinds:
+            shares: dict[str, list[float]] = {"ppl": [], "bits_per_byte": []}
+            for key, vals in shares.items():
+                src = _stat(models, label, domain, key)
+                for seed in sorted(set(seeds[kind]) & set(ctrl)):
+                    run = _stat(models, seeds[kind][seed], domain, key)
+                    base = _stat(models, ctrl[seed], domain, key)
+                    if None not in (src, run, base) and base != src:
+                        vals.append(100.0 * (base - run) / (base - src))  # type: ignore[operator]
+            cells = [_pm(v, 1, True) + ("%" if v else "") for v in shares.values()]
+            rows.append([f"{name} ({domain})", f"`{kind}`", *cells])
+            if kind == "fused" and shares["ppl"]:
+                parts.append(f"{domain}: {_pm(shares['ppl'], 1)}%")
+    lines = [
+        "### Gap closed on each source's domain",
+        "",
+        "The share of the gap between the CLM control and the source, on the source's own "
+        "domain, that a run closed: `(control − run) / (control − source)`, per seed, mean ± sd. "
+        "In perplexity (the source's is per token of its own tokenizer) and in bits per byte "
+        "(comparable across tokenizers; the stricter measure).",
+        "",
+        _table(["source (domain)", "run", "of the perplexity gap", "of the bits/byte gap"], rows),
+        "",
+    ]
+    headline = (
+        "Gap to each source closed on its domain (perplexity): " + ", ".join(parts) + "."
+        if parts
+        else None
+    )
+    return lines, headline
 
 
 def _timings_section(wd: _Workdir) -> list[str]:
@@ -796,6 +997,7 @@ def write_report(
     lines += _summary(wd, headline)
     lines += _vocab_section(wd)
     lines += _align_section(wd)
+    lines += _teacher_section(wd)
     lines += _training_section(wd, plots)
     lines += ppl_lines
     lines += _timings_section(wd)

@@ -90,6 +90,13 @@ class FusionConfig(TrainingArguments):
             "candidate. Any number, including none (self-distillation on the ref rows)."
         },
     )
+    ignore_sources: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Source candidates present in the packed data that this run leaves out "
+            "(e.g. a single-source distillation baseline on data packed with every source)."
+        },
+    )
     with_ref: bool = field(
         default=True,
         metadata={
@@ -130,6 +137,16 @@ class FusionConfig(TrainingArguments):
             "taught as unsure; 'renormalized' is the reference's softmax over the K kept entries, "
             "which teaches a row as if it held all the mass. Default: calibrated, or "
             "renormalized with compat=fusellm.",
+        },
+    )
+    with_student: bool = field(
+        default=False,
+        metadata={
+            "help": "MinCE only: the student competes with the selected candidate, judged as "
+            "the candidates are (its CE on the block, or its probability of the next token with "
+            "selection=token). Where the student already predicts better, the position is "
+            "trained by the CLM term alone: a teacher is used only where it knows more than the "
+            "student does now."
         },
     )
     selection: Literal["block", "token"] = field(
@@ -207,6 +224,8 @@ class FusionConfig(TrainingArguments):
             self.teacher = "renormalized" if self.compat == "fusellm" else "calibrated"
         check_choice("teacher", self.teacher, TEACHERS)
         check_choice("selection", self.selection, SELECTIONS)
+        if self.with_student and self.fusion != "mince":
+            raise InputError("with_student works with fusion='mince'")
         if self.compat == "fusellm" and (self.teacher, self.selection) != ("renormalized", "block"):
             raise InputError(
                 "compat='fusellm' reproduces the reference: teacher='renormalized' and "
@@ -218,7 +237,13 @@ class FusionConfig(TrainingArguments):
             raise InputError(f"teacher_temperature must be > 0, got {self.teacher_temperature}")
         if isinstance(self.sources, str):
             self.sources = [self.sources]
+        if isinstance(self.ignore_sources, str):
+            self.ignore_sources = [self.ignore_sources]
         self.sources = [check_candidate_name(s) for s in self.sources]
+        self.ignore_sources = [check_candidate_name(s) for s in self.ignore_sources]
+        both = sorted(set(self.sources) & set(self.ignore_sources))
+        if both:
+            raise InputError(f"sources {both} are also in ignore_sources")
         if len(set(self.sources)) != len(self.sources):
             raise InputError(f"sources has duplicates: {self.sources}")
         if REF in self.sources:
@@ -304,6 +329,7 @@ class FusionTrainer(Trainer):
             stack = validate_packed(
                 ds,
                 sources=args.sources,
+                ignore=args.ignore_sources,
                 with_ref=args.with_ref,
                 score=args.score,  # type: ignore[arg-type]
                 vocab_size=width,
@@ -311,6 +337,7 @@ class FusionTrainer(Trainer):
                 teacher=args.teacher,  # type: ignore[arg-type]
             )
             ref_rows = ref_rows or REF in stack
+        domains = _domains(train_dataset, eval_dataset)
         if data_collator is None:
             data_collator = FusionCollator(
                 args.sources,
@@ -319,6 +346,7 @@ class FusionTrainer(Trainer):
                 score=args.score,  # type: ignore[arg-type]
                 vocab_size=width,
                 teacher=args.teacher,  # type: ignore[arg-type]
+                domains=domains,
             )
         elif not isinstance(data_collator, FusionCollator):
             raise InputTypeError(
@@ -345,7 +373,7 @@ class FusionTrainer(Trainer):
         )
         self.fusion_collator: FusionCollator = data_collator
         self._metric_sums: dict[str, torch.Tensor] = {}
-        self._metric_count = 0
+        self._metric_counts: dict[str, torch.Tensor] = {}
         self._optim_state: dict[str, float] = {}
 
     # -- batches ---------------------------------------------------------------------------------
@@ -363,7 +391,9 @@ class FusionTrainer(Trainer):
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         # The Trainer casts float inputs to DeepSpeed's dtype (bf16): keep the teacher in float32.
-        keep = {k: inputs[k] for k in ("teacher_logits", "teacher_scores") if k in inputs}
+        keep = {
+            k: inputs[k] for k in ("teacher_logits", "teacher_scores", "block_bytes") if k in inputs
+        }
         out = super()._prepare_inputs({k: v for k, v in inputs.items() if k not in keep})
         for k, v in keep.items():
             out[k] = v.to(self.args.device)
@@ -384,6 +414,8 @@ class FusionTrainer(Trainer):
         t_logits = inputs.pop("teacher_logits")
         t_scores = inputs.pop("teacher_scores")
         t_matched = inputs.pop("teacher_matched", None)
+        block_domain = inputs.pop("block_domain", None)
+        block_bytes = inputs.pop("block_bytes", None)
         fuse_items = inputs.pop("num_fuse_items", None)
         outputs = model(**inputs, use_cache=False)
         clm_den = fuse_den = None
@@ -414,30 +446,47 @@ class FusionTrainer(Trainer):
             ref_index=col.ref_index,
             candidate_mask=col.candidate_mask,
             teacher_matched=t_matched,
+            with_student=args.with_student,
+            block_bytes=block_bytes if args.score == "ce_per_byte" else None,
             compat=args.compat,
             clm_denominator=clm_den,
             fusion_denominator=fuse_den,
         )
         loss = out.loss * scale if scale != 1 else out.loss
         if model.training:
-            self._record(out)
+            self._record(out, block_domain)
         return (loss, outputs) if return_outputs else loss
 
     # -- logging ---------------------------------------------------------------------------------
 
-    def _record(self, out: Any) -> None:
+    def _add(self, key: str, total: torch.Tensor, count: torch.Tensor | float = 1.0) -> None:
+        total = total.detach().float()
+        count = torch.as_tensor(count, dtype=torch.float32, device=total.device)
+        if key in self._metric_sums:
+            self._metric_sums[key] = self._metric_sums[key] + total
+            self._metric_counts[key] = self._metric_counts[key] + count
+        else:
+            self._metric_sums[key], self._metric_counts[key] = total, count
+
+    def _record(self, out: Any, block_domain: torch.Tensor | None) -> None:
+        """Per step: the loss terms and each candidate's share, overall and per block domain
+        (``fusion/select_<candidate>/<domain>``); means over the logging interval."""
         col = self.fusion_collator
         kind = "select" if self.args.fusion == "mince" else "weight"  # type: ignore[attr-defined]
-        per = out.candidate_weights.mean(0)
-        vals = {"clm_loss": out.clm_loss, "fusion_loss": out.fusion_loss}
-        vals["lm_weight"] = out.lm_weight.mean()
-        for j, (name, keep) in enumerate(zip(col.stack, col.candidate_mask, strict=True)):
-            if keep:
-                vals[f"fusion/{kind}_{name}"] = per[j]
-        for k, v in vals.items():
-            v = v.detach().float()
-            self._metric_sums[k] = self._metric_sums[k] + v if k in self._metric_sums else v
-        self._metric_count += 1
+        w = out.candidate_weights  # [B, C]
+        for k, v in (("clm_loss", out.clm_loss), ("fusion_loss", out.fusion_loss)):
+            self._add(k, v)
+        self._add("lm_weight", out.lm_weight.mean())
+        shares = [(n, w[:, j]) for j, n in enumerate(col.stack) if col.candidate_mask[j]]
+        if self.args.with_student:  # type: ignore[attr-defined]
+            shares.append(("student", out.student_share))
+        for name, share in shares:
+            self._add(f"fusion/{kind}_{name}", share.mean())
+            if block_domain is None:
+                continue
+            for d, domain in enumerate(col.domains):
+                in_d = block_domain.to(share.device) == d
+                self._add(f"fusion/{kind}_{name}/{domain}", share[in_d].sum(), in_d.sum())
         opt = self.optimizer
         if opt is not None and getattr(opt, "param_groups", None):
             pg = opt.param_groups[0]
@@ -448,14 +497,19 @@ class FusionTrainer(Trainer):
                 self._optim_state["optimizer/beta2"] = float(betas[1])
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._metric_count:
+        if "loss" in logs and self._metric_sums:
             names = sorted(self._metric_sums)
-            t = torch.stack([self._metric_sums[k] for k in names]) / self._metric_count
+            sums = torch.stack([self._metric_sums[k] for k in names])
+            counts = torch.stack([self._metric_counts[k] for k in names])
             if self.args.world_size > 1:
-                t = self.accelerator.reduce(t, reduction="mean")
-            logs = {**logs, **dict(zip(names, t.tolist(), strict=True)), **self._optim_state}
+                sums = self.accelerator.reduce(sums, reduction="sum")
+                counts = self.accelerator.reduce(counts, reduction="sum")
+            means = {
+                k: s / c for k, s, c in zip(names, sums.tolist(), counts.tolist(), strict=True) if c
+            }
+            logs = {**logs, **means, **self._optim_state}
             self._metric_sums = {}
-            self._metric_count = 0
+            self._metric_counts = {}
         super().log(logs, start_time)
 
 
@@ -471,6 +525,15 @@ def _datasets(*items: Any) -> list[Any]:
         elif isinstance(x, dict):
             out.extend(v for v in x.values() if isinstance(v, datasets.Dataset))
     return out
+
+
+def _domains(*items: Any) -> list[str]:
+    """The sorted values of the ``domain`` column of the datasets that have one."""
+    found: set[str] = set()
+    for ds in _datasets(*items):
+        if "domain" in ds.column_names:
+            found.update(str(v) for v in ds.unique("domain"))
+    return sorted(found)
 
 
 def _numpy_format(ds: Any) -> Any:
