@@ -70,8 +70,20 @@ def test_reference_preset_is_the_papers_setting() -> None:
     assert a["compat"] == "fusellm"
     assert a["score"] == "ce"
     assert a["learning_rate"] == 1e-5
+    assert (a["adam_beta1"], a["adam_beta2"]) == (0.9, 0.95)  # the published command's
     assert c.extract.top_k == 10
+    assert c.extract.values == "logits"
     assert c.block_size == 2048
+
+
+def test_reference_betas_are_documented_the_same_everywhere() -> None:
+    """The preset, examples/reference.yaml and docs/training.md's paper setting agree."""
+    ref = load_config(EXAMPLES / "reference.yaml").train.args
+    docs = (EXAMPLES.parent / "docs" / "training.md").read_text(encoding="utf-8")
+    block = docs.split("```yaml\n# fuse.yaml: the paper's setting", 1)[1].split("```", 1)[0]
+    paper = yaml.safe_load(block.split("\n", 1)[1])  # after the header line
+    for key in ("adam_beta1", "adam_beta2", "learning_rate", "lr_scheduler_type"):
+        assert ref[key] == paper[key] == PRESETS["reference"]["train"][key], key
 
 
 def test_file_wins_over_the_preset_key_by_key_explicit_null_included() -> None:

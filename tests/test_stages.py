@@ -484,6 +484,23 @@ def test_teacher_diagnostics_equal_a_direct_computation(domain_aligned: Path) ->
         assert 0 <= mass["dropped_mass"] <= mass["topk_mass"]
 
 
+def test_pack_gives_each_block_its_commonest_domain(domain_aligned: Path, tmp_path: Path) -> None:
+    report = pack_dataset(domain_aligned, tmp_path / "packed", block_size=24, progress=False)
+    rows = load_rows(domain_aligned)
+    token_domain = [d for r in rows for d in [r["domain"]] * len(r["input_ids"])]
+    blocks = datasets.load_from_disk(str(tmp_path / "packed"))
+    assert read_manifest(tmp_path / "packed")["domains"] == ["a", "b"]
+    assert read_manifest(tmp_path / "packed")["values"] == "logprobs"
+    start = 0
+    for block in blocks:
+        n = len(block["input_ids"])
+        here = token_domain[start : start + n]
+        counts = {d: here.count(d) for d in ("a", "b")}
+        assert block["domain"] == max(counts, key=lambda d: (counts[d], d == "a")), counts
+        start += n
+    assert start == report.tokens
+
+
 def test_bad_inputs_write_nothing(
     models: dict[str, TinyModel],
     extracts: dict,
@@ -606,6 +623,12 @@ def test_pack_concat_keeps_every_token_in_order(
         np.testing.assert_array_equal(
             np.concatenate(list(blocks[col])), np.concatenate(list(rows[col]))
         )
+    for col in (f"{c}_status" for c in SOURCES):  # the alignment statuses travel with the rows
+        np.testing.assert_array_equal(
+            np.concatenate(list(blocks[col])), np.concatenate(list(rows[col]))
+        )
+    assert "ref_status" not in ds.column_names
+    assert "domain" not in ds.column_names  # the texts had no domain
     assert all((m == 1).all() for m in blocks["attention_mask"])
     assert "position_ids" not in ds.column_names
     check_scores(blocks, expected_blocks(rows, concat_pieces(lengths, bs)))

@@ -190,6 +190,29 @@ def test_logs_per_step(tmp_path: Path) -> None:
     assert weights[1] > weights[2]
 
 
+def test_selection_is_logged_per_block_domain(tmp_path: Path) -> None:
+    """Blocks of domain 'x' are 'a''s (lowest score), blocks of 'y' are 'b''s: the per-domain
+    shares say so, and the student's share is logged with with_student."""
+    arr = packed_arrays()
+    n = len(arr["input_ids"])
+    domain = ["x" if i % 2 == 0 else "y" for i in range(n)]
+    a, b = arr["candidates"]["a"], arr["candidates"]["b"]
+    for i in range(n):
+        if domain[i] == "y":  # swap the scores: b wins the y blocks
+            for key in ("metric_ce", "metric_ce_per_byte"):
+                a[key][i], b[key][i] = b[key][i], a[key][i]
+    data = build_packed_dataset(
+        arr["input_ids"], arr["candidates"], domain=domain, logits_dtype="float16"
+    )
+    trainer = train(tmp_path, max_steps=4, data=data, logging_steps=4, with_student=True)
+    logged = next(h for h in trainer.state.log_history if "loss" in h)
+    assert logged["fusion/select_a/x"] + logged["fusion/select_student/x"] == pytest.approx(1.0)
+    assert logged["fusion/select_b/y"] + logged["fusion/select_student/y"] == pytest.approx(1.0)
+    assert logged["fusion/select_a/y"] == logged["fusion/select_b/x"] == 0.0
+    assert logged["fusion/select_ref/x"] == logged["fusion/select_ref/y"] == 0.0
+    assert 0.0 <= logged["fusion/select_student"] < 1.0
+
+
 def test_hard_and_decay_raises_the_clm_weight(tmp_path: Path) -> None:
     trainer = train(tmp_path, max_steps=4, combine="hard_and_decay", lm_loss_weight=0.6)
     np.testing.assert_allclose(losses(trainer, "lm_weight"), [0.6, 0.7, 0.8, 0.9], rtol=1e-6)

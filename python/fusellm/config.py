@@ -26,7 +26,9 @@ The two presets:
   the reference split (id chunks of the longest tokenization, decoded), the MinED ("default")
   vocabulary map, MinED DTW alignment with the soft (MinED-map) rule and the reference's rows
   (``compat: fusellm``: one-hot fallback on the current token, duplicates keep the max logit),
-  per-token CE scores, lr 1e-5 with a cosine schedule and 0.8% warm-up, one epoch.
+  per-token CE scores, raw top-K logits renormalised over each row, lr 1e-5 with Adam betas
+  (0.9, 0.95), a cosine schedule and 0.8% warm-up, one epoch (the published training command;
+  its shipped DeepSpeed file silently ran (0.9, 0.999) and a linear decay instead).
 - ``improved`` (default): the same K, T, λ, MinCE and block size with fusellm's fixes: word-
   boundary split, surface-string vocabulary map (MinED only as a fallback), character-offset
   alignment, next-token fallback rows and probability merging, CE per byte of text as the
@@ -522,6 +524,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "compat": "fusellm",
             "score": "ce",
             "learning_rate": 1.0e-5,
+            # The published command's betas; its DeepSpeed file ran DeepSpeed's (0.9, 0.999).
+            "adam_beta1": 0.9,
+            "adam_beta2": 0.95,
             "lr_scheduler_type": "cosine",
             "warmup_steps": 0.008,
             "num_train_epochs": 1,

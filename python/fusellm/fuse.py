@@ -977,6 +977,7 @@ def build_packed_dataset(
     attention_mask: Sequence[Any] | np.ndarray | None = None,
     position_ids: Sequence[Any] | np.ndarray | None = None,
     num_bytes: Sequence[int] | np.ndarray | None = None,
+    domain: Sequence[str] | None = None,
     logits_dtype: str = "float32",
 ) -> datasets.Dataset:
     """A packed dataset in the training schema, from arrays (for tests and small experiments).
@@ -984,9 +985,11 @@ def build_packed_dataset(
     Args:
         input_ids: ``N`` blocks, each ``[L_i]`` (or an ``[N, L]`` array).
         candidates: name -> ``{"ids": N x [L_i, K], "logits": N x [L_i, K], "metric_ce": [N]}``
-            plus optional ``"metric_ce_per_byte"`` and ``"num_tokens"`` (``[N]``).
+            plus optional ``"metric_ce_per_byte"``, ``"num_tokens"`` (``[N]``) and
+            ``"status"`` (``N x [L_i]`` alignment statuses).
         attention_mask, position_ids: optional, like ``input_ids``.
         num_bytes: optional ``[N]`` bytes of text per block.
+        domain: optional ``[N]`` domain of each block.
         logits_dtype: ``"float32"`` or ``"float16"``.
     """
     import datasets
@@ -1004,6 +1007,11 @@ def build_packed_dataset(
     if num_bytes is not None:
         data["num_bytes"] = np.asarray(num_bytes, dtype=np.int64)
         feats["num_bytes"] = datasets.Value("int64")
+    if domain is not None:
+        if len(domain) != n:
+            raise InputError(f"domain has {len(domain)} entries for {n} blocks")
+        data["domain"] = [str(d) for d in domain]
+        feats["domain"] = datasets.Value("string")
     for name, cols in candidates.items():
         check_candidate_name(name)
         ids = [np.asarray(x, dtype=np.int32) for x in cols["ids"]]
@@ -1019,6 +1027,12 @@ def build_packed_dataset(
                 )
         data[f"{name}_ids"] = ids
         data[f"{name}_logits"] = logits
+        if "status" in cols:
+            status = [np.asarray(x, dtype=np.uint8).reshape(-1) for x in cols["status"]]
+            if [x.size for x in status] != [x.size for x in blocks]:
+                raise InputError(f"candidate {name!r}: status must have one entry per token")
+            data[f"{name}_status"] = status
+            feats[f"{name}_status"] = datasets.Sequence(datasets.Value("uint8"))
         feats[f"{name}_ids"] = datasets.Array2D(shape=(None, k), dtype="int32")
         feats[f"{name}_logits"] = datasets.Array2D(shape=(None, k), dtype=logits_dtype)
         for key, dtype in (
