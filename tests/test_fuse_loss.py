@@ -304,7 +304,8 @@ def dense_calibrated(
     """Position by position, in float64: the fused teacher over the row ids plus one tail bin.
     With ``with_student``, a position where the student beats the picked row (per block: its CE
     per byte / per token against the candidate's score; per token: its probability of the next
-    token against the row's) gets no fusion term and CLM weight 1."""
+    token against the row's) gets no fusion term (the student's own distribution as the target:
+    no gradient, reported as 0); its CLM weight stays ``lam``."""
     labels, mask = batch["labels"], batch["attention_mask"]
     t_ids, t_lp, scores = batch["teacher_ids"], batch["teacher_logits"], batch["teacher_scores"]
     b, length, v = logits.shape
@@ -343,18 +344,16 @@ def dense_calibrated(
                 py = float(p[ids.index(y)]) if y in ids else tail / max(1, v - len(ids))
                 reward.append(py if usable[j] else -math.inf)
         reward = [r if cand_mask[j] else -math.inf for j, r in enumerate(reward)]
-        lam_t = lam
+        own = False  # the student is the best candidate
         if fusion == "mince":
             pick = reward.index(max(reward))
             weights = [1.0 if j == pick else 0.0 for j in range(c)]
             if with_student and selection == "block":
-                if student_reward[i] >= math.exp(-float(scores[i, pick])):
-                    weights, lam_t = [0.0] * c, 1.0
+                own = student_reward[i] >= math.exp(-float(scores[i, pick]))
             elif with_student and y != -100:
                 ids, p, row_tail = rows[pick]
                 py = float(p[ids.index(y)]) if y in ids else row_tail / max(1, v - len(ids))
-                if float(p_student[i, t, y].detach()) >= py:
-                    weights, lam_t = [0.0] * c, 1.0
+                own = float(p_student[i, t, y].detach()) >= py
         else:
             weights = torch.softmax(torch.tensor(reward, dtype=torch.float64), 0).tolist()
         q = torch.zeros(v, dtype=torch.float64)
@@ -374,10 +373,10 @@ def dense_calibrated(
             qq = q[in_row & (q > 0)]
             loss_t = loss_t + (qq * torch.log(qq)).sum() + (tail * math.log(tail) if tail else 0)
         if mask[i, t]:
-            total_fuse = total_fuse + (1 - lam_t) * loss_t
+            total_fuse = total_fuse + (0.0 if own else (1 - lam) * loss_t)
             n_fuse += 1
         if y != -100:
-            total_clm = total_clm + lam_t * -torch.log(ps[y])
+            total_clm = total_clm + lam * -torch.log(ps[y])
             n_clm += 1
     return total_clm / max(n_clm, 1) + total_fuse / max(n_fuse, 1)
 

@@ -314,6 +314,38 @@ def test_changed_settings_redo_exactly_what_depends_on_them(
     assert "train/fused: inputs or settings changed: running it again" in log
 
 
+def test_kd_baselines_and_a_weight_sweep_run_and_are_reported(
+    reference: dict[str, Any], tmp_path: Path
+) -> None:
+    wd = tmp_path / "baselines"
+    shutil.copytree(reference["workdir"], wd)
+    raw = yaml.safe_load((wd / "config.yaml").read_text(encoding="utf-8"))
+    raw["train"]["kd_baselines"] = True
+    raw["train"]["sweep_lm_loss_weight"] = [0.5]
+    cfg = wd / "baselines.yaml"
+    cfg.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    proc = fusellm_run(str(cfg), "--workdir", str(wd))
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    st = statuses(wd)
+    assert st["train/fused"] == st["train/clm"] == "skipped", st  # their keys did not change
+    new_runs = ["kd-neox_bible", "kd-mpt_python", "fused-lmw0.5"]
+    assert all(st[f"train/{r}"] == "ran" for r in new_runs), st
+    ppl = json.loads((wd / "evaluate" / "perplexity.json").read_text())
+    assert set(new_runs) <= set(ppl["models"])
+    for source in SOURCES:  # a KD run trains on its source alone
+        state = json.loads((wd / "train" / f"kd-{source}" / "trainer_state.json").read_text())
+        logged = next(e for e in state["log_history"] if "loss" in e)
+        assert logged[f"fusion/select_{source}"] == 1.0
+        assert not any(k.startswith("fusion/select_ref") for k in logged)
+    report = (wd / "report" / "report.md").read_text(encoding="utf-8")
+    table = report.split("### Every run against the CLM control", 1)[1].split("###", 1)[0]
+    for r in ["fused", *new_runs]:
+        assert f"`{r}`" in table
+    closure = report.split("### Gap closed on each source's domain", 1)[1].split("##", 1)[0]
+    assert "neox_bible (bible)" in closure
+    assert "mpt_python (python)" in closure
+
+
 # --- a killed run, started again -----------------------------------------------------------------
 
 

@@ -147,6 +147,27 @@ def build_workdir(root: Path, real_state: dict[str, Any], *, seeds: bool = False
                         "topk_entries": 10000,
                     },
                 },
+                "teachers": {
+                    "vocab_size": 6,
+                    "logprobs": True,
+                    "candidates": {
+                        "ref": {"all": {"positions": 1988, "top1": 0.07, "coverage": 0.2}},
+                        "qwen": {
+                            "all": {
+                                "positions": 1490,
+                                "matched_share": 0.75,
+                                "top1": 0.26,
+                                "coverage": 0.5,
+                                "ce": 4.25,
+                                "ref_top1": 0.08,
+                                "ref_coverage": 0.21,
+                                "ref_ce": 5.5,
+                                "topk_mass": 0.45,
+                                "dropped_mass": 0.01,
+                            }
+                        },
+                    },
+                },
             }
         ),
         "utf-8",
@@ -227,6 +248,12 @@ def test_full_report(tmp_path: Path, real_state: dict[str, Any]) -> None:
     assert "| neox | 1,000 (50.0%) | n/a | 900 (45.0%) | 0 (0.0%) | 100 (5.0%) |" in md
     assert "7 (<0.1%)" in md
     assert "300 (2.0%)" in md
+    # Teacher quality, as align_stats.json has it.
+    assert (
+        "| qwen | all | 1,490 | 75.0% | 26.0% | 8.0% | 50.0% | 21.0% | 4.250 | 5.500 | 45.0% | "
+        "1.0% |" in md
+    )
+    assert "| ref | all | 1,988 | – | 7.0% | – | 20.0% | – | – | – | – | – |" in md
     # Training: candidates of the real run, share over training computed from its log.
     log = real_state["log_history"]
     assert any("fusion/select_ref" in e for e in log)

@@ -33,6 +33,7 @@ datasets = pytest.importorskip("datasets")
 from fusellm.bundled import load_tokenizer  # noqa: E402
 from fusellm.extract import extract_topk  # noqa: E402
 from fusellm.fuse import validate_packed  # noqa: E402
+from fusellm.report import write_report  # noqa: E402
 from fusellm.stages import (  # noqa: E402
     ALIGN_STATS_NAME,
     add_align_parser,
@@ -478,6 +479,26 @@ def test_teacher_diagnostics_equal_a_direct_computation(domain_aligned: Path) ->
             for key, vals in acc.items():
                 assert got[key] == pytest.approx(np.mean(vals), rel=1e-6), (cand, dom, key)
     assert 0 < stats["candidates"]["ref"]["all"]["coverage"] < 1
+    # The report's teacher-quality table shows these numbers.
+    wd = domain_aligned.parent / "workdir"
+    if not wd.exists():
+        (wd / "align").mkdir(parents=True)
+        shutil.copy(domain_aligned / ALIGN_STATS_NAME, wd / "align" / ALIGN_STATS_NAME)
+    text = write_report(wd).read_text(encoding="utf-8")
+    table = text.split("### Teacher quality", 1)[1].split("\n\n")[2]
+    cells = {
+        (r[0], r[1]): r for r in (line.strip("| ").split(" | ") for line in table.splitlines()[2:])
+    }
+    for cand, per in want.items():
+        for dom, acc in per.items():
+            row = cells[(cand, dom)]
+            assert row[2] == f"{len(acc['top1']):,}"
+            assert row[4] == f"{100 * np.mean(acc['top1']):.1f}%"
+            assert row[6] == f"{100 * np.mean(acc['coverage']):.1f}%"
+            assert row[8] == f"{np.mean(acc['ce']):.3f}"
+            if cand != "ref":
+                assert row[5] == f"{100 * np.mean(acc['ref_top1']):.1f}%"
+                assert row[9] == f"{np.mean(acc['ref_ce']):.3f}"
     for src in SOURCES:
         mass = stats["candidates"][src]["all"]
         assert 0 < mass["topk_mass"] <= 1

@@ -20,6 +20,36 @@ entry is "empty" and is replaced by the ref row at that position.
 With several blocks in a batch every term is a token-level mean over the batch (as the usual CLM
 loss is): per-block weights (``soft``) multiply that block's token losses before the sums.
 
+The calibrated teacher (``teacher="calibrated"``, spec section 11)
+-----------------------------------------------------------------
+The reference's softmax over a row's K entries teaches the row as if it held all the teacher's
+probability; a weak teacher whose top-K holds half of its mass is then taught as twice as sure
+as it is, and the student is pushed to put nearly nothing elsewhere. With rows of exact
+log-probabilities (``fusellm extract --values logprobs``) the row's entries ``p_k`` keep their
+mass and the rest, ``1 - Σ p_k``, is one more bin, "every other token". Per position::
+
+    -Σ_k p_k log q_k - (1 - Σ_k p_k) log(1 - Σ_k q_k),     q_k = softmax(z)[id_k]
+
+the exact cross-entropy between the teacher's and the student's coarsening of the vocabulary into
+the row's ids and the rest. It stays sparse: ``log(1 - Σ q)`` comes from the gathered values,
+except where the student puts more than ``1 - 1e-3`` of its mass on the row, where it is summed
+over the other ids (exact, see :class:`_LogSoftmaxGatherTail`). Empty rows are replaced by the ref
+row as above; AvgCE mixes the candidates' rows id by id and their tails by weight, and the
+student's tail is the mass outside every id of the mixture. With ``T != 1`` a row keeps its mass
+and is reshaped within it, ``Σ p · softmax(log p / T)``: the tail is the teacher's at ``T = 1``,
+all the row can tell.
+
+Selection (``selection``) and the student (``with_student``)
+------------------------------------------------------------
+``"block"`` ranks the candidates per block by their block score (above); ``"token"`` ranks them
+per position by each row's probability of the next target token (a row's tail spread evenly
+over the ids it does not list), among the rows that are the candidate's own distribution (not an
+alignment fallback: ``teacher_matched``). With ``with_student`` (MinCE) the student itself, as it
+is at this step, is one more candidate, judged the same way (its CE on the block, or its
+probability of the next token): where it is the best, its own detached distribution is the
+target, which has no gradient, so a teacher only teaches where it knows more than the student
+does now, and the stale ``ref`` distribution never pulls the student back.
+
 Trade-off: the reference builds a dense ``[L, V]`` target per candidate and stacks them (gigabytes
 per sample). The same loss needs only a gather of at most ``K`` student log-probabilities per
 position per candidate, so this module never materialises a dense teacher tensor. The student's
@@ -313,7 +343,7 @@ class FusionLossOutput:
             the block's positions that selected it for MinCE (a one-hot with block selection),
             the mean softmax weight for AvgCE (zeros for non-candidates).
         student_share: ``[B]`` with ``with_student``, the share of each block's positions where
-            the student predicted better than the selected candidate (trained by CLM alone);
+            the student predicted better than the selected candidate (no fusion gradient there);
             zeros otherwise.
     """
 
@@ -516,11 +546,14 @@ def fusion_loss(
             excluded here still fills empty rows.
         teacher_matched: optional bool ``[B, C, L]``: where a candidate's row is its own
             distribution (not an alignment fallback); token selection considers only those.
-        with_student: MinCE only: the student competes with the selected candidate, judged the
-            same way (``selection="block"``: its CE on the block, per byte with
-            ``block_bytes`` else per token, against the candidate's score; ``"token"``: its
-            probability of the next token against the row's). Where the student is better the
-            position gets no fusion target: the CLM term alone, weight 1.
+        with_student: MinCE only: the student itself, as it is now, is a candidate too, judged
+            the same way (``selection="block"``: its CE on the block, per byte with
+            ``block_bytes`` else per token, against the selected candidate's score;
+            ``"token"``: its probability of the next token against the row's). Where it is the
+            best, its own detached distribution is the target: the fusion term has no gradient
+            (reported as 0, its KL to itself) and the position learns from the CLM term alone,
+            with its usual weight. Unlike ``ref`` (the target before training, a fixed
+            distribution), the student does not pull the model back towards where it started.
         block_bytes: ``[B]`` bytes of text per block (the student's per-byte block score).
         compat: ``"fusellm"``: the reference's bfloat16 teacher probabilities and rewards (so
             MinCE ties within one bfloat16 step go to ref).
@@ -596,7 +629,6 @@ def fusion_loss(
         if combine == "hard_and_decay":
             lam = lam + (1.0 - lam) * min(max(float(progress), 0.0), 1.0)
         lm_w = torch.full((b,), float(lam), device=device)
-    lm_t = lm_w[:, None].expand(b, length)  # per position
     student = torch.zeros(b, length, dtype=torch.bool, device=device)
     if with_student:
         student = _student_wins(
@@ -610,19 +642,22 @@ def fusion_loss(
             block_bytes,
             logits.shape[-1],
         )
-        lm_t = torch.where(student, 1.0, lm_t)
+        # The student is the best candidate there: its own (detached) distribution is the
+        # target, whose CE has no gradient; reported as its KL to itself, 0.
+        fuse_tok = torch.where(student, 0.0, fuse_tok)
 
     clm_n = clm_mask.sum().clamp_min(1)
     fuse_n = m.sum().clamp_min(1)
     clm_den = clm_n if clm_denominator is None else clm_denominator
     fuse_den = fuse_n if fusion_denominator is None else fusion_denominator
-    loss = (lm_t * clm_tok).sum() / clm_den + ((1.0 - lm_t) * fuse_tok).sum() / fuse_den
+    clm_sum, fuse_sum = clm_tok.sum(-1), fuse_tok.sum(-1)  # [B]
+    loss = (lm_w * clm_sum).sum() / clm_den + ((1.0 - lm_w) * fuse_sum).sum() / fuse_den
     share = m.sum(-1).clamp_min(1)
     return FusionLossOutput(
         loss=loss,
-        clm_loss=(clm_tok.sum() / clm_n).detach(),
-        fusion_loss=(fuse_tok.sum() / fuse_n).detach(),
-        lm_weight=((lm_t * m).sum(-1) / share).detach() if with_student else lm_w.detach(),
+        clm_loss=(clm_sum.sum() / clm_n).detach(),
+        fusion_loss=(fuse_sum.sum() / fuse_n).detach(),
+        lm_weight=lm_w.detach(),
         candidate_weights=(weights * (m * ~student)[:, None, :]).sum(-1) / share[:, None],
         student_share=(student * m).sum(-1) / share,
     )

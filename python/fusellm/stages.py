@@ -569,10 +569,12 @@ def run_vocab_map(
                 logger.info("%s is up to date (%s map): skipped", out, method)
                 return vm
             if not overwrite:
-                raise StaleArtifactError(
-                    f"{out} holds a {vm.method!r} map (max_distance {vm.max_distance}), not "
-                    f"{method!r} (max_distance {max_distance}); pass overwrite=True to rebuild it"
+                what = (
+                    f"a {vm.method!r} map, not {method!r}"
+                    if vm.method != method
+                    else f"a map with max_distance {vm.max_distance}, not {max_distance}"
                 )
+                raise StaleArtifactError(f"{out} holds {what}; pass overwrite=True to rebuild it")
     out.parent.mkdir(parents=True, exist_ok=True)
     vm = VocabMap.build(
         base_vocab,
