@@ -6,6 +6,7 @@ import numpy.typing as npt
 
 __version__: str
 _debug: bool
+MAX_THREADS: int
 
 def mined_base_to_blend(
     base_tokens: list[str],

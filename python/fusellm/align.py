@@ -42,6 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native
+from .checks import check_num_threads
 from .errors import InputError, InputTypeError
 
 if TYPE_CHECKING:
@@ -72,8 +73,6 @@ VocabMode = Literal["hard", "soft"]
 Fallback = Literal["next", "mask"]
 
 _INT32 = np.iinfo(np.int32)
-#: Largest accepted ``num_threads``.
-MAX_THREADS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,14 +302,7 @@ class Aligner:
             num_threads: worker threads (default: ``FUSELLM_NUM_THREADS`` or all cores). The
                 result does not depend on it. The interpreter is released during the work.
         """
-        if num_threads is not None and (
-            isinstance(num_threads, bool)
-            or not isinstance(num_threads, int)
-            or not 1 <= num_threads <= MAX_THREADS
-        ):
-            raise InputError(
-                f"num_threads must be an int in [1, {MAX_THREADS}] or None, got {num_threads!r}"
-            )
+        num_threads = check_num_threads(num_threads)
         b_ids = _arrays(base_ids, "base_ids", lambda x, n: _as_int32(x, n, 1), _I32, 1)
         x_ids = _arrays(blend_ids, "blend_ids", lambda x, n: _as_int32(x, n, 1), _I32, 1)
         t_ids = _arrays(blend_topk_ids, "blend_topk_ids", lambda x, n: _as_int32(x, n, 2), _I32, 2)

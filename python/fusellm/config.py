@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .checks import MAX_THREADS
 from .errors import InputError
 
 __all__ = [
@@ -805,9 +806,16 @@ def _check_values(c: PipelineConfig) -> None:
             f"{c.extract.max_tokens_per_batch} cannot hold one row of up to block_size "
             f"{c.block_size} tokens",
         )
-    _positive("num_threads", c.num_threads)
-    _positive("vocab_map.num_threads", c.vocab_map.num_threads)
-    _positive("align.num_threads", c.align.num_threads)
+    for key, value in (
+        ("num_threads", c.num_threads),
+        ("vocab_map.num_threads", c.vocab_map.num_threads),
+        ("align.num_threads", c.align.num_threads),
+    ):
+        _positive(key, value)
+        if value is not None and value > MAX_THREADS:
+            raise ConfigError(
+                key, f"must be at most {MAX_THREADS} (or null: all cores), got {value}"
+            )
     _positive("align.rows_per_batch", c.align.rows_per_batch, allow_none=False)
     if not c.seeds:
         raise ConfigError("seeds", "needs at least one seed")

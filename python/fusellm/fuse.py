@@ -115,14 +115,14 @@ __all__ = [
 REF = "ref"
 
 Fusion = Literal["mince", "avgce"]
-Combine = Literal["hard", "hard_and_decay", "soft"]
+Combine = Literal["hard", "hard_and_decay", "soft", "advantage"]
 DistillLoss = Literal["ce", "kl"]
 Score = Literal["ce", "ce_per_byte"]
 Teacher = Literal["renormalized", "calibrated"]
 Selection = Literal["block", "token"]
 
 FUSIONS = ("mince", "avgce")
-COMBINES = ("hard", "hard_and_decay", "soft")
+COMBINES = ("hard", "hard_and_decay", "soft", "advantage")
 DISTILL_LOSSES = ("ce", "kl")
 SCORES = ("ce", "ce_per_byte")
 TEACHERS = ("renormalized", "calibrated")
@@ -624,6 +624,9 @@ def fusion_loss(
 
     if combine == "soft":
         lm_w = 1.0 - block.amax(1)
+    elif combine == "advantage":
+        mine = _student_block_reward(-logp[..., 0].detach(), clm_mask, block_bytes)
+        lm_w = (mine / block.amax(1).clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
     else:
         lam = lm_loss_weight
         if combine == "hard_and_decay":
@@ -663,6 +666,17 @@ def fusion_loss(
     )
 
 
+def _student_block_reward(
+    student_ce: torch.Tensor, clm_mask: torch.Tensor, block_bytes: torch.Tensor | None
+) -> torch.Tensor:
+    """``[B]`` the student's ``exp(-CE)`` on each block, CE per byte with ``block_bytes`` (else
+    per token): on the scale of the candidates' block rewards."""
+    with torch.no_grad():
+        ce = torch.where(clm_mask, student_ce, 0.0).sum(-1)
+        den = block_bytes.float() if block_bytes is not None else clm_mask.sum(-1).float()
+        return torch.exp(-ce / den.clamp_min(1e-9))
+
+
 def _student_wins(
     rows: _Teacher,
     weights: torch.Tensor,
@@ -680,9 +694,7 @@ def _student_wins(
     with torch.no_grad():
         pick = weights.argmax(1)  # [B, L]
         if selection == "block":
-            ce = torch.where(clm_mask, student_ce, 0.0).sum(-1)
-            den = block_bytes.float() if block_bytes is not None else clm_mask.sum(-1).float()
-            mine = torch.exp(-ce / den.clamp_min(1e-9))  # [B], the reward's scale
+            mine = _student_block_reward(student_ce, clm_mask, block_bytes)
             theirs = block.gather(1, pick[:, :1]).squeeze(1)
             return (mine >= theirs)[:, None].expand_as(pick)
         p_rows = _next_token_probs(rows, nxt, vocab_size)  # [B, C, L]

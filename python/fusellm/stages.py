@@ -76,6 +76,7 @@ from typing import Any
 
 import numpy as np
 
+from .checks import check_num_threads
 from .errors import FuseLLMError, InputError, InputTypeError, StaleArtifactError
 
 __all__ = [
@@ -136,12 +137,6 @@ def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise InputError(f"{name} must be a positive int, got {value!r}")
     return int(value)
-
-
-def _check_threads(num_threads: Any) -> int | None:
-    if num_threads is None:
-        return None
-    return _positive_int("num_threads", num_threads)
 
 
 def _progress_bar(progress: bool | None, total: int, desc: str, unit: str) -> Any:
@@ -538,7 +533,7 @@ def run_vocab_map(
     from .vocab import VocabMap
 
     _choice("method", method, ("exact", "mined", "surface"))
-    threads = _check_threads(num_threads)
+    threads = check_num_threads(num_threads)
     out = Path(output)
     if out.suffix.lower() != ".json":
         raise InputError(f"output must be a .json file, got {str(out)!r}")
@@ -888,7 +883,7 @@ def align_dataset(
     _choice("logits_dtype", logits_dtype, _LOGITS_DTYPES)
     _choice("compression", compression, _COMPRESSIONS)
     rows_per_batch = _positive_int("rows_per_batch", rows_per_batch)
-    threads = _check_threads(num_threads)
+    threads = check_num_threads(num_threads)
     src_dirs = _check_sources(sources)
     names = list(src_dirs)
     tok_specs = dict(source_tokenizers or {})

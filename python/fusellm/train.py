@@ -111,13 +111,16 @@ class FusionConfig(TrainingArguments):
             "lowest score (ties go to ref), 'avgce' weights them by softmax(exp(-score))."
         },
     )
-    combine: Literal["hard", "hard_and_decay", "soft"] = field(
+    combine: Literal["hard", "hard_and_decay", "soft", "advantage"] = field(
         default="hard",
         metadata={
             "help": "How the CLM and fusion terms combine: 'hard' = lm_loss_weight * CLM + "
             "(1 - lm_loss_weight) * fusion; 'hard_and_decay' raises the CLM weight linearly to 1 "
             "over training; 'soft' = (1 - s_max) * CLM + s_max * fusion with s_max = "
-            "exp(-best score) per block."
+            "exp(-best score) per block; 'advantage' = (1 - a) * fusion + a * CLM per block with "
+            "a = exp(-student CE) / exp(-best score) (capped at 1): the fusion weight is the best "
+            "candidate's likelihood advantage over the student as it is now (0 where the student "
+            "is already better)."
         },
     )
     distill_loss: Literal["ce", "kl"] = field(

@@ -47,6 +47,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native
+from .checks import check_num_threads
 from .errors import InputError, InputTypeError, StaleArtifactError
 
 __all__ = [
@@ -106,14 +107,6 @@ def _check_marker(marker: Any, name: str) -> str:
     if not marker:
         raise InputError(f'{name} is empty; use the tokenizer\'s marker ("▁" or "Ġ")')
     return marker
-
-
-def _check_threads(num_threads: Any) -> int | None:
-    if num_threads is not None and (
-        isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
-    ):
-        raise InputError(f"num_threads must be a positive int or None, got {num_threads!r}")
-    return num_threads
 
 
 def _check_max_distance(value: Any) -> int | None:
@@ -217,7 +210,7 @@ class VocabMap:
         xm = _check_marker(blend_marker, "blend_marker")
         cap = _check_max_distance(max_distance)
         base_ids, kinds, distances = _native.build_vocab_map(
-            base, blend, bm, xm, method, _check_threads(num_threads)
+            base, blend, bm, xm, method, check_num_threads(num_threads)
         )
         if cap is not None:
             far = (kinds == MAP_MINED) & (distances > cap)

@@ -4,7 +4,9 @@
 //! started inherits the pool's bookkeeping but none of its threads; using it would deadlock (the
 //! classic `datasets.map(num_proc>1)` / DataLoader-worker hang). When the process id changes, the
 //! stale pools are leaked on purpose (their threads do not exist, so they cannot be joined) and
-//! fresh ones are built. Results never depend on the number of threads.
+//! fresh ones are built. At most [`MAX_POOLS`] pools are kept (the most recently used): a caller
+//! that tries many thread counts does not accumulate threads. Thread counts are capped at
+//! [`MAX_THREADS`]. Results never depend on the number of threads.
 
 use crate::aligner::{Aligner, Method, SeqInput, SeqOutput, VocabMode};
 use crate::error::Result;
@@ -14,8 +16,15 @@ use std::sync::{Arc, Mutex};
 type PoolCache = Vec<(u32, usize, Arc<rayon::ThreadPool>)>;
 static POOLS: Mutex<PoolCache> = Mutex::new(Vec::new());
 
+/// The largest number of threads a batch runs on; larger counts (from `FUSELLM_NUM_THREADS`
+/// too) are clamped to it. The bindings refuse explicit larger requests.
+pub const MAX_THREADS: usize = 1024;
+/// Thread pools kept alive, the most recently used; an older one is dropped (its threads exit
+/// once its running batches are done).
+pub const MAX_POOLS: usize = 4;
+
 /// Thread count used when none is given: `FUSELLM_NUM_THREADS`, else `RAYON_NUM_THREADS`, else
-/// the available cores.
+/// the available cores; at most [`MAX_THREADS`].
 pub fn default_num_threads() -> usize {
     for var in ["FUSELLM_NUM_THREADS", "RAYON_NUM_THREADS"] {
         if let Some(n) = std::env::var(var)
@@ -23,10 +32,10 @@ pub fn default_num_threads() -> usize {
             .and_then(|v| v.trim().parse::<usize>().ok())
             .filter(|&n| n > 0)
         {
-            return n;
+            return n.min(MAX_THREADS);
         }
     }
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS))
 }
 
 fn pool(num_threads: usize) -> Option<Arc<rayon::ThreadPool>> {
@@ -37,8 +46,11 @@ fn pool(num_threads: usize) -> Option<Arc<rayon::ThreadPool>> {
         let stale = std::mem::take(&mut *cache);
         std::mem::forget(stale);
     }
-    if let Some((_, _, p)) = cache.iter().find(|(_, n, _)| *n == num_threads) {
-        return Some(Arc::clone(p));
+    if let Some(at) = cache.iter().position(|(_, n, _)| *n == num_threads) {
+        let hit = cache.remove(at); // most recently used last
+        let p = Arc::clone(&hit.2);
+        cache.push(hit);
+        return Some(p);
     }
     let p = Arc::new(
         rayon::ThreadPoolBuilder::new()
@@ -48,6 +60,9 @@ fn pool(num_threads: usize) -> Option<Arc<rayon::ThreadPool>> {
             .ok()?,
     );
     cache.push((pid, num_threads, Arc::clone(&p)));
+    if cache.len() > MAX_POOLS {
+        cache.remove(0);
+    }
     Some(p)
 }
 
@@ -64,7 +79,9 @@ where
     T: Send,
     F: Fn(usize) -> T + Sync + Send,
 {
-    let n = num_threads.unwrap_or_else(default_num_threads).max(1);
+    let n = num_threads
+        .unwrap_or_else(default_num_threads)
+        .clamp(1, MAX_THREADS);
     if n == 1 || len <= 1 {
         return (0..len).map(f).collect();
     }

@@ -298,6 +298,7 @@ fn parse_vocab(vocab: &str) -> PyResult<core::VocabMode> {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("_debug", cfg!(debug_assertions))?;
+    m.add("MAX_THREADS", core::batch::MAX_THREADS)?;
     m.add_function(wrap_pyfunction!(mined_base_to_blend, m)?)?;
     m.add_class::<Aligner>()?;
     vocab::register(m)?;
