@@ -237,9 +237,8 @@ def test_edge_cases() -> None:
     p = pack({"x": np.zeros((0, 3), dtype=np.float32)}, [0, 0, 0], block_size=4, mode="bfd")
     assert p.num_blocks == 0
     assert p.columns["x"].shape == (0, 3)
-    p = pack({}, [0, 5, 7], block_size=4)
-    assert p.block_offsets.tolist() == [0, 4, 7]
-    assert p.columns == {}
+    with pytest.raises(InputError, match="columns is empty"):  # nothing to check offsets against
+        pack({}, [0, 5, 7], block_size=4)
     # non-contiguous and big-endian input
     a = np.arange(20, dtype=">i4").reshape(10, 2)[:, ::-1]
     p = pack({"a": a}, [0, 4, 10], block_size=3)
@@ -247,6 +246,18 @@ def test_edge_cases() -> None:
     assert p.columns["a"].dtype == a.dtype
     p = pack({"a": [[1, 2], [3, 4]]}, np.array([0, 2], dtype=np.uint8), block_size=1)
     assert p.columns["a"].tolist() == [[1, 2], [3, 4]]
+
+
+def test_sizes_are_checked_against_the_data_before_any_allocation() -> None:
+    # Each of these once planned first: 2.5e10 blocks (OOM), 4 TB of position ids (abort).
+    with pytest.raises(InputError, match="offsets"):
+        pack({"x": np.arange(10)}, [0, 3, 10**11], block_size=4)
+    with pytest.raises(InputError, match="columns is empty"):
+        pack({}, [0, 10**12], block_size=10**12, mode="bfd")
+    with pytest.raises(InputError, match="block_size"):
+        pack({"x": np.arange(10)}, [0, 10], block_size=2**64)
+    with pytest.raises(InputError, match=r"\[0, 10\)|10 tokens|offsets\[-1\]"):
+        pack({"x": np.arange(10)}, [0, 10**12], block_size=10**12, mode="bfd")
 
 
 def test_bad_input() -> None:

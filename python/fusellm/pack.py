@@ -43,6 +43,7 @@ PackMode = Literal["concat", "bfd"]
 NanScores = Literal["propagate", "omit"]
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_I64_MAX = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,17 @@ def _column(name: str, x: Any, total: int) -> tuple[np.ndarray, np.ndarray, int]
     return a, flat, width
 
 
+def _score(name: str, x: Any, rows: int) -> npt.NDArray[np.float64]:
+    s = np.asarray(x)
+    if s.ndim != 1:
+        raise InputTypeError(f"score {name!r} must be 1-D (one per row), got {s.shape}")
+    if s.size and s.dtype.kind not in "biuf":
+        raise InputTypeError(f"score {name!r} must be numeric, got dtype {s.dtype}")
+    if s.shape[0] != rows:
+        raise InputError(f"score {name!r} has {s.shape[0]} values for {rows} rows")
+    return np.ascontiguousarray(s, dtype=np.float64)
+
+
 def pack(
     columns: Mapping[str, Any],
     offsets: Any,
@@ -160,34 +172,31 @@ def pack(
         raise InputTypeError(f"block_size must be an int, got {type(block_size).__name__}")
     if block_size < 1:
         raise InputError(f"block_size must be positive, got {block_size}")
+    if block_size > _I64_MAX:
+        raise InputError(f"block_size must be at most 2**63 - 1, got {block_size}")
     if not isinstance(columns, Mapping):
         raise InputTypeError(f"columns must be a dict of arrays, got {type(columns).__name__}")
+    if not columns:
+        raise InputError("columns is empty: give at least one per-token column (the tokens)")
     if scores is not None and not isinstance(scores, Mapping):
         raise InputTypeError(f"scores must be a dict of arrays, got {type(scores).__name__}")
     off = _offsets(offsets)
     if off.size == 0:
         raise InputError("offsets must hold num_rows + 1 entries (at least [0])")
     total = int(off[-1])
+    rows = off.size - 1
+    # Every size is checked against the data before anything is planned or allocated: the
+    # plan's size comes from the offsets' values, which the columns must account for.
+    cols = {name: _column(name, x, total) for name, x in columns.items()}
+    score_arrays = {name: _score(name, x, rows) for name, x in (scores or {}).items()}
     plan = _native.PackPlan(off, int(block_size), mode)
 
     out_columns: dict[str, np.ndarray] = {}
-    for name, x in columns.items():
-        a, flat, width = _column(name, x, total)
+    for name, (a, flat, width) in cols.items():
         gather = getattr(plan, f"gather_u{flat.dtype.itemsize * 8}")
         packed = gather(flat, width)
         out_columns[name] = packed.view(a.dtype).reshape((plan.num_tokens, *a.shape[1:]))
-
-    rows = off.size - 1
-    out_scores: dict[str, npt.NDArray[np.float64]] = {}
-    for name, x in (scores or {}).items():
-        s = np.asarray(x)
-        if s.ndim != 1:
-            raise InputTypeError(f"score {name!r} must be 1-D (one per row), got {s.shape}")
-        if s.size and s.dtype.kind not in "biuf":
-            raise InputTypeError(f"score {name!r} must be numeric, got dtype {s.dtype}")
-        if s.shape[0] != rows:
-            raise InputError(f"score {name!r} has {s.shape[0]} values for {rows} rows")
-        out_scores[name] = plan.block_means(np.ascontiguousarray(s, dtype=np.float64), nan_scores)
+    out_scores = {name: plan.block_means(s, nan_scores) for name, s in score_arrays.items()}
 
     return PackedBlocks(
         columns=out_columns,

@@ -51,6 +51,18 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Reserves room for `n` more elements, or fails with an error naming `what`: for buffers whose
+/// size comes from input VALUES (offsets, sizes) rather than from data already in memory, so
+/// that an absurd size is an error, not an abort.
+pub fn try_reserve<T>(v: &mut Vec<T>, n: usize, what: &str) -> Result<()> {
+    v.try_reserve_exact(n).map_err(|_| {
+        Error::Value(format!(
+            "{what} needs {n} elements of {} bytes: more memory than can be allocated",
+            std::mem::size_of::<T>()
+        ))
+    })
+}
+
 impl Error {
     /// True when the error is about types and shapes (Python `TypeError`/`ValueError` split).
     pub fn is_shape(&self) -> bool {

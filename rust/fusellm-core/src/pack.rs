@@ -24,7 +24,7 @@
 //!
 //! Empty rows carry no tokens and no score weight; they appear in no segment.
 
-use crate::error::{Error, Result};
+use crate::error::{try_reserve, Error, Result};
 use std::collections::BTreeSet;
 
 /// How rows are packed into blocks.
@@ -102,9 +102,29 @@ impl PackPlan {
             row_offsets: row_offsets.to_vec(),
         };
         let lens: Vec<i64> = row_offsets.windows(2).map(|w| w[1] - w[0]).collect();
+        // The plan's size comes from the offsets' VALUES (blocks = tokens / block_size), not
+        // from data in memory: it is reserved up front, fallibly, before anything is planned.
+        let rows = lens.iter().filter(|&&l| l > 0).count();
+        let total = *row_offsets.last().unwrap_or(&0);
+        let blocks = match mode {
+            PackMode::Concat => (total as u64).div_ceil(bs as u64) as usize,
+            PackMode::Bfd => rows,
+        };
+        let segs = match mode {
+            PackMode::Concat => rows.saturating_add(blocks),
+            PackMode::Bfd => rows,
+        };
+        let what = format!(
+            "packing {total} tokens in {} rows into blocks of {bs}",
+            lens.len()
+        );
+        try_reserve(&mut plan.block_offsets, blocks, &what)?;
+        try_reserve(&mut plan.block_segs, blocks, &what)?;
+        for v in [&mut plan.seg_row, &mut plan.seg_start, &mut plan.seg_len] {
+            try_reserve(v, segs, &what)?;
+        }
         match mode {
             PackMode::Concat => {
-                let total = *row_offsets.last().unwrap_or(&0);
                 let mut filled = 0i64; // tokens in the open block
                 for (r, &len) in lens.iter().enumerate() {
                     let mut start = 0i64;
@@ -259,12 +279,13 @@ impl PackPlan {
     }
 
     /// Position of every output token inside its segment (0 at the start of every row piece).
-    pub fn position_ids(&self) -> Vec<i32> {
-        let mut out = Vec::with_capacity(self.num_tokens());
+    pub fn position_ids(&self) -> Result<Vec<i32>> {
+        let mut out = Vec::new();
+        try_reserve(&mut out, self.num_tokens(), "position_ids")?;
         for &len in &self.seg_len {
             out.extend(0..len as i32);
         }
-        out
+        Ok(out)
     }
 }
 
@@ -369,7 +390,7 @@ mod tests {
         // inside a bin, bins are ordered by their first row.
         assert_eq!(p.seg_row, vec![0, 3, 1, 2]);
         assert_eq!(
-            p.position_ids(),
+            p.position_ids().unwrap(),
             vec![0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1]
         );
         let src: Vec<i32> = (0..14).collect();
@@ -393,6 +414,20 @@ mod tests {
         assert!(p.block_means(&[1.0, 2.0], NanScores::Omit).is_err());
         let e = PackPlan::new(&[0], 4, PackMode::Bfd).unwrap();
         assert_eq!(e.num_blocks(), 0);
+    }
+
+    #[test]
+    fn absurd_sizes_are_errors_not_aborts() {
+        // 10^18 tokens in blocks of one: more blocks than memory can hold.
+        let e = PackPlan::new(&[0, 1_000_000_000_000_000_000], 1, PackMode::Concat).unwrap_err();
+        assert!(
+            e.to_string().contains("more memory than can be allocated"),
+            "{e}"
+        );
+        // One row of 10^18 tokens, whole: a plan of one block, but no room for its positions.
+        let big = 1_000_000_000_000_000_000i64;
+        let p = PackPlan::new(&[0, big], big as usize, PackMode::Bfd).unwrap();
+        assert!(p.position_ids().is_err());
     }
 
     #[test]

@@ -160,9 +160,10 @@ impl PackPlan {
     }
 
     /// Position of every output token inside its row piece.
-    fn position_ids<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i32>> {
+    fn position_ids<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<i32>>> {
         let inner = &self.inner;
-        py.detach(|| inner.position_ids()).into_pyarray(py)
+        let ids = py.detach(|| inner.position_ids()).map_err(to_py)?;
+        Ok(ids.into_pyarray(py))
     }
 }
 
