@@ -254,6 +254,8 @@ def align_row(
             if base_id is None:
                 unmapped += 1
                 continue
+            if value == -np.inf:  # padding: no probability, not counted
+                continue
             for entry in row:
                 if entry[0] == base_id:
                     duplicates += 1

@@ -101,6 +101,12 @@ def run(
     num_threads: int | None = None,
 ) -> list[fusellm.AlignedRow]:
     offsets = method == "offsets"
+    if vocab == "soft" and not aligner._has_map:
+        # Soft mode needs a map; without one it would be the hard mode, which the oracle's soft
+        # mode with an empty map is.
+        with pytest.raises(fusellm.InputError, match="vocabulary map"):
+            aligner.align_batch([], [], [], [], vocab="soft")
+        vocab = "hard"
     return aligner.align_batch(
         [np.asarray(s.base_ids, dtype=np.int64) for s in seqs],
         [np.asarray(s.blend_ids, dtype=np.int64) for s in seqs],
@@ -168,7 +174,7 @@ def setups(draw: st.DrawFn, *, method: str = "mined") -> Setup:
         vocab_map = draw(
             st.dictionaries(
                 st.one_of(st.sampled_from(swapped), piece),
-                st.one_of(st.sampled_from(base_strings), piece),
+                st.sampled_from(base_strings),  # a value that is no base token is an error
                 max_size=6,
             )
         )
@@ -280,6 +286,10 @@ def test_targets_equal_oracle(setup: Setup) -> None:
             if mode == "soft" and t in vmap:
                 t = vmap[t]
             want.append(index.get(t, -1))
+        if mode == "soft" and setup.vocab_map is None:
+            with pytest.raises(fusellm.InputError, match="vocabulary map"):
+                aligner.targets(mode)
+            continue
         got = aligner.targets(mode)  # type: ignore[arg-type]
         assert got.tolist() == want, mode
 
@@ -348,25 +358,27 @@ def test_negative_zero_ties_keep_column_order() -> None:
         assert row.ids[0].tolist() == [2, 9, 1], compat
 
 
-def test_positive_infinite_logits_merge_to_infinity() -> None:
-    """logaddexp(+inf, +inf) = +inf; a merge must never produce NaN."""
+def test_positive_infinite_logits_are_an_error() -> None:
+    """+inf is no probability (a softmax over it is NaN): refused, naming where it is."""
     ids, logits = _row([4, 8, 6], [np.inf, np.inf, 1.0], 3)
     seq = Seq([6, 2, 5], [5, 1, 3], ids, logits)
-    row = run(_hand().aligner(), [seq], num_threads=1)[0]
-    assert not np.isnan(row.logits).any(), row.logits
-    assert row.ids[0].tolist() == [1, 9, -1]
-    assert row.logits[0, 0] == np.inf
+    with pytest.raises(fusellm.InputError, match=r"position 0, rank 0 is inf"):
+        run(_hand().aligner(), [seq], num_threads=1)
 
 
-def test_negative_infinite_logits_are_kept_and_merge() -> None:
+def test_negative_infinite_entries_are_padding() -> None:
+    """-inf entries hold no probability: they are dropped (not counted); a row of them only is
+    EMPTY (replaced by the target's own row in training), never a MATCHED row of nothing."""
     ids, logits = _row([4, 8, 6], [1.0, NEG_INF, NEG_INF], 3)
     seq = Seq([6, 2, 5], [5, 1, 3], ids, logits)
     row = check(_hand(), [seq])[0]
-    assert row.ids[0].tolist() == [1, 9, -1]
+    assert row.ids[0].tolist() == [1, -1, -1]
     assert row.logits[0, 1] == NEG_INF
+    assert row.num_unmapped == 0
     ids, logits = _row([6, 4, 8], [NEG_INF, NEG_INF, NEG_INF], 3)
     row = check(_hand(), [Seq([6, 2, 5], [5, 1, 3], ids, logits)])[0]
-    assert row.ids[0].tolist() == [9, 1, -1]
+    assert row.status[0] == EMPTY
+    assert row.ids[0].tolist() == [-1] * 3
     assert row.logits[0].tolist() == [NEG_INF] * 3
 
 
@@ -605,7 +617,8 @@ class RealPair:
 
     def _vocab_map(self) -> dict[str, str]:
         """Small map built from the sample texts: blend spellings that differ from the base token
-        MinED pairs them with; a few exact strings re-mapped elsewhere; a few to non-tokens."""
+        MinED pairs them with, and a few exact strings re-mapped elsewhere (a value that is no
+        base token is an error: tests/test_bad_input.py)."""
         vmap: dict[str, str] = {}
         for text in SAMPLE_TEXTS:
             b_ids, x_ids = self.base.encode(text), self.blend.encode(text)
@@ -619,10 +632,9 @@ class RealPair:
         exact = [
             t for t in (self.swap(s) for s in self.blend.vocab[:3000] if s) if t in self.base.index
         ]
+        strings = [s for s in self.base.vocab if s is not None]
         for t in rng.choice(exact, size=20, replace=False).tolist():
-            vmap[t] = self.base.vocab[int(rng.integers(len(self.base.vocab)))]
-        for n, t in enumerate(rng.choice(exact, size=5, replace=False).tolist()):
-            vmap[t] = f"<not a token {n}>"
+            vmap[t] = strings[int(rng.integers(len(strings)))]
         return vmap
 
     def setup(self, compat: str | None, fallback: str) -> Setup:

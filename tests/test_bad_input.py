@@ -366,13 +366,15 @@ def test_non_contiguous_and_foreign_layouts_are_coerced(aligner: fusellm.Aligner
 
 
 def test_huge_float64_logits_saturate_quietly(aligner: fusellm.Aligner) -> None:
-    """float64 logits beyond the float32 range are valid (not NaN): they become +-inf, without a
-    numpy RuntimeWarning escaping from the library (an error under filterwarnings=error)."""
-    logits = np.array([[1e300, -1e300], [1.0, 0.0]])
+    """float64 logits beyond the float32 range become +-inf, without a numpy RuntimeWarning
+    escaping from the library (an error under filterwarnings=error): -inf is padding, +inf is
+    refused (it is no probability)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        row = call(aligner, blend_topk_logits=[logits])[0]
-    assert np.isinf(row.logits).any()
+        row = call(aligner, blend_topk_logits=[np.array([[1.0, -1e300], [1.0, 0.0]])])[0]
+        assert row.logits[0, 1] == -np.inf
+        with pytest.raises(fusellm.InputError, match="is inf"):
+            call(aligner, blend_topk_logits=[np.array([[1e300, -1e300], [1.0, 0.0]])])
 
 
 # --- the constructor and mined_base_to_blend ----------------------------------------------------

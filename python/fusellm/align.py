@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native
-from .checks import check_num_threads
+from .checks import check_num_threads, check_text, vocab_list
 from .errors import InputError, InputTypeError
 
 if TYPE_CHECKING:
@@ -117,9 +117,9 @@ def _as_int32(x: Any, name: str, ndim: int) -> npt.NDArray[np.int32]:
         return a
     if a.ndim != ndim:
         raise InputTypeError(f"{name} must have {ndim} dimension(s), got shape {a.shape}")
-    if a.size == 0 and a.dtype.kind not in "iub":
+    if a.size == 0 and a.dtype.kind not in "iu":
         a = a.astype(np.int64)
-    if a.dtype.kind not in "iub":
+    if a.dtype.kind not in "iu":  # bool too: True is not a token id
         raise InputTypeError(f"{name} must hold integers, got dtype {a.dtype}")
     if a.size and (int(a.min()) < _INT32.min or int(a.max()) > _INT32.max):
         bad = int(a.min()) if int(a.min()) < _INT32.min else int(a.max())
@@ -187,19 +187,6 @@ def _as_list(x: Any, name: str) -> list[Any]:
     return list(x)
 
 
-def _vocab_list(vocab: Any, name: str) -> list[str | None]:
-    if isinstance(vocab, Mapping):
-        raise InputTypeError(
-            f"{name} must list the string of every id in id order (use fusellm.tokenizer_vocab "
-            "for a tokenizer), got a mapping"
-        )
-    out = list(vocab)
-    for i, s in enumerate(out):
-        if s is not None and not isinstance(s, str):
-            raise InputTypeError(f"{name}[{i}] must be a str or None, got {type(s).__name__}")
-    return out
-
-
 class Aligner:
     """Aligns one source (blend) tokenizer's outputs onto the target (base) tokenizer.
 
@@ -229,11 +216,11 @@ class Aligner:
     ) -> None:
         if compat not in (None, "fusellm"):
             raise InputError(f'compat must be None or "fusellm", got {compat!r}')
-        for name, marker in (("base_marker", base_marker), ("blend_marker", blend_marker)):
-            if not isinstance(marker, str):
-                raise InputTypeError(f"{name} must be a str, got {type(marker).__name__}")
+        check_text(base_marker, "base_marker")
+        check_text(blend_marker, "blend_marker")
         if fallback not in ("next", "mask"):
             raise InputError(f'fallback must be "next" or "mask", got {fallback!r}')
+        base = vocab_list(base_vocab, "base_vocab")
         pairs: list[tuple[str, str]] | None = None
         if vocab_map is not None:
             mapping = vocab_map.to_dict() if hasattr(vocab_map, "to_dict") else vocab_map
@@ -242,15 +229,22 @@ class Aligner:
                     f"vocab_map must be a dict or a VocabMap, got {type(vocab_map).__name__}"
                 )
             pairs = list(mapping.items())
+            base_strings = set(base)
             for k, v in pairs:
                 if not isinstance(k, str) or not isinstance(v, str):
                     raise InputTypeError(
                         f"vocab_map must map str to str, got {k!r} -> {v!r} "
                         f"({type(k).__name__} -> {type(v).__name__})"
                     )
+                if v not in base_strings:
+                    raise InputError(
+                        f"vocab_map maps {k!r} to {v!r}, which is not a base vocabulary token"
+                    )
+                check_text(k, "a vocab_map key")
+        self._has_map = pairs is not None
         self._native = _native.Aligner(
-            _vocab_list(base_vocab, "base_vocab"),
-            _vocab_list(blend_vocab, "blend_vocab"),
+            base,
+            vocab_list(blend_vocab, "blend_vocab"),
             base_marker,
             blend_marker,
             pairs,
@@ -272,7 +266,15 @@ class Aligner:
 
     def targets(self, vocab: VocabMode = "hard") -> npt.NDArray[np.int32]:
         """The base id each blend id's top-K entry maps to (``-1``: dropped) in ``vocab`` mode."""
+        self._check_vocab_mode(vocab)
         return self._native.targets(vocab)
+
+    def _check_vocab_mode(self, vocab: str) -> None:
+        if vocab == "soft" and not self._has_map:
+            raise InputError(
+                'vocab="soft" maps tokens through a vocabulary map, and this Aligner has none: '
+                'pass vocab_map= (a fusellm.VocabMap or a dict), or use vocab="hard"'
+            )
 
     def align_batch(
         self,
@@ -303,6 +305,7 @@ class Aligner:
                 result does not depend on it. The interpreter is released during the work.
         """
         num_threads = check_num_threads(num_threads)
+        self._check_vocab_mode(vocab)
         b_ids = _arrays(base_ids, "base_ids", lambda x, n: _as_int32(x, n, 1), _I32, 1)
         x_ids = _arrays(blend_ids, "blend_ids", lambda x, n: _as_int32(x, n, 1), _I32, 1)
         t_ids = _arrays(blend_topk_ids, "blend_topk_ids", lambda x, n: _as_int32(x, n, 2), _I32, 2)
@@ -352,6 +355,12 @@ def mined_base_to_blend(
     for name, toks in (("base_tokens", base_tokens), ("blend_tokens", blend_tokens)):
         if isinstance(toks, str) or not all(isinstance(t, str) for t in toks):
             raise InputTypeError(f"{name} must be a sequence of token strings")
+        for i, t in enumerate(toks):
+            if not t.isascii():
+                check_text(t, f"{name}[{i}]")
     return _native.mined_base_to_blend(
-        list(base_tokens), list(blend_tokens), base_marker, blend_marker
+        list(base_tokens),
+        list(blend_tokens),
+        check_text(base_marker, "base_marker"),
+        check_text(blend_marker, "blend_marker"),
     )

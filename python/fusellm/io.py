@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -392,7 +393,32 @@ def load_text_dataset(source: Any, *, text_column: str | None = "text") -> Any:
             f"the dataset has no column {text_column!r} (columns: {ds.column_names}); "
             "choose the text column with text_column="
         )
+    if text_column is not None:
+        where = str(source) if isinstance(source, (str, os.PathLike)) else "the dataset"
+        _check_utf8(ds, text_column, where)
     return ds
+
+
+def _check_utf8(ds: Any, column: str, where: str) -> None:
+    """Raise :class:`InputError` naming the row if a string column holds invalid UTF-8 (JSON
+    readers pass raw bytes through; they would fail later, far from their source)."""
+    import pyarrow as pa
+
+    col = ds.data.column(column)
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        return
+    start = 0
+    for chunk in col.chunks:
+        try:
+            chunk.validate(full=True)
+        except pa.ArrowInvalid as e:
+            m = re.search(r"index (\d+)", str(e))
+            row = start + int(m.group(1)) if m else None
+            at = f"row {row}" if row is not None else f"a row from {start} on"
+            raise InputError(
+                f"{where}: {at} of column {column!r} is not valid UTF-8 text ({e})"
+            ) from None
+        start += len(chunk)
 
 
 def _load_path(path: Path) -> Any:

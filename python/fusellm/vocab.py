@@ -47,7 +47,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native
-from .checks import check_num_threads
+from .checks import check_marker, check_num_threads, vocab_list
 from .errors import InputError, InputTypeError, StaleArtifactError
 
 __all__ = [
@@ -86,27 +86,6 @@ def vocab_checksum(vocab: Sequence[str | None]) -> str:
             h.update(len(b).to_bytes(8, "little"))
             h.update(b)
     return h.hexdigest()
-
-
-def _vocab_list(vocab: Any, name: str) -> list[str | None]:
-    if isinstance(vocab, (str, bytes, Mapping)) or not isinstance(vocab, Sequence):
-        raise InputTypeError(
-            f"{name} must list the string of every id in id order (use fusellm.tokenizer_vocab "
-            f"for a tokenizer), got {type(vocab).__name__}"
-        )
-    out = list(vocab)
-    for i, s in enumerate(out):
-        if s is not None and not isinstance(s, str):
-            raise InputTypeError(f"{name}[{i}] must be a str or None, got {type(s).__name__}")
-    return out
-
-
-def _check_marker(marker: Any, name: str) -> str:
-    if not isinstance(marker, str):
-        raise InputTypeError(f"{name} must be a str, got {type(marker).__name__}")
-    if not marker:
-        raise InputError(f'{name} is empty; use the tokenizer\'s marker ("▁" or "Ġ")')
-    return marker
 
 
 def _check_max_distance(value: Any) -> int | None:
@@ -204,10 +183,10 @@ class VocabMap:
         """
         if method not in _METHODS:
             raise InputError(f"method must be one of {list(_METHODS)}, got {method!r}")
-        base = _vocab_list(base_vocab, "base_vocab")
-        blend = _vocab_list(blend_vocab, "blend_vocab")
-        bm = _check_marker(base_marker, "base_marker")
-        xm = _check_marker(blend_marker, "blend_marker")
+        base = vocab_list(base_vocab, "base_vocab")
+        blend = vocab_list(blend_vocab, "blend_vocab")
+        bm = check_marker(base_marker, "base_marker")
+        xm = check_marker(blend_marker, "blend_marker")
         cap = _check_max_distance(max_distance)
         base_ids, kinds, distances = _native.build_vocab_map(
             base, blend, bm, xm, method, check_num_threads(num_threads)
@@ -240,10 +219,10 @@ class VocabMap:
         for k, v in pairs:
             if not isinstance(k, str) or not isinstance(v, str):
                 raise InputTypeError(f"mapping must map str to str, got {k!r}: {v!r}")
-        base = _vocab_list(base_vocab, "base_vocab")
-        blend = _vocab_list(blend_vocab, "blend_vocab")
-        bm = _check_marker(base_marker, "base_marker")
-        xm = _check_marker(blend_marker, "blend_marker")
+        base = vocab_list(base_vocab, "base_vocab")
+        blend = vocab_list(blend_vocab, "blend_vocab")
+        bm = check_marker(base_marker, "base_marker")
+        xm = check_marker(blend_marker, "blend_marker")
         arrays = _native.describe_vocab_map(base, blend, bm, xm, pairs)
         return cls(base, blend, bm, xm, "imported", arrays)
 
@@ -288,8 +267,8 @@ class VocabMap:
                 f"{path} changed after its metadata was written (checksum mismatch): rebuild "
                 "the map or save it again"
             )
-        base = _vocab_list(base_vocab, "base_vocab")
-        blend = _vocab_list(blend_vocab, "blend_vocab")
+        base = vocab_list(base_vocab, "base_vocab")
+        blend = vocab_list(blend_vocab, "blend_vocab")
         for side, vocab in (("base", base), ("blend", blend)):
             want = meta.get(f"{side}_vocab", {})
             got = vocab_checksum(vocab)

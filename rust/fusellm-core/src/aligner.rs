@@ -401,18 +401,18 @@ impl Aligner {
                 flat % inp.k
             )));
         }
-        let any_nan = inp
-            .topk_logits
-            .iter()
-            .fold(false, |acc, v| acc | v.is_nan());
-        if let Some(flat) = any_nan
-            .then(|| inp.topk_logits.iter().position(|v| v.is_nan()))
+        // NaN and +inf fail `v < inf`; -inf (padding: no probability) passes.
+        let bad = |v: &f32| !(*v < f32::INFINITY);
+        let any_bad = inp.topk_logits.iter().fold(false, |acc, v| acc | bad(v));
+        if let Some(flat) = any_bad
+            .then(|| inp.topk_logits.iter().position(bad))
             .flatten()
         {
-            return Err(Error::NanLogit {
+            return Err(Error::BadLogit {
                 seq,
                 pos: flat / inp.k,
                 rank: flat % inp.k,
+                value: inp.topk_logits[flat],
             });
         }
         // MinED ignores offsets if they are given.
@@ -834,7 +834,7 @@ fn fill_row<T: Cell, B: RowBuf, const CLEAN: bool>(
     merge: bool,
 ) -> (usize, u64, u64, u64) {
     let (mut len, mut filter, mut collide, mut unknown) = (0usize, 0u64, 0u64, 0u64);
-    let read = entries.len();
+    let mut invalid = 0u64;
     // With `CLEAN`, every id indexes the table, whose length is a power of two: the mask changes
     // no id and spares the bounds check.
     let mask = table.len().wrapping_sub(1);
@@ -846,7 +846,10 @@ fn fill_row<T: Cell, B: RowBuf, const CLEAN: bool>(
         } else {
             table.get(id as usize).map_or(T::UNKNOWN, |c| c.raw())
         };
-        let valid = target < T::UNKNOWN;
+        let mapped = target < T::UNKNOWN;
+        invalid += u64::from(!mapped);
+        // A -inf entry holds no probability (padding): dropped, not counted.
+        let valid = mapped & (logit > f32::NEG_INFINITY);
         if !CLEAN {
             unknown += u64::from(target == T::UNKNOWN);
         }
@@ -858,7 +861,6 @@ fn fill_row<T: Cell, B: RowBuf, const CLEAN: bool>(
         buf.put(len, target as i32, logit);
         len += usize::from(valid);
     }
-    let invalid = (read - len) as u64;
     let (ids, logits) = buf.parts();
     if len < ids.len() {
         ids[len] = -1;

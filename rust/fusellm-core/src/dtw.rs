@@ -80,8 +80,13 @@ impl Scratch {
     }
 }
 
-/// Largest `n * m` accepted: MinED is quadratic in the worst case.
-pub const MAX_CELLS: u64 = 1 << 33;
+/// Largest `n * m` accepted: MinED is quadratic in the worst case (its band then holds every
+/// cell, at most 4 bytes each: 1 GiB at this bound; two sequences of 16,384 tokens).
+pub const MAX_CELLS: u64 = 1 << 28;
+/// The longest token (code points, markers stripped) MinED aligns: the edit distance of two
+/// tokens costs the product of their lengths, so a few tokens of thousands of characters would
+/// take minutes. Real vocabularies' longest tokens have about 128.
+pub const MAX_TOKEN_CHARS: usize = 256;
 
 /// A base-to-blend alignment: `blend[offsets[j]..offsets[j + 1]]` are the ascending blend
 /// positions paired with base position `j`.
@@ -843,6 +848,20 @@ pub fn mined_dtw(x: &Interned, y: &Interned) -> Result<Alignment> {
              method=\"offsets\""
         )));
     }
+    for (side, seq) in [("blend", x), ("base", y)] {
+        if let Some(at) = seq.ids.iter().position(|&id| {
+            seq.strings
+                .get(id as usize)
+                .is_some_and(|s| s.len() > MAX_TOKEN_CHARS)
+        }) {
+            let len = seq.strings[seq.ids[at] as usize].len();
+            return Err(Error::Value(format!(
+                "MinED alignment: the {side} token at position {at} has {len} code points \
+                 (markers stripped); tokens of at most {MAX_TOKEN_CHARS} are aligned (real \
+                 vocabularies stay far below): use method=\"offsets\""
+            )));
+        }
+    }
     let mut scratch = Scratch::take();
     let mut costs = Costs::in_scratch(&x.strings, &y.strings, &mut scratch);
     let bound = banded_cost(x, y, &mut costs).min(u64::from(INF - 1)) as u32;
@@ -950,6 +969,20 @@ mod tests {
         mined_base_to_blend(base, blend, "▁", "Ġ")
             .unwrap()
             .to_lists()
+    }
+
+    #[test]
+    fn tokens_beyond_the_length_cap_are_an_error() {
+        let long = "x".repeat(MAX_TOKEN_CHARS + 1);
+        let ok = "x".repeat(MAX_TOKEN_CHARS);
+        let err = mined_base_to_blend(&["▁a", &long], &["Ġa"], "▁", "Ġ").unwrap_err();
+        assert!(
+            err.to_string().contains("base token at position 1"),
+            "{err}"
+        );
+        // The marker does not count.
+        let marked = format!("Ġ{ok}");
+        assert!(mined_base_to_blend(&["▁a"], &[&marked], "▁", "Ġ").is_ok());
     }
 
     #[test]

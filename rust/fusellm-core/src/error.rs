@@ -44,9 +44,17 @@ pub enum Error {
         id: i64,
         vocab_size: usize,
     },
-    /// A NaN logit in a top-K row.
-    #[error("sequence {seq}: blend top-K logit at position {pos}, rank {rank} is NaN")]
-    NanLogit { seq: usize, pos: usize, rank: usize },
+    /// A NaN or `+inf` logit in a top-K row (`-inf` is padding: no probability).
+    #[error(
+        "sequence {seq}: blend top-K logit at position {pos}, rank {rank} is {value}: logits \
+         must be finite (or -inf for padding); NaN and +inf give no probability"
+    )]
+    BadLogit {
+        seq: usize,
+        pos: usize,
+        rank: usize,
+        value: f32,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
