@@ -402,7 +402,7 @@ impl Aligner {
             )));
         }
         // NaN and +inf fail `v < inf`; -inf (padding: no probability) passes.
-        let bad = |v: &f32| !(*v < f32::INFINITY);
+        let bad = |v: &f32| v.is_nan() | (*v == f32::INFINITY);
         let any_bad = inp.topk_logits.iter().fold(false, |acc, v| acc | bad(v));
         if let Some(flat) = any_bad
             .then(|| inp.topk_logits.iter().position(bad))
