@@ -81,3 +81,153 @@ def test_environment_thread_count_is_clamped() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout.strip()) <= MAX_THREADS + 16
+
+
+# --- typed errors for malformed values ----------------------------------------------------------
+
+
+def test_a_string_is_not_a_vocabulary() -> None:
+    for build in (
+        lambda v: fusellm.Aligner(v, ["Ġa"], base_marker=SPM, blend_marker=BBPE),
+        lambda v: fusellm.VocabMap.build(v, ["Ġa"], base_marker=SPM, blend_marker=BBPE),
+    ):
+        with pytest.raises(fusellm.InputTypeError, match="id order"):
+            build("▁a▁b")
+
+
+def test_lone_surrogates_are_input_errors() -> None:
+    bad = "▁a\ud800"
+    with pytest.raises(fusellm.InputError, match=r"base_vocab\[1\].*surrogate"):
+        fusellm.Aligner(["▁b", bad], ["Ġa"], base_marker=SPM, blend_marker=BBPE)
+    with pytest.raises(fusellm.InputError, match=r"blend_marker.*surrogate"):
+        fusellm.VocabMap.build(["▁b"], ["Ġa"], base_marker=SPM, blend_marker="\udc80")
+    with pytest.raises(fusellm.InputError, match=r"blend_tokens\[0\].*surrogate"):
+        fusellm.mined_base_to_blend(["▁a"], [bad], base_marker=SPM, blend_marker=BBPE)
+    with pytest.raises(fusellm.InputError, match="surrogate"):
+        fusellm.Aligner(["▁a"], ["Ġa"], base_marker=SPM, blend_marker=BBPE, vocab_map={bad: "▁a"})
+
+
+def test_vocab_map_values_must_be_base_tokens_and_soft_needs_a_map() -> None:
+    with pytest.raises(fusellm.InputError, match="'▁zz', which is not a base vocabulary token"):
+        fusellm.Aligner(["▁a"], ["Ġa"], base_marker=SPM, blend_marker=BBPE, vocab_map={"▁a": "▁zz"})
+    aligner = fusellm.Aligner(["▁a", "b"], ["Ġa", "b"], base_marker=SPM, blend_marker=BBPE)
+    with pytest.raises(fusellm.InputError, match="vocabulary map"):
+        aligner.align_batch(*small_batch(), vocab="soft")
+    with pytest.raises(fusellm.InputError, match="vocabulary map"):
+        aligner.targets("soft")
+
+
+def test_bool_arrays_are_not_token_ids() -> None:
+    aligner = fusellm.Aligner(["▁a", "b"], ["Ġa", "b"], base_marker=SPM, blend_marker=BBPE)
+    base, blend, k_ids, k_logits = small_batch()
+    with pytest.raises(fusellm.InputTypeError, match=r"base_ids\[0\] must hold integers"):
+        aligner.align_batch([np.array([True, False])] * 8, blend, k_ids, k_logits)
+    with pytest.raises(fusellm.InputTypeError, match=r"blend_topk_ids\[0\] must hold integers"):
+        aligner.align_batch(base, blend, [np.ones((2, 2), bool)] * 8, k_logits)
+
+
+def test_negative_or_infinite_learning_rates_are_refused() -> None:
+    pytest.importorskip("torch")
+    from fusellm import FusionConfig
+
+    for lr in (-1e-5, float("inf"), float("nan")):
+        with pytest.raises(fusellm.InputError, match="learning_rate"):
+            FusionConfig(output_dir="/tmp/unused", learning_rate=lr, use_cpu=True)
+
+
+def _map(tmp_path: Path) -> tuple[Path, list[str], list[str]]:
+    base, blend = ["▁a", "▁b", "c"], ["Ġa", "Ġbb", "c"]
+    vm = fusellm.VocabMap.build(base, blend, base_marker=SPM, blend_marker=BBPE, method="mined")
+    path = tmp_path / "map.json"
+    vm.save(path)
+    return path, base, blend
+
+
+def test_corrupt_vocab_map_files_are_stale_artifact_errors(tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    path, base, blend = _map(tmp_path)
+    meta_path = path.with_name("map.json.meta.json")
+    good_meta = json.loads(meta_path.read_text())
+    good_map = path.read_bytes()
+
+    def with_map(data: bytes) -> dict:
+        return {**good_meta, "map_sha256": hashlib.sha256(data).hexdigest()}
+
+    cases: list[tuple[bytes, bytes, str]] = [
+        (b"{not json", good_map, "cannot read"),
+        (b"\xff\xfe", good_map, "cannot read"),
+        (b"[1, 2]", good_map, "not a fusellm vocabulary-map sidecar"),
+        (json.dumps({**good_meta, "base_marker": 3}).encode(), good_map, "'base_marker'"),
+        (
+            json.dumps({k: v for k, v in good_meta.items() if k != "base_vocab"}).encode(),
+            good_map,
+            "'base_vocab'",
+        ),
+        (json.dumps({**good_meta, "max_distance": -2}).encode(), good_map, "max_distance"),
+        (json.dumps(with_map(b"\xff\xfe")).encode(), b"\xff\xfe", "not a JSON vocabulary map"),
+        (json.dumps(with_map(b"[1]")).encode(), b"[1]", "not a map of token strings"),
+    ]
+    for meta, data, match in cases:
+        meta_path.write_bytes(meta)
+        path.write_bytes(data)
+        with pytest.raises(fusellm.StaleArtifactError, match=match):
+            fusellm.VocabMap.load(path, base, blend)
+
+
+# --- the command line: one line, exit status 1 (2 for a bad config), nothing written ------------
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fusellm.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        check=False,
+    )
+
+
+def one_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_cli_invalid_utf8_in_a_jsonl_text_names_the_file_and_row(tmp_path: Path) -> None:
+    data = tmp_path / "docs.jsonl"
+    data.write_bytes(b'{"text": "fine"}\n{"text": "bad \xff\xfe bytes"}\n')
+    out = str(tmp_path / "out")
+    proc = cli("split", str(data), out, "-t", "bundled:mistral", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 1
+    line = one_line(proc)
+    assert str(data) in line
+    assert "row 1" in line
+    assert "UTF-8" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
+
+
+def test_cli_corrupt_vocab_map_sidecar(tmp_path: Path) -> None:
+    out = tmp_path / "map.json"
+    first = cli("vocab-map", "bundled:mistral", "bundled:qwen", str(out), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    sidecar = tmp_path / "map.json.meta.json"
+    sidecar.write_text('{"format": "fusellm.vocab_map", "version": 1, "method": 7}')
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    proc = cli("vocab-map", "bundled:mistral", "bundled:qwen", str(out), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "'method' must be a str" in one_line(proc)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_cli_work_directory_that_is_a_file(tmp_path: Path) -> None:
+    wd = tmp_path / "work"
+    wd.write_text("not a directory")
+    proc = cli("run", "--scale", "test", "--workdir", str(wd), "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "is a file, not a directory" in one_line(proc)
+    assert wd.read_text() == "not a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]

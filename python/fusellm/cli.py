@@ -62,6 +62,13 @@ def _module(name: str) -> object:
     return importlib.import_module(f".{name}", __package__)
 
 
+def _silence_library_bars() -> None:
+    """``--no-progress``: the bars of datasets, huggingface_hub and transformers too (they read
+    these variables when imported; the stages import them later)."""
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fusellm`` console script."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -71,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if getattr(args, "no_progress", False):
+        _silence_library_bars()
     from .errors import FuseLLMError
 
     try:

@@ -906,6 +906,10 @@ def model_context(model_config: Any) -> int | None:
     return None
 
 
+#: The files a model directory holds its weights in (save_pretrained layouts, sharded or not).
+WEIGHT_FILES = ("model*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
+
+
 def _check_model(key: str, spec: ModelSpec, block_size: int) -> dict[str, Any]:
     path = Path(spec.path)
     if not path.exists():
@@ -913,6 +917,11 @@ def _check_model(key: str, spec: ModelSpec, block_size: int) -> dict[str, Any]:
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ConfigError(
             f"{key}.path", f"{str(path)!r} is not a model directory (no config.json in it)"
+        )
+    if not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
+        raise ConfigError(
+            f"{key}.path",
+            f"{str(path)!r} holds no model weights (none of {', '.join(WEIGHT_FILES)})",
         )
     from transformers import AutoConfig, AutoTokenizer
 

@@ -619,6 +619,7 @@ def run_pipeline(
         wd = Path(workdir or cfg.workdir or DEFAULT_WORKDIR).resolve()
         cfg.workdir = str(wd)
         _check_seeds(cfg.seeds)
+        _check_workdir(wd)
         validate_config(cfg)
         wd.mkdir(parents=True, exist_ok=True)
         with _logging(wd):
@@ -631,6 +632,7 @@ def run_pipeline(
     if seeds is not None:
         _check_seeds(list(seeds))
     wd = Path(workdir or DEFAULT_WORKDIR).resolve()
+    _check_workdir(wd)
     wd.mkdir(parents=True, exist_ok=True)
     with _logging(wd):
         logger.info("fusellm run: built-in miniature (scale %s) in %s", scale, wd)
@@ -646,6 +648,16 @@ def run_pipeline(
             cfg.seeds = list(seeds)
         validate_config(cfg)
         return _run(cfg, wd, progress, t0, c0, prepare=prep)
+
+
+def _check_workdir(wd: Path) -> None:
+    """The work directory, or a path where one can be made: not a file, nor under one."""
+    for p in (wd, *wd.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is" if p == wd else f"is under {p}, which is"
+                raise ConfigError("workdir", f"{wd} {what} a file, not a directory")
+            return
 
 
 def _check_seeds(seeds: Sequence[int]) -> None:

@@ -236,6 +236,9 @@ class FusionConfig(TrainingArguments):
             )
         if not 0.0 <= self.lm_loss_weight <= 1.0:
             raise InputError(f"lm_loss_weight must be in [0, 1], got {self.lm_loss_weight}")
+        lr = self.learning_rate
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 <= lr < math.inf):
+            raise InputError(f"learning_rate must be a finite number >= 0, got {lr!r}")
         if not (self.teacher_temperature > 0 and math.isfinite(self.teacher_temperature)):
             raise InputError(f"teacher_temperature must be > 0, got {self.teacher_temperature}")
         if isinstance(self.sources, str):

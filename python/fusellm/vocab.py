@@ -88,6 +88,29 @@ def vocab_checksum(vocab: Sequence[str | None]) -> str:
     return h.hexdigest()
 
 
+#: The sidecar's keys and what each holds (a corrupt file is refused naming the key).
+_META_KEYS: dict[str, Any] = {
+    "method": str,
+    "base_marker": str,
+    "blend_marker": str,
+    "map_sha256": str,
+    "base_vocab": dict,
+    "blend_vocab": dict,
+}
+
+
+def _check_meta(meta: dict[str, Any], path: Path) -> None:
+    for key, kind in _META_KEYS.items():
+        if not isinstance(meta.get(key), kind):
+            raise StaleArtifactError(
+                f"{path} is not a valid fusellm vocabulary-map sidecar: {key!r} must be a "
+                f"{kind.__name__}, got {meta.get(key)!r}: rebuild the map"
+            )
+    cap = meta.get("max_distance")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise StaleArtifactError(f"{path}: 'max_distance' must be a positive int or null")
+
+
 def _check_max_distance(value: Any) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise InputError(f"max_distance must be a positive int or None, got {value!r}")
@@ -258,6 +281,7 @@ class VocabMap:
                 f"{meta_path} has format version {meta.get('version')!r}; this fusellm reads "
                 f"version {_VERSION}: rebuild the map"
             )
+        _check_meta(meta, meta_path)
         try:
             raw = path.read_bytes()
         except OSError as e:
@@ -278,7 +302,14 @@ class VocabMap:
                     f"entries, sha256 {str(want.get('sha256'))[:12]}...) than the one given "
                     f"({len(vocab)} entries, sha256 {got[:12]}...): rebuild the map"
                 )
-        mapping = json.loads(raw.decode("utf-8"))
+        try:
+            mapping = json.loads(raw.decode("utf-8"))
+        except ValueError as e:  # UnicodeDecodeError and JSONDecodeError
+            raise StaleArtifactError(f"{path} is not a JSON vocabulary map: {e}") from None
+        if not isinstance(mapping, dict):
+            raise StaleArtifactError(
+                f"{path} holds a JSON {type(mapping).__name__}, not a map of token strings"
+            )
         vm = cls.from_dict(
             mapping,
             base,
