@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, InputTypeError
 
 __all__ = ["BYTE_LEVEL_MARKER", "SPIECE_MARKER", "tokenizer_marker", "tokenizer_vocab"]
 
@@ -20,6 +20,11 @@ def tokenizer_vocab(tokenizer: Any) -> list[str | None]:
 
     Covers ``len(tokenizer)`` ids (added tokens included). Ids without a string are ``None``.
     """
+    if not callable(getattr(tokenizer, "convert_ids_to_tokens", None)):
+        raise InputTypeError(
+            f"expected a Hugging Face tokenizer (with convert_ids_to_tokens), got "
+            f"{type(tokenizer).__name__}"
+        )
     n = len(tokenizer)
     toks = tokenizer.convert_ids_to_tokens(list(range(n)))
     return [t if isinstance(t, str) else None for t in toks]
@@ -34,7 +39,7 @@ def tokenizer_marker(tokenizer_or_vocab: Any) -> str:
     )
     counts: Counter[str] = Counter()
     for s in vocab:
-        if s:
+        if isinstance(s, str) and s:
             if s.startswith(SPIECE_MARKER):
                 counts[SPIECE_MARKER] += 1
             elif s.startswith(BYTE_LEVEL_MARKER):

@@ -12,7 +12,7 @@ use numpy::{
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyType;
+use pyo3::types::{PyInt, PyType};
 
 mod pack;
 mod vocab;
@@ -45,6 +45,34 @@ fn type_error(msg: String) -> PyErr {
 /// Maps a core error to `fusellm.errors.InputError`.
 fn to_py(err: core::Error) -> PyErr {
     input_error(err.to_string())
+}
+
+/// A non-negative integer argument (a size, a count): a Python int beyond `usize` (negative or
+/// too large) is an `InputError`, a non-int an `InputTypeError`, never PyO3's `OverflowError`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Size(pub usize);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Size {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        if let Ok(v) = obj.extract::<usize>() {
+            return Ok(Size(v));
+        }
+        if obj.is_instance_of::<PyInt>() {
+            let text = obj
+                .str()
+                .map_or_else(|_| "?".to_string(), |t| t.to_string());
+            return Err(input_error(format!(
+                "an integer argument must be in [0, 2**64), got {text}"
+            )));
+        }
+        let name = obj
+            .get_type()
+            .name()
+            .map_or_else(|_| "?".to_string(), |n| n.to_string());
+        Err(type_error(format!("expected an int, got {name}")))
+    }
 }
 
 fn parse<T: Copy>(what: &str, value: &str, options: &[(&str, T)]) -> PyResult<T> {
@@ -196,8 +224,9 @@ impl Aligner {
         blend_offsets: Option<Vec<PyReadonlyArray2<'py, i64>>>,
         method: &str,
         vocab: &str,
-        num_threads: Option<usize>,
+        num_threads: Option<Size>,
     ) -> PyResult<Vec<AlignedRow<'py>>> {
+        let num_threads = num_threads.map(|n| n.0);
         let method = parse(
             "method",
             method,

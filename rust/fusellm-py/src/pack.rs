@@ -1,6 +1,6 @@
 //! Bindings of `fusellm_core::pack` (used by `python/fusellm/pack.py`).
 
-use crate::{parse, to_py};
+use crate::{parse, to_py, Size};
 use fusellm_core as core;
 use numpy::{IntoPyArray, PyArray1, PyArrayMethods, PyReadonlyArray1};
 use pyo3::prelude::*;
@@ -43,9 +43,10 @@ impl PackPlan {
     fn new(
         py: Python<'_>,
         row_offsets: PyReadonlyArray1<'_, i64>,
-        block_size: usize,
+        block_size: Size,
         mode: &str,
     ) -> PyResult<Self> {
+        let block_size = block_size.0;
         let mode = parse(
             "mode",
             mode,
@@ -101,9 +102,9 @@ impl PackPlan {
         &self,
         py: Python<'py>,
         src: PyReadonlyArray1<'py, u8>,
-        width: usize,
+        width: Size,
     ) -> PyResult<Bound<'py, PyArray1<u8>>> {
-        gather(&self.inner, py, src, width)
+        gather(&self.inner, py, src, width.0)
     }
 
     /// Cuts one flat column of 2-byte values (`width` per token) with the plan.
@@ -111,9 +112,9 @@ impl PackPlan {
         &self,
         py: Python<'py>,
         src: PyReadonlyArray1<'py, u16>,
-        width: usize,
+        width: Size,
     ) -> PyResult<Bound<'py, PyArray1<u16>>> {
-        gather(&self.inner, py, src, width)
+        gather(&self.inner, py, src, width.0)
     }
 
     /// Cuts one flat column of 4-byte values (`width` per token) with the plan.
@@ -121,9 +122,9 @@ impl PackPlan {
         &self,
         py: Python<'py>,
         src: PyReadonlyArray1<'py, u32>,
-        width: usize,
+        width: Size,
     ) -> PyResult<Bound<'py, PyArray1<u32>>> {
-        gather(&self.inner, py, src, width)
+        gather(&self.inner, py, src, width.0)
     }
 
     /// Cuts one flat column of 8-byte values (`width` per token) with the plan.
@@ -131,9 +132,9 @@ impl PackPlan {
         &self,
         py: Python<'py>,
         src: PyReadonlyArray1<'py, u64>,
-        width: usize,
+        width: Size,
     ) -> PyResult<Bound<'py, PyArray1<u64>>> {
-        gather(&self.inner, py, src, width)
+        gather(&self.inner, py, src, width.0)
     }
 
     /// Token-weighted mean of a per-row score over every block.

@@ -1,6 +1,6 @@
 //! Bindings of `fusellm_core::vocab_map` (used by `python/fusellm/vocab.py`).
 
-use crate::{parse, to_py};
+use crate::{parse, to_py, Size};
 use fusellm_core as core;
 use fusellm_core::vocab_map;
 use numpy::{IntoPyArray, PyArray1};
@@ -50,8 +50,9 @@ fn build_vocab_map<'py>(
     base_marker: &str,
     blend_marker: &str,
     method: &str,
-    num_threads: Option<usize>,
+    num_threads: Option<Size>,
 ) -> PyResult<MapArrays<'py>> {
+    let num_threads = num_threads.map(|n| n.0);
     let method = parse(
         "method",
         method,
@@ -109,8 +110,9 @@ fn nearest_brute_force<'py>(
     py: Python<'py>,
     base_vocab: Vec<Option<String>>,
     queries: Vec<String>,
-    num_threads: Option<usize>,
+    num_threads: Option<Size>,
 ) -> (Bound<'py, PyArray1<i32>>, Bound<'py, PyArray1<i32>>) {
+    let num_threads = num_threads.map(|n| n.0);
     let found = py.detach(|| vocab_map::nearest_brute_force(&base_vocab, &queries, num_threads));
     nearest_arrays(py, found)
 }
@@ -123,8 +125,9 @@ fn nearest_indexed<'py>(
     py: Python<'py>,
     base_vocab: Vec<Option<String>>,
     queries: Vec<String>,
-    num_threads: Option<usize>,
+    num_threads: Option<Size>,
 ) -> PyResult<Nearest<'py>> {
+    let num_threads = num_threads.map(|n| n.0);
     let found = py
         .detach(|| {
             let index = core::NearestIndex::new(&base_vocab, &queries, num_threads)?;
