@@ -343,7 +343,8 @@ class TrainSettings:
         default_factory=list,
         metadata=_help(
             "Also train a fused run per value of lm_loss_weight, 'fused-lmw<value>' (the fusion "
-            "weight is 1 - value), every other setting unchanged: a sweep of the fusion weight."
+            "weight is 1 - value, combine: hard), every other setting unchanged: a sweep of the "
+            "fusion weight."
         ),
     )
     args: dict[str, Any] = field(
