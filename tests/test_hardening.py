@@ -231,3 +231,63 @@ def test_cli_work_directory_that_is_a_file(tmp_path: Path) -> None:
     assert "is a file, not a directory" in one_line(proc)
     assert wd.read_text() == "not a directory"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from models import build_named, quiet
+
+    root = tmp_path_factory.mktemp("models")
+    with quiet():
+        build_named("llama", root)
+        build_named("neox", root)
+    (root / "train.jsonl").write_text('{"text": "hello"}\n', encoding="utf-8")
+    return root
+
+
+def write_config(tmp_path: Path, models: Path, target: Path, train: dict[str, object]) -> Path:
+    import yaml
+
+    raw = {
+        "target": {"path": str(target)},
+        "sources": [{"name": "neox", "path": str(models / "neox")}],
+        "data": {"train": str(models / "train.jsonl")},
+        "block_size": 512,
+        "workdir": str(tmp_path / "work"),
+        "train": train,
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def refused_config(tmp_path: Path, config: Path, *words: str) -> None:
+    """``fusellm run CONFIG`` refuses it: exit status 2, one line holding every word, nothing
+    written."""
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = cli("run", str(config), "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 2
+    line = one_line(proc)
+    for word in words:
+        assert word in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_cli_model_directory_without_weights(tmp_path: Path, tiny_models: Path) -> None:
+    """Refused by the config check, before split runs: one line naming the key, nothing
+    written (exit status 2, as for every config error)."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_models / "llama", bare)
+    for weights in bare.glob("*.safetensors"):
+        weights.unlink()
+    config = write_config(tmp_path, tiny_models, bare, {"max_steps": 1})
+    refused_config(tmp_path, config, "target.path", "holds no model weights")
+
+
+def test_cli_negative_learning_rate(tmp_path: Path, tiny_models: Path) -> None:
+    config = write_config(
+        tmp_path, tiny_models, tiny_models / "llama", {"max_steps": 1, "learning_rate": -1e-4}
+    )
+    refused_config(tmp_path, config, "learning_rate", "-0.0001")
