@@ -291,3 +291,57 @@ def test_cli_negative_learning_rate(tmp_path: Path, tiny_models: Path) -> None:
         tmp_path, tiny_models, tiny_models / "llama", {"max_steps": 1, "learning_rate": -1e-4}
     )
     refused_config(tmp_path, config, "learning_rate", "-0.0001")
+
+
+def test_cli_model_directory_without_tokenizer_files(tmp_path: Path, tiny_models: Path) -> None:
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_models / "llama", bare)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bare / name).unlink(missing_ok=True)
+    config = write_config(tmp_path, tiny_models, bare, {"max_steps": 1})
+    refused_config(tmp_path, config, "target.path", "holds no tokenizer")
+
+
+def test_cli_second_run_on_a_locked_work_directory(tmp_path: Path) -> None:
+    """While a run holds the work directory, another exits at once with one line naming the
+    holder, exit status 1, and writes nothing."""
+    from fusellm.io import LOCK_NAME, exclusive_lock
+
+    wd = tmp_path / "work"
+    with exclusive_lock(wd, "work directory"):
+        proc = cli("run", "--scale", "test", "--workdir", str(wd), "--no-progress", cwd=tmp_path)
+        assert proc.returncode == 1
+        line = one_line(proc)
+        assert f"{wd} is in use by another fusellm process (pid {os.getpid()}" in line
+        assert sorted(p.name for p in wd.iterdir()) == [LOCK_NAME]
+    # Released with its holder: the lock can be taken again.
+    with exclusive_lock(wd, "work directory") as path:
+        assert f"pid {os.getpid()}" in path.read_text()
+
+
+def test_temporaries_of_killed_writers_are_removed(tmp_path: Path) -> None:
+    """A writer killed between its temporary file and the rename leaves `.NAME.tmp-PID-...`;
+    the next write of NAME removes it once PID is gone, and leaves a live writer's alone."""
+    from fusellm.io import atomic_write_json
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    dead_pid = int(dead.stdout)
+    target = tmp_path / "map.json"
+    stale_file = tmp_path / f".map.json.tmp-{dead_pid}-0badc0de"
+    stale_file.write_bytes(b"{half")
+    stale_dir = tmp_path / f".map.json.tmp-{dead_pid}-0badc0df"
+    stale_dir.mkdir()
+    (stale_dir / "x").write_text("x")
+    live = tmp_path / f".map.json.tmp-{os.getpid()}-00000000"
+    live.write_bytes(b"{")
+    other = tmp_path / f".other.json.tmp-{dead_pid}-0badc0de"
+    other.write_bytes(b"{")
+    atomic_write_json(target, {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["map.json", live.name, other.name])

@@ -284,10 +284,24 @@ def test_run_split_saves_atomically_with_a_manifest(toks: list[Any], tmp_path: P
     )
     assert len(manifest["tokenizers"]) == 3
     assert [p.name for p in tmp_path.iterdir()] == ["split"]  # no temporary left
-    with pytest.raises(fusellm.InputError, match="already exists"):
-        run_split(["c"], out_dir, toks[:1])
+    # The same inputs again: skipped, nothing rewritten, the recorded statistics returned.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()}
+    again = run_split([LONG_DOC, "b"], out_dir, toks, block_size=BLOCK, margin=MARGIN)
+    assert again.skipped
+    assert not stats.skipped
+    assert (again.num_rows, again.num_docs) == (stats.num_rows, stats.num_docs)
+    assert {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()} == mtimes
+    # Other documents, other tokenizers or other settings: refused, naming what differs.
+    with pytest.raises(fusellm.StaleArtifactError, match="input_sha256"):
+        run_split(["c"], out_dir, toks, block_size=BLOCK, margin=MARGIN)
+    with pytest.raises(fusellm.StaleArtifactError, match="params, tokenizers"):
+        run_split([LONG_DOC, "b"], out_dir, toks[:1])
     run_split(["c"], out_dir, toks[:1], overwrite=True)
     assert datasets.load_from_disk(str(out_dir))["text"] == ["c"]
+    # Documents that are all empty: an error naming the column, and nothing written.
+    with pytest.raises(fusellm.InputError, match=r"2 document\(s\) in column 'text' are all empty"):
+        run_split(["", ""], tmp_path / "empty", toks[:1])
+    assert not (tmp_path / "empty").exists()
     # A failing split leaves nothing behind.
     with pytest.raises(fusellm.InputError):
         run_split(["c"], tmp_path / "never", toks[:1], block_size=10)
@@ -319,6 +333,9 @@ def test_cli_hook(toks: list[Any], tmp_path: Path, capsys: pytest.CaptureFixture
     )
     assert args.func(args) == 0
     assert "rows" in capsys.readouterr().out
+    # `fusellm split` run twice: the second run skips and says so.
+    assert args.func(args) == 0
+    assert "up to date" in capsys.readouterr().out
     got = datasets.load_from_disk(str(tmp_path / "out"))["text"]
     assert (
         got

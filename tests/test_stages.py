@@ -62,6 +62,13 @@ def listing(path: Path) -> dict[str, int]:
     return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
 
 
+def align_hard(*args: Any, **kw: Any) -> Any:
+    """align_dataset with the hard vocabulary unless told otherwise: most tests here compare the
+    columns with a direct Aligner call that has no vocabulary map."""
+    kw.setdefault("vocab", "hard")
+    return align_dataset(*args, **kw)
+
+
 def extract(model: TinyModel, out: Path, texts: list[str] = TEXTS, **kw: Any) -> Path:
     with quiet():
         extract_topk(texts, model.path, out, progress=False, rows_per_shard=3, **kw)
@@ -95,7 +102,7 @@ def source_dirs(extracts: dict[str, Path]) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def aligned(extracts: dict[str, Path], source_dirs: dict[str, Path], tmp_path_factory: Any) -> Any:
     out = tmp_path_factory.mktemp("aligned") / "offsets"
-    return align_dataset(extracts["llama"], source_dirs, out, rows_per_batch=3, progress=False)
+    return align_hard(extracts["llama"], source_dirs, out, rows_per_batch=3, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +286,7 @@ def test_mined_soft_with_a_vocab_map(
     extracts: dict, source_dirs: dict, logit_extracts: dict, neox_map: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "mined"
-    report = align_dataset(
+    report = align_hard(
         extracts["llama"],
         {"neox": source_dirs["neox"]},
         out,
@@ -307,10 +314,10 @@ def test_mined_soft_with_a_vocab_map(
     # The reference's rows (compat="fusellm", on raw logits as the reference stores them):
     # one-hot fallback on the CURRENT token.
     with pytest.raises(InputError, match="raw logits"):
-        align_dataset(
+        align_hard(
             extracts["llama"], {"neox": source_dirs["neox"]}, tmp_path / "c", compat="fusellm"
         )
-    ref = align_dataset(
+    ref = align_hard(
         logit_extracts["llama"],
         {"neox": logit_extracts["neox"]},
         tmp_path / "compat",
@@ -332,22 +339,22 @@ def test_rerun_skips_and_changed_inputs_are_refused(
 ) -> None:
     out = aligned.output_dir
     before = listing(out)
-    again = align_dataset(extracts["llama"], source_dirs, out, rows_per_batch=5, progress=False)
+    again = align_hard(extracts["llama"], source_dirs, out, rows_per_batch=5, progress=False)
     assert again.skipped
     assert again.stats() == aligned.stats()
     assert listing(out) == before
     with pytest.raises(StaleArtifactError, match="method"):
-        align_dataset(extracts["llama"], source_dirs, out, method="mined", progress=False)
+        align_hard(extracts["llama"], source_dirs, out, method="mined", progress=False)
     swapped = {"neox": source_dirs["qwen"], "qwen": source_dirs["neox"]}
     with pytest.raises(StaleArtifactError, match="sources"):
-        align_dataset(extracts["llama"], swapped, out, progress=False)
+        align_hard(extracts["llama"], swapped, out, progress=False)
     assert listing(out) == before
 
 
 def test_overwrite_replaces(extracts: dict, source_dirs: dict, tmp_path: Path) -> None:
     out = tmp_path / "al"
-    align_dataset(extracts["llama"], {"qwen": source_dirs["qwen"]}, out, progress=False)
-    report = align_dataset(
+    align_hard(extracts["llama"], {"qwen": source_dirs["qwen"]}, out, progress=False)
+    report = align_hard(
         extracts["llama"],
         {"neox": source_dirs["neox"]},
         out,
@@ -383,7 +390,7 @@ def test_offsets_refuse_ids_that_do_not_retokenize(
     bad = tamper(source_dirs["neox"], tmp_path / "bad", change)
     out = tmp_path / "out"
     with pytest.raises(InputError, match=r"row 3: re-tokenizing .* position 2"):
-        align_dataset(extracts["llama"], {"neox": bad}, out, rows_per_batch=2, progress=False)
+        align_hard(extracts["llama"], {"neox": bad}, out, rows_per_batch=2, progress=False)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # no temporary left behind
 
@@ -394,12 +401,12 @@ def test_row_count_and_text_mismatches_name_the_row(
     out = tmp_path / "out"
     short = extract(models["neox"], tmp_path / "short", TEXTS[:-1])
     with pytest.raises(InputError, match=f"{len(TEXTS) - 1} rows but the target has {len(TEXTS)}"):
-        align_dataset(extracts["llama"], {"neox": short}, out, progress=False)
+        align_hard(extracts["llama"], {"neox": short}, out, progress=False)
     texts = list(TEXTS)
     texts[4] = texts[4].upper()
     other = extract(models["neox"], tmp_path / "other", texts)
     with pytest.raises(InputError, match="row 4: the text of source 'neox' differs"):
-        align_dataset(extracts["llama"], {"neox": other}, out, progress=False)
+        align_hard(extracts["llama"], {"neox": other}, out, progress=False)
     assert not out.exists()
 
 
@@ -407,7 +414,7 @@ def test_extractions_of_different_values_are_not_mixed(
     extracts: dict, logit_extracts: dict, tmp_path: Path
 ) -> None:
     with pytest.raises(InputError, match=r"'neox'.s extraction holds logits but the target"):
-        align_dataset(extracts["llama"], {"neox": logit_extracts["neox"]}, tmp_path / "out")
+        align_hard(extracts["llama"], {"neox": logit_extracts["neox"]}, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -420,7 +427,7 @@ def domain_aligned(models: dict[str, TinyModel], tmp_path_factory: Any) -> Path:
     )
     ex = {n: extract(models[n], root / n, rows) for n in ("llama", "neox", "qwen2")}
     out = root / "aligned"
-    align_dataset(
+    align_hard(
         ex["llama"],
         {"neox": ex["neox"], "qwen": ex["qwen2"]},
         out,
@@ -555,18 +562,18 @@ def test_bad_inputs_write_nothing(
     ]
     for sources, kw, err, match in cases:
         with pytest.raises(err, match=match):
-            align_dataset(base, sources, out, progress=False, **kw)
+            align_hard(base, sources, out, progress=False, **kw)
         assert not out.exists(), match
     # A vocabulary map object built for other vocabularies.
     b = fusellm.tokenizer_vocab(load_tokenizer("mistral"))
     q = fusellm.tokenizer_vocab(load_tokenizer("qwen"))
     with pytest.raises(StaleArtifactError, match="other vocabularies"):
-        align_dataset(base, {"neox": neox}, out, vocab_maps={"neox": VocabMap.load(qwen_map, b, q)})
+        align_hard(base, {"neox": neox}, out, vocab_maps={"neox": VocabMap.load(qwen_map, b, q)})
     # A directory that is not a fusellm output is never replaced.
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="no fusellm manifest"):
-        align_dataset(base, {"neox": neox}, out, overwrite=True, progress=False)
+        align_hard(base, {"neox": neox}, out, overwrite=True, progress=False)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
@@ -851,3 +858,81 @@ def test_cli_hooks(
     args = parser.parse_args(["align", str(extracts["llama"]), "--source", "neox", str(al)])
     with pytest.raises(InputError, match="NAME=PATH"):
         args.func(args)
+
+
+def stage_parser() -> tuple[argparse.ArgumentParser, Any]:
+    parser = argparse.ArgumentParser(prog="fusellm")
+    sub = parser.add_subparsers(dest="command")
+    for hook in (add_vocab_map_parser, add_align_parser, add_pack_parser):
+        hook(sub)
+    return parser, sub
+
+
+def test_cli_api_and_config_declare_the_same_defaults() -> None:
+    """Each stage's options are declared once, in its settings dataclass: the command-line
+    flags, the Python function's keyword defaults and the config keys agree."""
+    import dataclasses
+    import inspect
+
+    from fusellm.config import AlignSettings, PackSettings, PipelineConfig, VocabMapSettings
+
+    parser, _ = stage_parser()
+    commands = {
+        "vocab-map": (["vocab-map", "a", "b", "m.json"], VocabMapSettings, run_vocab_map),
+        "align": (["align", "base", "out", "-s", "x=y"], AlignSettings, align_dataset),
+        "pack": (["pack", "al", "out"], PackSettings, pack_dataset),
+    }
+    config = PipelineConfig.from_dict(
+        {"target": {"path": "t"}, "sources": [{"name": "s", "path": "s"}], "data": {"train": "d"}}
+    )
+    sections = {"vocab-map": config.vocab_map, "align": config.align, "pack": config.pack}
+    for command, (argv, cls, function) in commands.items():
+        args = vars(parser.parse_args(argv))
+        signature = inspect.signature(function).parameters
+        for f in dataclasses.fields(cls):
+            declared = f.default
+            assert args[f.name] == declared, (command, f.name)
+            assert signature[f.name].default == declared, (command, f.name)
+            assert getattr(sections[command], f.name) == declared, (command, f.name)
+    pack_args = vars(parser.parse_args(commands["pack"][0]))
+    assert pack_args["block_size"] == config.block_size
+    assert inspect.signature(pack_dataset).parameters["block_size"].default == config.block_size
+
+
+def test_cli_flags_parse_like_the_config(capsys: pytest.CaptureFixture[str]) -> None:
+    parser, sub = stage_parser()
+    base = ["align", "base", "out", "-s", "x=y"]
+    args = parser.parse_args([*base, "--compression", "none", "--compat", "fusellm"])
+    assert (args.compression, args.compat) == (None, "fusellm")
+    assert parser.parse_args([*base, "--num-threads", "3"]).num_threads == 3
+    for bad in (["--vocab", "sofft"], ["--num-threads", "many"], ["--rows-per-batch", "1.5"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*base, *bad])
+        err = capsys.readouterr().err
+        assert bad[1] in err
+    helps = sub.choices["align"].format_help()
+    assert "(default: soft)" in helps
+    assert "through the vocabulary map" in helps
+
+
+def test_cli_align_with_defaults_equals_the_api(
+    extracts: dict, source_dirs: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fusellm align` with no option and align_dataset() with no keyword write the same data
+    (soft vocabulary through the default surface map, built in memory when none is given)."""
+    parser, _ = stage_parser()
+    cli_out, api_out = tmp_path / "cli", tmp_path / "api"
+    argv = ["align", str(extracts["llama"]), str(cli_out), "--no-progress"]
+    argv += [f"--source=neox={source_dirs['neox']}", f"--source=qwen={source_dirs['qwen']}"]
+    args = parser.parse_args(argv)
+    with quiet():
+        assert args.func(args) == 0
+        report = align_dataset(extracts["llama"], source_dirs, api_out, progress=False)
+    capsys.readouterr()
+    assert json.loads((cli_out / ALIGN_STATS_NAME).read_text())["vocab"] == "soft"
+    shards = sorted(p.name for p in api_out.glob("*.arrow"))
+    assert shards
+    assert shards == sorted(p.name for p in cli_out.glob("*.arrow"))
+    for name in shards:
+        assert (cli_out / name).read_bytes() == (api_out / name).read_bytes(), name
+    assert report.rows == len(TEXTS)

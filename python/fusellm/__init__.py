@@ -19,7 +19,7 @@ from .align import (
     align_batch,
     mined_base_to_blend,
 )
-from .errors import FuseLLMError, InputError, InputTypeError, StaleArtifactError
+from .errors import FuseLLMError, InputError, InputTypeError, LockedError, StaleArtifactError
 from .pack import PackedBlocks, pack
 from .tokenization import tokenizer_marker, tokenizer_vocab
 from .vocab import VocabMap
@@ -92,6 +92,7 @@ __all__ = [
     "FusionTrainer",
     "InputError",
     "InputTypeError",
+    "LockedError",
     "PackReport",
     "PackedBlocks",
     "PipelineConfig",

@@ -292,6 +292,9 @@ class AlignSettings:
         default="float16",
         metadata=_help("dtype of the aligned logits (extraction stores float16)."),
     )
+    compression: Literal["zstd", "lz4"] | None = field(
+        default="zstd", metadata=_help("Shard compression: zstd, lz4 or null.")
+    )
 
 
 @dataclass
@@ -312,6 +315,16 @@ class PackSettings:
             "block scores (exclude), or NaN reaching the scores as in the reference (propagate; "
             "the trainer refuses NaN scores)."
         ),
+    )
+    chunk_tokens: int = field(
+        default=1 << 21,
+        metadata=_help(
+            "Tokens packed at a time (a memory bound; concat blocks do not depend on it, bfd "
+            "bins are formed within a chunk)."
+        ),
+    )
+    compression: Literal["zstd", "lz4"] | None = field(
+        default="zstd", metadata=_help("Shard compression: zstd, lz4 or null.")
     )
 
 
@@ -908,6 +921,7 @@ def model_context(model_config: Any) -> int | None:
 
 
 #: The files a model directory holds its weights in (save_pretrained layouts, sharded or not).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 WEIGHT_FILES = ("model*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
 
 
@@ -942,11 +956,18 @@ def _check_model(key: str, spec: ModelSpec, block_size: int) -> dict[str, Any]:
     tok_path = Path(spec.tokenizer_path)
     if not tok_path.exists():
         raise ConfigError(tok_key, f"tokenizer directory {str(tok_path)!r} does not exist")
+    if not any((tok_path / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(
+            tok_key,
+            f"{str(tok_path)!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "save it there or give the model's `tokenizer` directory",
+        )
     try:
         tok = AutoTokenizer.from_pretrained(str(tok_path), local_files_only=True)
     except Exception as e:
+        reason = " ".join(str(e).split())  # transformers' messages span several lines
         raise ConfigError(
-            tok_key, f"cannot load a tokenizer from {str(tok_path)!r}: {type(e).__name__}: {e}"
+            tok_key, f"cannot load a tokenizer from {str(tok_path)!r}: {type(e).__name__}: {reason}"
         ) from None
     if getattr(tok, "backend_tokenizer", None) is None:
         raise ConfigError(tok_key, f"{str(tok_path)!r} holds no fast (Rust) tokenizer")
@@ -1016,6 +1037,76 @@ def fusion_config(
         if not check:
             raise
         raise ConfigError("train", f"{type(e).__name__}: {e}") from None
+
+
+# --- command-line flags from the same declarations ----------------------------------------------
+
+
+def _flag_parser(tp: Any, flag: str) -> tuple[Any, list[str] | None]:
+    """(argparse type function, choices shown) for a field's annotation. ``none`` on the command
+    line is the YAML ``null`` of an optional field."""
+    import argparse
+
+    args = typing.get_args(tp)
+    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
+    inner = next((a for a in args if a is not type(None)), tp) if optional else tp
+
+    def parse(text: str) -> Any:
+        if optional and text.lower() in ("none", "null"):
+            return None
+        value: Any = text
+        if inner is int:
+            try:
+                value = int(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        try:
+            return _coerce(value, inner, flag)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
+
+    choices = None
+    if typing.get_origin(inner) is Literal:
+        choices = [str(c) for c in typing.get_args(inner)] + (["none"] if optional else [])
+    parse.__name__ = _type_name(tp)  # argparse names the type in its own errors
+    return parse, choices
+
+
+def add_settings_arguments(
+    parser: Any, cls: type, *, skip: tuple[str, ...] = (), defaults: Mapping[str, Any] | None = None
+) -> None:
+    """One ``--flag`` per field of the settings dataclass ``cls`` (the same declaration as the
+    YAML key): its default, its help, its type and choices. ``defaults`` overrides a field's
+    default (a stage command's own context); ``skip`` leaves fields out."""
+    import argparse
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = (defaults or {}).get(f.name, f.default)
+        text = f.metadata.get("help", "")
+        if hints[f.name] is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=text
+            )
+            continue
+        parse, choices = _flag_parser(hints[f.name], flag)
+        shown = "none" if default is None else default
+        parser.add_argument(
+            flag,
+            type=parse,
+            default=default,
+            metavar="{" + ",".join(choices) + "}" if choices else None,
+            help=f"{text} (default: {shown})",
+        )
+
+
+def settings_from_args(args: Any, cls: type, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The keyword arguments of a stage function from the flags :func:`add_settings_arguments`
+    made."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in skip}
 
 
 # --- documentation -------------------------------------------------------------------------------

@@ -29,3 +29,8 @@ class InputTypeError(FuseLLMError, TypeError):
 
 class StaleArtifactError(FuseLLMError):
     """A saved artifact (vocabulary map, stage output) does not match the inputs it is used with."""
+
+
+class LockedError(FuseLLMError):
+    """A work directory or stage output is in use by another fusellm process (named in the
+    message)."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -36,7 +37,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import FuseLLMError, InputError, InputTypeError
+from .errors import FuseLLMError, InputError, InputTypeError, StaleArtifactError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "MANIFEST_NAME",
@@ -91,6 +94,37 @@ def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Removes the temporary siblings of ``path`` (``.NAME.tmp-PID-...``) left by killed
+    processes: those whose process no longer runs. Returns what was removed."""
+    target = Path(path)
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    prefix = f".{target.name}{_TMP_MARK}"
+    for p in target.parent.iterdir():
+        if not p.name.startswith(prefix):
+            continue
+        pid = p.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -108,6 +142,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Writes ``data`` to ``path`` atomically (temporary sibling, fsync, rename)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
     tmp = _tmp_sibling(target)
     try:
         with open(tmp, "wb") as f:
@@ -144,6 +179,7 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iter
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists (pass overwrite=True to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
     tmp = _tmp_sibling(target)
     tmp.mkdir()
     try:
@@ -166,6 +202,52 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iter
 def is_tmp_name(name: str) -> bool:
     """Whether a file name is one of the temporary names written by this module."""
     return name.startswith(".") and _TMP_MARK in name
+
+
+# --- the stage-output decision -------------------------------------------------------------------
+
+
+def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def output_state(out: Path, stage: str, key: dict[str, Any], overwrite: bool) -> str:
+    """The decision of a stage whose output directory is ``out``: ``"absent"``, ``"done"`` (its
+    manifest records this ``stage``, this ``key`` and completion) or ``"replace"`` (empty, or
+    made from other inputs with ``overwrite``). Raises :class:`StaleArtifactError` for an output
+    of other inputs or another stage, :class:`InputError` for a directory that is not a stage
+    output."""
+    if not out.exists():
+        return "absent"
+    if not out.is_dir():
+        raise InputError(f"{out} exists and is not a directory")
+    try:
+        previous = read_manifest(out)
+    except FuseLLMError as e:
+        raise StaleArtifactError(
+            f"{out}: unreadable manifest ({e}); pass overwrite=True (--overwrite)"
+        ) from e
+    if previous is None:
+        if not any(out.iterdir()):
+            return "replace"
+        raise InputError(
+            f"{out} is not empty and holds no fusellm manifest: choose another output directory"
+        )
+    if previous.get("stage") == stage and previous.get("key") == key and previous.get("complete"):
+        return "done"
+    if overwrite:
+        logger.warning("%s was made from other inputs: overwriting", out)
+        return "replace"
+    if previous.get("stage") != stage:
+        raise StaleArtifactError(
+            f"{out} holds the output of stage {previous.get('stage')!r}, not {stage!r}; choose "
+            "another output directory or pass overwrite=True (--overwrite)"
+        )
+    diff = _diff(previous.get("key", {}), key)
+    raise StaleArtifactError(
+        f"{out} was made from other inputs (differs in: {', '.join(diff) or 'completeness'}); "
+        "choose another output directory or pass overwrite=True (--overwrite)"
+    )
 
 
 # --- fingerprints --------------------------------------------------------------------------------
@@ -550,3 +632,46 @@ def write_dataset_metadata(
     }
     atomic_write_json(Path(directory) / "dataset_info.json", info_dict, sort_keys=False)
     atomic_write_json(Path(directory) / "state.json", state)
+
+
+# --- locks ---------------------------------------------------------------------------------------
+
+LOCK_NAME = ".fusellm.lock"
+
+
+@contextlib.contextmanager
+def exclusive_lock(directory: str | os.PathLike[str], what: str) -> Iterator[Path]:
+    """Holds an exclusive advisory lock (``flock``) on ``directory/.fusellm.lock`` for the block.
+
+    The lock file records the holder (process id, host, start time, command line). A second
+    holder gets a :class:`~fusellm.LockedError` at once, naming the first; the lock goes with
+    its process, so a killed run leaves nothing to clean up (the stale file is reused).
+    """
+    import fcntl
+    import socket
+    import sys
+    import time
+
+    from .errors import LockedError
+
+    path = Path(directory) / LOCK_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise LockedError(
+                f"{what} {Path(directory)} is in use by another fusellm process ({holder}); "
+                "wait for it to finish or stop it"
+            ) from None
+        info = (
+            f"pid {os.getpid()} on {socket.gethostname()} since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:200]}"
+        )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode("utf-8"), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock

@@ -75,6 +75,7 @@ from .config import (
     validate_config,
 )
 from .errors import FuseLLMError, InputError, StaleArtifactError
+from .io import exclusive_lock
 
 __all__ = [
     "LOG_NAME",
@@ -610,7 +611,9 @@ def run_pipeline(
         scale: the built-in miniature's size (``"default"`` or ``"test"``); only without config.
 
     The config is checked completely (:func:`fusellm.config.validate_config`) before anything is
-    written; a bad config raises :class:`~fusellm.config.ConfigError` naming the key.
+    written; a bad config raises :class:`~fusellm.config.ConfigError` naming the key. The work
+    directory is locked for the whole run: a second run on it raises :class:`fusellm.LockedError`
+    at once, naming the process that holds it.
     """
     t0, c0 = time.perf_counter(), time.process_time()
     if config is not None:
@@ -623,7 +626,7 @@ def run_pipeline(
         _check_workdir(wd)
         validate_config(cfg)
         wd.mkdir(parents=True, exist_ok=True)
-        with _logging(wd):
+        with exclusive_lock(wd, "work directory"), _logging(wd):
             logger.info("fusellm run: %s (preset %s)", wd, cfg.preset)
             return _run(cfg, wd, progress, t0, c0, prepare=None)
     if scale not in ("default", "test"):
@@ -635,7 +638,7 @@ def run_pipeline(
     wd = Path(workdir or DEFAULT_WORKDIR).resolve()
     _check_workdir(wd)
     wd.mkdir(parents=True, exist_ok=True)
-    with _logging(wd):
+    with exclusive_lock(wd, "work directory"), _logging(wd):
         logger.info("fusellm run: built-in miniature (scale %s) in %s", scale, wd)
         from .miniature import prepare_miniature
 
@@ -763,9 +766,10 @@ def _run(
                     cfg.target.tokenizer_path,
                     s.tokenizer_path,
                     path,
-                    method=cfg.vocab_map.method,
-                    max_distance=cfg.vocab_map.max_distance,
-                    num_threads=cfg.vocab_map.num_threads or threads,
+                    **{
+                        **dataclasses.asdict(cfg.vocab_map),
+                        "num_threads": cfg.vocab_map.num_threads or threads,
+                    },
                 )
                 stats = getattr(vm, "stats", None)
                 return {"stats": _jsonable(stats())} if callable(stats) else {}
@@ -793,13 +797,10 @@ def _run(
                 base_tokenizer=cfg.target.tokenizer_path,
                 source_tokenizers={s.name: s.tokenizer_path for s in cfg.sources},
                 vocab_maps={n: str(p) for n, p in vocab_files.items()},
-                method=cfg.align.method,
-                vocab=cfg.align.vocab,
-                compat=cfg.align.compat,
-                fallback=cfg.align.fallback,
-                num_threads=cfg.align.num_threads or threads,
-                rows_per_batch=cfg.align.rows_per_batch,
-                logits_dtype=cfg.align.logits_dtype,
+                **{
+                    **dataclasses.asdict(cfg.align),
+                    "num_threads": cfg.align.num_threads or threads,
+                },
                 progress=progress,
             )
             return _summary_of(report)
@@ -822,8 +823,7 @@ def _run(
                 align_dir,
                 pack_dir,
                 block_size=cfg.block_size,
-                mode=cfg.pack.mode,
-                nan_rows=cfg.pack.nan_rows,
+                **dataclasses.asdict(cfg.pack),
                 progress=progress,
             )
             return _summary_of(report)

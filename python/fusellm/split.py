@@ -35,6 +35,7 @@ Empty documents are dropped (counted) by default, because they give the models n
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import re
 import time
@@ -59,6 +60,9 @@ logger = logging.getLogger(__name__)
 
 Boundary = Literal["word", "sentence", "token", "reference"]
 BOUNDARIES: tuple[str, ...] = ("word", "sentence", "token", "reference")
+SPLIT_FORMAT = "fusellm.split/1"
+#: The arguments of :func:`split_texts` that change its rows (the others: speed, progress).
+_OUTPUT_PARAMS = ("block_size", "margin", "boundary", "max_backoff", "keep_columns", "drop_empty")
 
 #: End of a whitespace run followed by a non-space character (the cut goes after the run).
 _WORD_END = re.compile(r"\s(?=\S)")
@@ -86,6 +90,9 @@ class SplitStats:
     #: Largest row length, per tokenizer name.
     max_tokens: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    #: The output was already complete for these inputs: nothing was done (the statistics are
+    #: those recorded when it was made).
+    skipped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -542,54 +549,73 @@ def run_split(
 ) -> SplitStats:
     """Splits ``data`` (see :func:`split_texts`) and saves the result with ``save_to_disk`` into
     ``output_dir`` atomically, with a manifest recording the parameters, the input's content
-    fingerprint and the tokenizers. Returns the statistics."""
+    fingerprint and the tokenizers. Returns the statistics.
+
+    A rerun with the same documents, tokenizers and settings skips (and says so); an output made
+    from other inputs raises :class:`~fusellm.StaleArtifactError` unless ``overwrite``. Input
+    whose documents are all empty is an :class:`~fusellm.InputError`, and nothing is written."""
     from importlib.metadata import PackageNotFoundError, version
 
     from .io import (
         atomic_dir,
         fingerprint_dataset,
         load_text_dataset,
+        output_state,
+        read_manifest,
         tokenizer_object_fingerprint,
         write_manifest,
     )
 
     out_path = Path(output_dir)
-    if out_path.exists() and not overwrite:
-        raise InputError(f"{out_path} already exists (pass overwrite=True to replace it)")
     ds = load_text_dataset(data, text_column=text_column)
     toks = load_tokenizers(tokenizers)
+    defaults = inspect.signature(split_texts).parameters
+    params: dict[str, Any] = {"text_column": text_column}
+    params.update({k: kwargs.get(k, defaults[k].default) for k in _OUTPUT_PARAMS})
+    tok_records = [
+        {"name": _tok_name(t, i), "sha256": tokenizer_object_fingerprint(t)}
+        for i, t in enumerate(toks)
+    ]
+    input_sha = fingerprint_dataset(ds)
+    key = {
+        "format": SPLIT_FORMAT,
+        "params": params,
+        "input_sha256": input_sha,
+        "tokenizers": [t["sha256"] for t in tok_records],
+        "num_shards": num_shards,
+    }
+    state = output_state(out_path, "split", key, overwrite)
+    if state == "done":
+        previous = read_manifest(out_path) or {}
+        logger.info("%s is up to date (same documents, tokenizers and settings): skipped", out_path)
+        return SplitStats(**{**previous.get("stats", {}), "skipped": True})
     out, stats = split_texts(ds, toks, text_column=text_column, return_stats=True, **kwargs)
+    if len(out) == 0:
+        raise InputError(
+            f"{data if isinstance(data, (str, Path)) else 'the input'} gives no rows: its "
+            f"{len(ds)} document(s) in column {text_column!r} are all empty"
+        )
     try:
         fusellm_version = version("fusellm")
     except PackageNotFoundError:  # pragma: no cover
         fusellm_version = "unknown"
-    params = {
-        "text_column": text_column,
-        "block_size": kwargs.get("block_size", 2048),
-        "margin": kwargs.get("margin", 48),
-        "boundary": kwargs.get("boundary", "word"),
-        "max_backoff": kwargs.get("max_backoff", 0.25),
-        "keep_columns": kwargs.get("keep_columns", True),
-        "drop_empty": kwargs.get("drop_empty", True),
-    }
     manifest = {
         "stage": "split",
-        "format": "fusellm.split/1",
+        "format": SPLIT_FORMAT,
+        "key": key,
+        "complete": True,
         "fusellm_version": fusellm_version,
         "params": params,
         "input": {
             "source": str(data) if isinstance(data, (str, Path)) else type(data).__name__,
             "num_rows": len(ds),
-            "sha256": fingerprint_dataset(ds),
+            "sha256": input_sha,
         },
-        "tokenizers": [
-            {"name": _tok_name(t, i), "sha256": tokenizer_object_fingerprint(t)}
-            for i, t in enumerate(toks)
-        ],
+        "tokenizers": tok_records,
         "output": {"num_rows": len(out)},
         "stats": stats.to_dict(),
     }
-    with atomic_dir(out_path, overwrite=overwrite) as tmp:
+    with atomic_dir(out_path, overwrite=state == "replace") as tmp:
         out.save_to_disk(str(tmp), num_shards=num_shards)
         write_manifest(tmp, manifest)
     return stats
@@ -607,7 +633,11 @@ def add_split_parser(subparsers: Any) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("input", help="documents to split")
-    p.add_argument("output", help="output directory (must not exist unless --overwrite)")
+    p.add_argument(
+        "output",
+        help="output directory (a rerun with the same inputs skips; an output of other inputs "
+        "is refused unless --overwrite)",
+    )
     p.add_argument(
         "-t",
         "--tokenizer",
@@ -628,7 +658,9 @@ def add_split_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, default=None, help="output shards")
     p.add_argument("--keep-empty", action="store_true", help="keep empty documents as rows")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an OUTPUT made from other inputs"
+    )
     p.set_defaults(func=_split_cli)
     return p
 
@@ -648,6 +680,9 @@ def _split_cli(args: argparse.Namespace) -> int:
         drop_empty=not args.keep_empty,
         progress=False if args.no_progress else None,
     )
+    if stats.skipped:
+        print(f"{args.output}: up to date (same documents, tokenizers and settings); skipped")
+        return 0
     print(
         f"split {stats.num_docs} documents into {stats.num_rows} rows "
         f"({stats.num_split_docs} cut, {stats.num_empty_dropped} empty dropped) "

@@ -61,6 +61,7 @@ leaves the output path untouched.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import json
@@ -77,6 +78,14 @@ from typing import Any
 import numpy as np
 
 from .checks import check_num_threads
+from .config import (
+    AlignSettings,
+    PackSettings,
+    PipelineConfig,
+    VocabMapSettings,
+    add_settings_arguments,
+    settings_from_args,
+)
 from .errors import FuseLLMError, InputError, InputTypeError, StaleArtifactError
 
 __all__ = [
@@ -114,6 +123,7 @@ _DATA_PATTERNS = ("data-*.arrow", "state.json", "dataset_info.json")
 DOMAIN_COLUMN = "domain"
 _COMPRESSIONS = ("zstd", "lz4", None)
 _LOGITS_DTYPES = ("float16", "float32")
+_BLOCK_SIZE = next(f.default for f in dataclasses.fields(PipelineConfig) if f.name == "block_size")
 
 
 # --- small helpers -------------------------------------------------------------------------------
@@ -147,45 +157,6 @@ def _progress_bar(progress: bool | None, total: int, desc: str, unit: str) -> An
     except ImportError:  # pragma: no cover
         return None
     return tqdm(total=total, desc=desc, unit=unit, disable=None if progress is None else False)
-
-
-def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-
-
-def _output_state(out: Path, stage: str, key: dict[str, Any], overwrite: bool) -> str:
-    """``"absent"``, ``"done"`` (same inputs, complete) or ``"replace"``; raises otherwise."""
-    from .io import read_manifest
-
-    if not out.exists():
-        return "absent"
-    if not out.is_dir():
-        raise InputError(f"{out} exists and is not a directory")
-    try:
-        previous = read_manifest(out)
-    except FuseLLMError as e:
-        raise StaleArtifactError(f"{out}: unreadable manifest ({e}); pass overwrite=True") from e
-    if previous is None:
-        if not any(out.iterdir()):
-            return "replace"
-        raise InputError(
-            f"{out} is not empty and holds no fusellm manifest: choose another output directory"
-        )
-    if previous.get("stage") == stage and previous.get("key") == key and previous.get("complete"):
-        return "done"
-    if overwrite:
-        logger.warning("%s was made from other inputs: overwriting", out)
-        return "replace"
-    if previous.get("stage") != stage:
-        raise StaleArtifactError(
-            f"{out} holds the output of stage {previous.get('stage')!r}, not {stage!r}; choose "
-            "another output directory or pass overwrite=True"
-        )
-    diff = _diff(previous.get("key", {}), key)
-    raise StaleArtifactError(
-        f"{out} was made from other inputs (differs in: {', '.join(diff) or 'completeness'}); "
-        "choose another output directory or pass overwrite=True"
-    )
 
 
 def _previous_fingerprints(out: Path) -> dict[str, Any]:
@@ -667,9 +638,43 @@ def _check_sources(sources: Any) -> dict[str, Any]:
 
 
 def _resolve_maps(
+    vocab_maps: Any,
+    names: Sequence[str],
+    base: _Side,
+    sides: Mapping[str, _Side],
+    *,
+    vocab: str,
+    num_threads: int,
+) -> dict[str, Any]:
+    """name -> VocabMap (or None), each checked against both vocabularies. With
+    ``vocab="soft"``, a source without a map gets the default one (:class:`VocabMapSettings`),
+    built in memory."""
+    maps = _given_maps(vocab_maps, names, base, sides)
+    if vocab == "soft":
+        from .vocab import VocabMap
+
+        default = VocabMapSettings()
+        for name in [n for n in names if maps[n] is None]:
+            logger.info(
+                "source %r: no vocabulary map given; building the %r map (fusellm vocab-map)",
+                name,
+                default.method,
+            )
+            maps[name] = VocabMap.build(
+                base.vocab,
+                sides[name].vocab,
+                base_marker=base.marker,
+                blend_marker=sides[name].marker,
+                method=default.method,
+                num_threads=num_threads,
+                max_distance=default.max_distance,
+            )
+    return maps
+
+
+def _given_maps(
     vocab_maps: Any, names: Sequence[str], base: _Side, sides: Mapping[str, _Side]
 ) -> dict[str, Any]:
-    """name -> VocabMap (or None), each checked against both vocabularies."""
     from .vocab import VocabMap, vocab_checksum
 
     if vocab_maps is None:
@@ -822,7 +827,7 @@ def align_dataset(
     source_tokenizers: Mapping[str, Any] | None = None,
     vocab_maps: Mapping[str, Any] | None = None,
     method: str = "offsets",
-    vocab: str = "hard",
+    vocab: str = "soft",
     compat: str | None = None,
     fallback: str = "next",
     num_threads: int | None = None,
@@ -844,9 +849,11 @@ def align_dataset(
         source_tokenizers: the same per source name.
         vocab_maps: per source name, a :class:`fusellm.VocabMap`, a map file written by
             :func:`run_vocab_map`, or a reference ``{string: string}`` dict; used by
-            ``vocab="soft"`` (without one, soft is the exact marker-swap mapping).
+            ``vocab="soft"`` (a source without one gets the default ``"surface"`` map, built
+            in memory).
         method: ``"offsets"`` (shared end offsets, default) or ``"mined"`` (reference DTW).
-        vocab: ``"hard"`` (exact strings) or ``"soft"`` (through the map).
+        vocab: ``"soft"`` (through the map, default, as in both presets) or ``"hard"`` (exact
+            strings only).
         compat: ``"fusellm"`` for the reference pipeline's rows (spec section 6).
         fallback: ``"next"`` (one-hot on the next target token) or ``"mask"``.
         num_threads: aligner threads (default: ``FUSELLM_NUM_THREADS`` or all cores).
@@ -927,7 +934,7 @@ def align_dataset(
             "compat='fusellm' reproduces the reference rows, which are raw logits; these "
             "extractions hold log-probabilities (extract with values='logits')"
         )
-    maps = _resolve_maps(vocab_maps, names, base_side, sides)
+    maps = _resolve_maps(vocab_maps, names, base_side, sides, vocab=vocab, num_threads=threads)
     if method == "offsets":
         base_side.backend = _backend(base_side.tokenizer, "base")
         for n, s in sides.items():
@@ -977,7 +984,9 @@ def align_dataset(
         "logits_dtype": logits_dtype,
         "values": values,
     }
-    state = _output_state(out, "align", key, overwrite)
+    from .io import output_state
+
+    state = output_state(out, "align", key, overwrite)
     if state == "done":
         try:
             stats = json.loads((out / ALIGN_STATS_NAME).read_text(encoding="utf-8"))
@@ -1581,7 +1590,9 @@ def pack_dataset(
         "nan_rows": nan_rows,
         "chunk_tokens": chunk_tokens if mode == "bfd" else None,
     }
-    state = _output_state(out, "pack", key, overwrite)
+    from .io import output_state
+
+    state = output_state(out, "pack", key, overwrite)
     if state == "done":
         m = read_manifest(out) or {}
         t = m.get("totals", {})
@@ -1794,22 +1805,7 @@ def add_vocab_map_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="source tokenizer: a directory or bundled:NAME",
     )
     p.add_argument("output", metavar="OUTPUT", help="the map file to write (.json)")
-    p.add_argument(
-        "--method",
-        choices=["surface", "mined", "exact"],
-        default="surface",
-        help=(
-            "surface: equal decoded bytes first, then edit distance (default); mined: the "
-            "reference map (nearest string by edit distance); exact: marker-swapped strings only"
-        ),
-    )
-    p.add_argument("--num-threads", type=int, default=None, help="worker threads (default: all)")
-    p.add_argument(
-        "--max-distance",
-        type=int,
-        default=None,
-        help="leave unmapped the tokens whose nearest target string is more edits away",
-    )
+    add_settings_arguments(p, VocabMapSettings)
     p.add_argument("--overwrite", action="store_true", help="replace a map built for other inputs")
     p.set_defaults(func=_vocab_map_cli)
     return p
@@ -1820,9 +1816,7 @@ def _vocab_map_cli(args: argparse.Namespace) -> int:
         args.base_tokenizer,
         args.blend_tokenizer,
         args.output,
-        method=args.method,
-        num_threads=args.num_threads,
-        max_distance=args.max_distance,
+        **settings_from_args(args, VocabMapSettings),
         overwrite=args.overwrite,
     )
     s = vm.stats()
@@ -1874,43 +1868,7 @@ def add_align_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="NAME=TOKENIZER",
         help="a source's tokenizer (directory or bundled:NAME; default: the extraction's)",
     )
-    p.add_argument(
-        "--method",
-        choices=["offsets", "mined"],
-        default="offsets",
-        help="offsets: pair tokens that end at the same character (default); mined: the "
-        "reference MinED dynamic time warping",
-    )
-    p.add_argument(
-        "--vocab",
-        choices=["hard", "soft"],
-        default="hard",
-        help="hard: exact token strings (default); soft: through the vocabulary map",
-    )
-    p.add_argument(
-        "--compat",
-        choices=["fusellm"],
-        default=None,
-        help="reproduce the reference pipeline's rows exactly (duplicates keep the first logit, "
-        "one-hot fallback on the CURRENT token)",
-    )
-    p.add_argument(
-        "--fallback",
-        choices=["next", "mask"],
-        default="next",
-        help="unmatched positions: one-hot on the next target token (default) or masked",
-    )
-    p.add_argument("--rows-per-batch", type=int, default=256, help="rows per batch/shard (256)")
-    p.add_argument(
-        "--logits-dtype",
-        choices=list(_LOGITS_DTYPES),
-        default="float16",
-        help="dtype of the stored source logits (default: float16, as extraction stores them)",
-    )
-    p.add_argument(
-        "--compression", choices=["zstd", "lz4", "none"], default="zstd", help="shard compression"
-    )
-    p.add_argument("--num-threads", type=int, default=None, help="aligner threads (default: all)")
+    add_settings_arguments(p, AlignSettings)
     p.add_argument("--overwrite", action="store_true", help="replace an output of other inputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_align_cli)
@@ -1925,14 +1883,7 @@ def _align_cli(args: argparse.Namespace) -> int:
         base_tokenizer=args.base_tokenizer,
         source_tokenizers=_pairs(args.source_tokenizer, "--source-tokenizer"),
         vocab_maps=_pairs(args.vocab_map, "--vocab-map") or None,
-        method=args.method,
-        vocab=args.vocab,
-        compat=args.compat,
-        fallback=args.fallback,
-        num_threads=args.num_threads,
-        rows_per_batch=args.rows_per_batch,
-        logits_dtype=args.logits_dtype,
-        compression=None if args.compression == "none" else args.compression,
+        **settings_from_args(args, AlignSettings),
         overwrite=args.overwrite,
         progress=False if args.no_progress else None,
     )
@@ -1961,26 +1912,13 @@ def add_pack_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("aligned", metavar="ALIGNED", help="the aligned dataset directory")
     p.add_argument("output", metavar="OUTPUT", help="the packed dataset directory to write")
-    p.add_argument("--block-size", type=int, default=2048, help="tokens per block (2048)")
     p.add_argument(
-        "--mode",
-        choices=["concat", "bfd"],
-        default="concat",
-        help="concat: concatenate rows and cut (the reference, default); bfd: whole documents, "
-        "best-fit decreasing, with per-document position_ids",
+        "--block-size",
+        type=int,
+        default=_BLOCK_SIZE,
+        help=f"tokens per block (the config's block_size; default: {_BLOCK_SIZE})",
     )
-    p.add_argument(
-        "--chunk-tokens", type=int, default=1 << 21, help="tokens packed at a time (memory bound)"
-    )
-    p.add_argument(
-        "--nan-rows",
-        choices=["exclude", "propagate"],
-        default="exclude",
-        help="rows without a scored token: left out of every score (default) or NaN blocks",
-    )
-    p.add_argument(
-        "--compression", choices=["zstd", "lz4", "none"], default="zstd", help="shard compression"
-    )
+    add_settings_arguments(p, PackSettings)
     p.add_argument("--overwrite", action="store_true", help="replace an output of other inputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_pack_cli)
@@ -1992,10 +1930,7 @@ def _pack_cli(args: argparse.Namespace) -> int:
         args.aligned,
         args.output,
         block_size=args.block_size,
-        mode=args.mode,
-        chunk_tokens=args.chunk_tokens,
-        nan_rows=args.nan_rows,
-        compression=None if args.compression == "none" else args.compression,
+        **settings_from_args(args, PackSettings),
         overwrite=args.overwrite,
         progress=False if args.no_progress else None,
     )

@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +48,7 @@ import numpy.typing as npt
 from . import _native
 from .checks import check_marker, check_num_threads, vocab_list
 from .errors import InputError, InputTypeError, StaleArtifactError
+from .io import atomic_write_bytes
 
 __all__ = [
     "MAP_EXACT",
@@ -115,19 +115,6 @@ def _check_max_distance(value: Any) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise InputError(f"max_distance must be a positive int or None, got {value!r}")
     return value
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _meta_path(path: Path) -> Path:
@@ -364,8 +351,8 @@ class VocabMap:
             "map_sha256": hashlib.sha256(data).hexdigest(),
             "stats": self.stats(),
         }
-        _atomic_write(path, data)
-        _atomic_write(
+        atomic_write_bytes(path, data)
+        atomic_write_bytes(
             _meta_path(path),
             json.dumps(meta, ensure_ascii=False, indent=2).encode("utf-8"),
         )
