@@ -77,6 +77,7 @@ from typing import Any
 import numpy as np
 
 from .errors import FuseLLMError, InputError, InputTypeError, StaleArtifactError
+from .progress import progress_bar
 
 __all__ = [
     "ExtractReport",
@@ -1135,20 +1136,10 @@ def _process_shards(
 ) -> None:
     if not todo:
         return
-    bar = None
-    if progress is not False:
-        try:
-            from tqdm.auto import tqdm
-
-            total = sum(
-                min((s + 1) * run.rows_per_shard, run.num_rows) - s * run.rows_per_shard
-                for s in todo
-            )
-            bar = tqdm(
-                total=total, desc="extract", unit="row", disable=None if progress is None else False
-            )
-        except ImportError:  # pragma: no cover
-            bar = None
+    total = sum(
+        min((s + 1) * run.rows_per_shard, run.num_rows) - s * run.rows_per_shard for s in todo
+    )
+    bar = progress_bar(progress, total, "extract", "row")
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusellm-extract") as pool:
         next_tok: Future[dict[str, Any]] = pool.submit(_tokenize_shard, run, todo[0])

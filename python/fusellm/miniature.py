@@ -82,6 +82,7 @@ from .io import (
     read_manifest,
     write_manifest,
 )
+from .progress import progress_bar
 
 __all__ = [
     "ARCHITECTURES",
@@ -483,18 +484,6 @@ def build_model(
 # --- pre-training --------------------------------------------------------------------------------
 
 
-def _progress_bar(progress: bool | None, total: int, desc: str, unit: str) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit=unit,
-        disable=True if progress is False else (None if progress is None else False),
-        leave=False,
-    )
-
-
 def _token_blocks(tok: Any, texts: list[str], block_size: int) -> Any:
     """``text + eos`` of every text, concatenated and cut into [n, block_size] (remainder
     dropped)."""
@@ -565,7 +554,7 @@ def _train_in_memory(
     model.train()
     losses: list[float] = []
     t0, c0 = time.perf_counter(), time.process_time()
-    bar = _progress_bar(progress, steps, desc, "step")
+    bar = progress_bar(progress, steps, desc, "step", leave=False)
     try:
         for step in range(steps):
             for group in opt.param_groups:
@@ -1148,7 +1137,9 @@ def _evaluate(
     for text, d in zip(ds["text"], ds["domain"], strict=True):
         by_domain[d].append(text)
     out: dict[str, dict[str, dict[str, float]]] = {}
-    bar = _progress_bar(progress, len(model_paths) * len(DOMAINS), "held-out loss", "eval")
+    bar = progress_bar(
+        progress, len(model_paths) * len(DOMAINS), "held-out loss", "eval", leave=False
+    )
     try:
         for name, path in model_paths.items():
             model, tok = _load_model(path), _load_tokenizer(path)

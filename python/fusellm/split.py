@@ -47,6 +47,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import FuseLLMError, InputError, InputTypeError
+from .progress import progress_bar
 
 __all__ = [
     "SplitStats",
@@ -434,7 +435,7 @@ def split_texts(
         if stop > run_start:
             out_chunks.extend(column.slice(run_start, stop - run_start).chunks)
 
-    bar = _progress(progress, table.num_rows, "split")
+    bar = progress_bar(progress, table.num_rows, "split", "doc")
     try:
         for start in range(0, table.num_rows, batch_size):
             texts: list[str] = column.slice(start, batch_size).to_pylist()
@@ -522,19 +523,6 @@ def _table_of(ds: Any) -> Any:
     from .io import _as_arrow_table
 
     return _as_arrow_table(ds)
-
-
-def _progress(progress: bool | None, total: int, desc: str) -> Any:
-    if progress is False:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, desc=desc, unit="doc", disable=None if progress is None else False)
-
-
-# --- on disk and on the command line -------------------------------------------------------------
 
 
 def run_split(

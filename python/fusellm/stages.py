@@ -87,6 +87,7 @@ from .config import (
     settings_from_args,
 )
 from .errors import FuseLLMError, InputError, InputTypeError, StaleArtifactError
+from .progress import progress_bar
 
 __all__ = [
     "ALIGN_STATS_NAME",
@@ -147,16 +148,6 @@ def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise InputError(f"{name} must be a positive int, got {value!r}")
     return int(value)
-
-
-def _progress_bar(progress: bool | None, total: int, desc: str, unit: str) -> Any:
-    if progress is False:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, desc=desc, unit=unit, disable=None if progress is None else False)
 
 
 def _previous_fingerprints(out: Path) -> dict[str, Any]:
@@ -1070,7 +1061,7 @@ def align_dataset(
     }  # per blend id (the last slot: ids without a string)
     positions = 0
     files: list[str] = []
-    bar = _progress_bar(progress, num_rows, "align", "row")
+    bar = progress_bar(progress, num_rows, "align", "row")
     try:
         with atomic_dir(out, overwrite=state == "replace") as tmp:
             iters = [_row_tables(base_ds.batches(), rows_per_batch)] + [
@@ -1630,7 +1621,7 @@ def pack_dataset(
     num_rows = (src_manifest or {}).get("num_rows")
 
     rows = tokens = blocks_total = nan_total = 0
-    bar = _progress_bar(progress, num_rows or 0, "pack", "row")
+    bar = progress_bar(progress, num_rows or 0, "pack", "row")
     try:
         with atomic_dir(out, overwrite=state == "replace") as tmp:
             written: list[Path] = []
