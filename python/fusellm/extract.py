@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -77,6 +76,14 @@ from typing import Any
 import numpy as np
 
 from .errors import FuseLLMError, InputError, InputTypeError, StaleArtifactError
+from .loading import (
+    DTYPES,
+    load_causal_lm,
+    load_model_config,
+    load_tokenizer,
+    resolve_device,
+    torch_dtype,
+)
 from .progress import progress_bar
 
 __all__ = [
@@ -110,7 +117,6 @@ OUTPUT_COLUMNS = (
 #: What the stored top-K values are: exact log-probabilities, or the raw logits (the reference).
 VALUES = ("logprobs", "logits")
 _GROUP = 64
-_DTYPES = ("auto", "bfloat16", "float16", "float32")
 _COMPRESSIONS = ("zstd", "lz4", None)
 
 
@@ -379,28 +385,6 @@ def pad_batch(rows: Sequence[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, 
 # --- loading -------------------------------------------------------------------------------------
 
 
-def _torch_dtype(dtype: str, device: Any) -> Any:
-    import torch
-
-    if dtype not in _DTYPES:
-        raise InputError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return getattr(torch, dtype)
-
-
-def _resolve_device(device: Any) -> Any:
-    import torch
-
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def _default_attn(device: Any, torch_dtype: Any) -> str:
     import importlib.util
 
@@ -423,75 +407,10 @@ def _vocab_size(config: Any) -> int:
     return size
 
 
-def _load_config(model_dir: Path) -> Any:
-    if not model_dir.is_dir():
-        raise InputError(f"model directory {model_dir} does not exist")
-    if not (model_dir / "config.json").is_file():
-        raise InputError(f"{model_dir} has no config.json: not a model directory")
-    try:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except Exception as e:
-        raise InputError(
-            f"cannot read the model config in {model_dir}: {type(e).__name__}: {e}"
-        ) from e
-
-
-def _load_model(model_dir: Path, torch_dtype: Any, attn: str, device: Any) -> tuple[Any, str]:
-    from transformers import AutoModelForCausalLM
-
-    tried = []
-    for impl in dict.fromkeys([attn, "sdpa", "eager"]):
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(model_dir), dtype=torch_dtype, attn_implementation=impl, local_files_only=True
-            )
-        except (ValueError, ImportError) as e:
-            if (
-                "attn" in str(e).lower()
-                or "attention" in str(e).lower()
-                or "flash" in str(e).lower()
-            ):
-                tried.append(f"{impl}: {e}")
-                continue
-            raise InputError(f"cannot load a causal LM from {model_dir}: {e}") from e
-        except Exception as e:
-            raise InputError(
-                f"cannot load a causal LM from {model_dir}: {type(e).__name__}: {e}"
-            ) from e
-        return model.to(device).eval(), impl
-    raise InputError(f"no attention implementation works for {model_dir}: {tried}")
-
-
-def _load_tokenizer(source: Any) -> Any:
-    if not isinstance(source, (str, os.PathLike)):
-        if getattr(source, "backend_tokenizer", None) is None:
-            raise InputTypeError(f"{type(source).__name__} is not a fast tokenizer")
-        return source
-    path = Path(source)
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as e:
-        raise InputError(f"cannot load a tokenizer from {path}: {type(e).__name__}: {e}") from e
-    if getattr(tok, "backend_tokenizer", None) is None:
-        raise InputTypeError(f"the tokenizer in {path} is not a fast tokenizer")
-    return tok
-
-
 def _ids_without_token(tokenizer: Any, n: int) -> list[int]:
     """Ids below ``n`` that have no token string (holes in a vocabulary): excluded like padding."""
     tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
     return [i for i, t in enumerate(tokens) if not isinstance(t, str)]
-
-
-@functools.lru_cache(maxsize=8)
-def _load_tokenizer_cached(path: str, sha256: str) -> Any:
-    """Tokenizers are slow to parse (seconds for 150k vocabularies): one per (path, content)."""
-    del sha256  # part of the cache key only
-    return _load_tokenizer(path)
 
 
 def check_tokenizer_vocab(tokenizer: Any, vocab_size: int, *, where: str = "") -> int:
@@ -762,18 +681,17 @@ def extract_topk(
     # 2. The model configuration and tokenizer, their fingerprints, the output directory's
     #    manifest (all read-only).
     model_dir = Path(model)
-    config = _load_config(model_dir)
+    config = load_model_config(model_dir)
     vocab_size = _vocab_size(config)
     out = Path(output_dir)
     previous = read_manifest(out) if out.is_dir() else None
     prev_fp = (previous or {}).get("fingerprints", {})
     model_fp = model_fingerprint(model_dir, previous=prev_fp.get("model"))
     tok_source = tokenizer if tokenizer is not None else model_dir
+    tok = load_tokenizer(tok_source, fast=True)
     if isinstance(tok_source, (str, os.PathLike)):
         tok_fp = tokenizer_fingerprint(tok_source, previous=prev_fp.get("tokenizer"))
-        tok = _load_tokenizer_cached(str(Path(tok_source).resolve()), tok_fp["sha256"])
     else:
-        tok = _load_tokenizer(tok_source)
         tok_fp = {"sha256": tokenizer_object_fingerprint(tok), "files": []}
     num_valid = check_tokenizer_vocab(tok, vocab_size) if check_vocab else min(len(tok), vocab_size)
     holes = _ids_without_token(tok, num_valid)
@@ -782,8 +700,8 @@ def extract_topk(
     eos = tok.eos_token if append_eos else ""
     if append_eos and not eos:
         raise InputError("the tokenizer has no EOS token; pass append_eos=False")
-    dev = _resolve_device(device)
-    torch_dtype = _torch_dtype(dtype, dev)
+    dev = resolve_device(device)
+    dtype_ = torch_dtype(dtype, dev)
 
     input_fp = fingerprint_dataset(table)
     num_rows = table.num_rows
@@ -796,7 +714,7 @@ def extract_topk(
         "num_rows": num_rows,
         "text_column": text_column,
         "top_k": top_k,
-        "dtype": str(torch_dtype).removeprefix("torch."),
+        "dtype": str(dtype_).removeprefix("torch."),
         "append_eos": append_eos,
         "add_special_tokens": add_special_tokens,
         "per_step_ce": per_step_ce,
@@ -820,8 +738,8 @@ def extract_topk(
         return report
 
     # 4. The weights (may still fail: nothing is written yet).
-    attn = attn_implementation or _default_attn(dev, torch_dtype)
-    lm, attn = _load_model(model_dir, torch_dtype, attn, dev)
+    attn = attn_implementation or _default_attn(dev, dtype_)
+    lm, attn = load_causal_lm(model_dir, dtype_, dev, attn)
     logits_width = lm.get_output_embeddings().weight.shape[0]
     if logits_width < num_valid:
         raise InputError(f"the model has {logits_width} logits, fewer than {num_valid} tokens")
@@ -1303,7 +1221,7 @@ def add_extract_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: MODEL)")
     p.add_argument("--text-column", default="text", help="column holding the text")
     p.add_argument("--top-k", type=int, default=10, help="logits kept per position (default 10)")
-    p.add_argument("--dtype", choices=_DTYPES, default="auto", help="model dtype (default auto)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="model dtype (default auto)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--attn-implementation", default=None, help="attention implementation")
     p.add_argument("--no-eos", action="store_true", help="do not append the EOS token")

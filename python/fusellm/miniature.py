@@ -82,6 +82,7 @@ from .io import (
     read_manifest,
     write_manifest,
 )
+from .loading import load_tokenizer
 from .progress import progress_bar
 
 __all__ = [
@@ -391,10 +392,8 @@ def _train_bytelevel(texts: list[str], vocab_size: int) -> Any:
 
 
 def _load_tokenizer(path: str | Path) -> Any:
-    from transformers import AutoTokenizer
-
     with _quiet():
-        return AutoTokenizer.from_pretrained(str(path))
+        return load_tokenizer(path, fast=True)
 
 
 # --- models --------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import FuseLLMError, InputError, InputTypeError
+from .loading import load_tokenizer
 from .progress import progress_bar
 
 __all__ = [
@@ -157,29 +158,12 @@ def load_tokenizers(specs: Any) -> list[Any]:
     out = []
     for spec in specs:
         if isinstance(spec, (str, Path)):
-            out.append(_load_tokenizer_path(spec))
+            out.append(load_tokenizer(spec))
         else:
             out.append(spec)
     if not out:
         raise InputError("at least one tokenizer is needed")
     return out
-
-
-def _load_tokenizer_path(spec: str | Path) -> Any:
-    text = str(spec)
-    if text.startswith("bundled:"):
-        from .bundled import load_tokenizer
-
-        return load_tokenizer(text.split(":", 1)[1])
-    path = Path(text)
-    if not path.exists():
-        raise InputError(f"tokenizer path {path} does not exist")
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as e:
-        raise InputError(f"cannot load a tokenizer from {path}: {type(e).__name__}: {e}") from e
 
 
 def _tok_name(tok: Any, index: int) -> str:

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -87,6 +86,7 @@ from .config import (
     settings_from_args,
 )
 from .errors import FuseLLMError, InputError, InputTypeError, StaleArtifactError
+from .loading import load_tokenizer
 from .progress import progress_bar
 
 __all__ = [
@@ -169,44 +169,6 @@ def _files_fingerprint(path: Path, previous: Any) -> dict[str, Any]:
 # --- tokenizers ----------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=8)
-def _load_tokenizer_dir(path: str, sha256: str) -> Any:
-    """Tokenizers take seconds to parse: one per (path, content) and process."""
-    del sha256  # part of the cache key only
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:
-        raise InputError(f"cannot load a tokenizer from {path}: {type(e).__name__}: {e}") from e
-
-
-def _load_tokenizer(spec: Any, what: str) -> Any:
-    """A tokenizer from a directory, ``"bundled:NAME"``, or a tokenizer object (returned as is)."""
-    if isinstance(spec, (str, os.PathLike)):
-        text = str(spec)
-        if text.startswith("bundled:"):
-            from .bundled import load_tokenizer
-
-            try:
-                return load_tokenizer(text.split(":", 1)[1])
-            except FuseLLMError as e:
-                raise InputError(f"{what}: {e}") from e
-        path = Path(text)
-        if not path.is_dir():
-            raise InputError(f"{what}: tokenizer directory {path} does not exist")
-        from .io import tokenizer_fingerprint
-
-        fp = tokenizer_fingerprint(path)
-        return _load_tokenizer_dir(str(path.resolve()), fp["sha256"])
-    if not callable(getattr(spec, "convert_ids_to_tokens", None)):
-        raise InputTypeError(
-            f"{what} must be a tokenizer directory, 'bundled:NAME' or a Hugging Face tokenizer, "
-            f"got {type(spec).__name__}"
-        )
-    return spec
-
-
 @dataclass
 class _Side:
     """One model's extraction and tokenizer, as the aligner sees them."""
@@ -260,7 +222,7 @@ def _make_side(name: str, path: Path, manifest: dict[str, Any], tok_spec: Any, w
                 f"({recorded!r}); pass the tokenizer explicitly"
             )
         tok_spec = recorded
-    tok = _load_tokenizer(tok_spec, f"{what} tokenizer")
+    tok = load_tokenizer(tok_spec, f"{what} tokenizer")
     num_ids = info.get("num_ids")
     if num_ids is not None and len(tok) != num_ids:
         raise InputError(
@@ -501,8 +463,8 @@ def run_vocab_map(
         raise InputError(f"output must be a .json file, got {str(out)!r}")
     if out.is_dir():
         raise InputError(f"output {out} is a directory; give a .json file path")
-    base = _load_tokenizer(base_tokenizer, "base_tokenizer")
-    blend = _load_tokenizer(blend_tokenizer, "blend_tokenizer")
+    base = load_tokenizer(base_tokenizer, "base_tokenizer")
+    blend = load_tokenizer(blend_tokenizer, "blend_tokenizer")
     base_vocab, blend_vocab = tokenizer_vocab(base), tokenizer_vocab(blend)
     base_marker = tokenizer_marker(base_vocab)
     blend_marker = tokenizer_marker(blend_vocab)

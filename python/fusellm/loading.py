@@ -1,0 +1,168 @@
+"""Loading tokenizers and models, and choosing devices and dtypes: one place for every stage.
+
+Each function raises a typed :mod:`fusellm.errors` error naming the offending path or value, in
+one line (``transformers`` messages that span several lines are joined), never a raw
+``OSError`` or ``ValueError`` from the libraries.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import FuseLLMError, InputError, InputTypeError
+
+__all__ = [
+    "DTYPES",
+    "load_causal_lm",
+    "load_model_config",
+    "load_tokenizer",
+    "resolve_device",
+    "torch_dtype",
+]
+
+#: The dtype names a stage accepts (``auto``: bfloat16 on CUDA where supported, else float16;
+#: float32 on the CPU).
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_from_dir(path: str, sha256: str) -> Any:
+    """Tokenizers take seconds to parse (150k vocabularies): one per (path, content) and
+    process."""
+    del sha256  # part of the cache key only
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise InputError(f"cannot load a tokenizer from {path}: {_one_line(e)}") from e
+
+
+def load_tokenizer(spec: Any, what: str = "tokenizer", *, fast: bool = False) -> Any:
+    """A tokenizer from a directory, ``"bundled:NAME"`` (:mod:`fusellm.bundled`), or a tokenizer
+    object (returned as is).
+
+    Args:
+        spec: the directory, the bundled name, or the tokenizer.
+        what: how errors name it (``"source 'neox' tokenizer"``).
+        fast: require a fast (Rust) tokenizer, which the offsets and the splitter need.
+    """
+    if isinstance(spec, (str, os.PathLike)):
+        text = str(spec)
+        if text.startswith("bundled:"):
+            from .bundled import load_tokenizer as load_bundled
+
+            try:
+                tok = load_bundled(text.split(":", 1)[1])
+            except FuseLLMError as e:
+                raise InputError(f"{what}: {e}") from e
+        else:
+            path = Path(text)
+            if not path.is_dir():
+                raise InputError(f"{what}: tokenizer directory {path} does not exist")
+            from .io import tokenizer_fingerprint
+
+            fp = tokenizer_fingerprint(path)
+            try:
+                tok = _tokenizer_from_dir(str(path.resolve()), fp["sha256"])
+            except InputError as e:
+                raise InputError(f"{what}: {e}") from e
+    elif callable(getattr(spec, "convert_ids_to_tokens", None)):
+        tok = spec
+    else:
+        raise InputTypeError(
+            f"{what} must be a tokenizer directory, 'bundled:NAME' or a Hugging Face tokenizer, "
+            f"got {type(spec).__name__}"
+        )
+    if fast and getattr(tok, "backend_tokenizer", None) is None:
+        raise InputTypeError(f"{what}: {type(tok).__name__} is not a fast (Rust) tokenizer")
+    return tok
+
+
+def resolve_device(device: Any) -> Any:
+    """``torch.device`` of ``device``; ``None``: this process's CUDA device (``LOCAL_RANK``) when
+    CUDA is available, else the CPU."""
+    import torch
+
+    if device is not None:
+        try:
+            return torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise InputError(f"invalid device {device!r}: {_one_line(e)}") from e
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def torch_dtype(dtype: Any, device: Any) -> Any:
+    """The ``torch.dtype`` of a name of :data:`DTYPES` (``None`` is ``"auto"``) on ``device``;
+    a ``torch.dtype`` is returned as is."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = "auto" if dtype is None else dtype
+    if name not in DTYPES:
+        raise InputError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def load_model_config(model_dir: str | os.PathLike[str]) -> Any:
+    """The ``AutoConfig`` of a model directory (it must exist and hold a ``config.json``)."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise InputError(f"model directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path} has no config.json: not a model directory")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:
+        raise InputError(f"cannot read the model config in {path}: {_one_line(e)}") from e
+
+
+def _attention_error(e: BaseException) -> bool:
+    text = str(e).lower()
+    return any(word in text for word in ("attn", "attention", "flash"))
+
+
+def load_causal_lm(
+    model_dir: str | os.PathLike[str],
+    dtype: Any,
+    device: Any,
+    attn_implementation: str = "sdpa",
+) -> tuple[Any, str]:
+    """``AutoModelForCausalLM`` of a model directory, on ``device`` in eval mode, with the first
+    attention kernel that loads of ``attn_implementation``, ``sdpa``, ``eager``. Returns the
+    model and that kernel's name."""
+    path = Path(model_dir)
+    load_model_config(path)
+    from transformers import AutoModelForCausalLM
+
+    tried = []
+    for impl in dict.fromkeys([attn_implementation, "sdpa", "eager"]):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype, attn_implementation=impl, local_files_only=True
+            )
+        except (ValueError, ImportError) as e:
+            if _attention_error(e):
+                tried.append(f"{impl}: {_one_line(e)}")
+                continue
+            raise InputError(f"cannot load a causal LM from {path}: {_one_line(e)}") from e
+        except Exception as e:
+            raise InputError(f"cannot load a causal LM from {path}: {_one_line(e)}") from e
+        return model.to(device).eval(), impl
+    raise InputError(f"no attention implementation works for {path}: {tried}")
