@@ -936,3 +936,20 @@ def test_cli_align_with_defaults_equals_the_api(
     for name in shards:
         assert (cli_out / name).read_bytes() == (api_out / name).read_bytes(), name
     assert report.rows == len(TEXTS)
+
+
+def test_cli_stale_outputs_name_the_flag(aligned: Any, tmp_path: Path) -> None:
+    """A command-line user is told about --overwrite, not about a Python keyword alone."""
+    parser, _ = stage_parser()
+    out = tmp_path / "pk"
+    args = parser.parse_args(["pack", str(aligned.output_dir), str(out), "--block-size", "32"])
+    with quiet():
+        assert args.func(args) == 0
+    args = parser.parse_args(["pack", str(aligned.output_dir), str(out), "--block-size", "16"])
+    with pytest.raises(StaleArtifactError, match=r"differs in: block_size.*\(--overwrite\)"):
+        args.func(args)
+    args = parser.parse_args(
+        ["pack", str(aligned.output_dir), str(out), "--block-size", "16", "--overwrite"]
+    )
+    with quiet():
+        assert args.func(args) == 0

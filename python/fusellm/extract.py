@@ -876,7 +876,7 @@ def _check_output_dir(
     what = "another model's shards" if "model_sha256" in diff else "another run's shards"
     raise StaleArtifactError(
         f"{out} holds {what} (differs in: {', '.join(diff)}); choose another output directory "
-        "or pass overwrite=True"
+        "or pass overwrite=True (--overwrite)"
     )
 
 

@@ -475,7 +475,8 @@ def run_vocab_map(
         except (StaleArtifactError, FileNotFoundError, ValueError) as e:
             if not overwrite:
                 raise StaleArtifactError(
-                    f"{out} holds another vocabulary map ({e}); pass overwrite=True to rebuild it"
+                    f"{out} holds another vocabulary map ({e}); pass overwrite=True "
+                    "(--overwrite) to rebuild it"
                 ) from e
         else:
             same = (vm.method, vm.max_distance, vm.base_marker, vm.blend_marker) == (
@@ -493,7 +494,9 @@ def run_vocab_map(
                     if vm.method != method
                     else f"a map with max_distance {vm.max_distance}, not {max_distance}"
                 )
-                raise StaleArtifactError(f"{out} holds {what}; pass overwrite=True to rebuild it")
+                raise StaleArtifactError(
+                    f"{out} holds {what}; pass overwrite=True (--overwrite) to rebuild it"
+                )
     out.parent.mkdir(parents=True, exist_ok=True)
     vm = VocabMap.build(
         base_vocab,
