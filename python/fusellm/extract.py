@@ -85,6 +85,7 @@ from .loading import (
     torch_dtype,
 )
 from .progress import progress_bar
+from .schema import extract_features
 
 __all__ = [
     "ExtractReport",
@@ -558,23 +559,6 @@ def _check_texts(table: Any, text_column: str) -> None:
         )
 
 
-def _features(input_features: Any, top_k: int, per_step_ce: bool) -> Any:
-    import datasets
-    from datasets import List, Value
-
-    cols = dict(input_features)
-    cols["row_index"] = Value("int64")
-    cols["input_ids"] = List(Value("int32"))
-    cols["per_step_logits"] = List(List(Value("float16"), length=top_k))
-    cols["per_step_indices"] = List(List(Value("int32"), length=top_k))
-    cols["metric_ce"] = Value("float32")
-    if per_step_ce:
-        cols["per_step_metric_ce"] = List(Value("float32"))
-    cols["num_tokens"] = Value("int32")
-    cols["num_bytes"] = Value("int32")
-    return datasets.Features(cols)
-
-
 class _Run:
     """Everything one extraction needs once the inputs are validated."""
 
@@ -769,7 +753,7 @@ def extract_topk(
             "eos_token": tok.eos_token,
         },
         "input": {"source": str(data) if isinstance(data, (str, Path)) else type(data).__name__},
-        "schema_columns": list(_features(ds.features, top_k, per_step_ce)),
+        "schema_columns": list(extract_features(ds.features, top_k, per_step_ce)),
         "complete": False,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -782,7 +766,7 @@ def extract_topk(
     run = _Run(
         out=out,
         table=table,
-        features=_features(ds.features, top_k, per_step_ce),
+        features=extract_features(ds.features, top_k, per_step_ce),
         text_column=text_column,
         tok=tok,
         eos=eos,

@@ -96,6 +96,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, InputTypeError
+from .schema import REF
 
 if TYPE_CHECKING:
     import datasets
@@ -110,9 +111,6 @@ __all__ = [
     "log_softmax_gather",
     "validate_packed",
 ]
-
-#: Name of the target model's own candidate.
-REF = "ref"
 
 Fusion = Literal["mince", "avgce"]
 Combine = Literal["hard", "hard_and_decay", "soft", "advantage"]

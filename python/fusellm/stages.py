@@ -88,6 +88,7 @@ from .config import (
 from .errors import FuseLLMError, InputError, InputTypeError, StaleArtifactError
 from .loading import load_tokenizer
 from .progress import progress_bar
+from .schema import DOMAIN_COLUMN, REF, align_features, pack_features
 
 __all__ = [
     "ALIGN_STATS_NAME",
@@ -107,7 +108,6 @@ ALIGN_FORMAT = "fusellm.align/1"
 PACK_FORMAT = "fusellm.pack/1"
 #: Statistics file of an aligned dataset.
 ALIGN_STATS_NAME = "align_stats.json"
-REF = "ref"
 _SOURCE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _ALIGN_FIXED = ("text", "row_index", "num_bytes", "input_ids")
 _CANDIDATE_SUFFIXES = ("ids", "logits", "metric_ce", "num_tokens")
@@ -120,8 +120,6 @@ _EXTRACT_COLUMNS = (
     "num_bytes",
 )
 _DATA_PATTERNS = ("data-*.arrow", "state.json", "dataset_info.json")
-#: The input column carried through align and pack (per-domain diagnostics), when present.
-DOMAIN_COLUMN = "domain"
 _COMPRESSIONS = ("zstd", "lz4", None)
 _LOGITS_DTYPES = ("float16", "float32")
 _BLOCK_SIZE = next(f.default for f in dataclasses.fields(PipelineConfig) if f.name == "block_size")
@@ -975,29 +973,14 @@ def align_dataset(
     }
 
     # 4. The work, under a temporary directory renamed into place at the end.
-    import datasets
-    from datasets import List, Value
 
-    k_ref = base_side.top_k
     has_domain = DOMAIN_COLUMN in base_ds.column_names
-    feats: dict[str, Any] = {
-        "text": Value("string"),
-        "row_index": Value("int64"),
-        "num_bytes": Value("int32"),
-        **({DOMAIN_COLUMN: Value("string")} if has_domain else {}),
-        "input_ids": List(Value("int32")),
-        "ref_ids": List(List(Value("int32"), length=k_ref)),
-        "ref_logits": List(List(Value(logits_dtype), length=k_ref)),
-        "ref_metric_ce": Value("float32"),
-        "ref_num_tokens": Value("int32"),
-    }
-    for n, s in sides.items():
-        feats[f"{n}_ids"] = List(List(Value("int32"), length=s.top_k))
-        feats[f"{n}_logits"] = List(List(Value(logits_dtype), length=s.top_k))
-        feats[f"{n}_metric_ce"] = Value("float32")
-        feats[f"{n}_num_tokens"] = Value("int32")
-        feats[f"{n}_status"] = List(Value("uint8"))
-    features = datasets.Features(feats)
+    features = align_features(
+        base_side.top_k,
+        {n: s.top_k for n, s in sides.items()},
+        logits_dtype,
+        has_domain=has_domain,
+    )
     schema = features.arrow_schema
     np_logits = np.dtype(logits_dtype)
 
@@ -1498,7 +1481,6 @@ def pack_dataset(
         progress: progress bar (default: only on a terminal).
     """
     import datasets
-    from datasets import List, Value
 
     from .io import (
         atomic_dir,
@@ -1565,23 +1547,19 @@ def pack_dataset(
             seconds=time.perf_counter() - t0,
         )
 
-    feats: dict[str, Any] = {
-        "input_ids": List(Value("int32")),
-        "attention_mask": List(Value("int8")),
-    }
-    if mode == "bfd":
-        feats["position_ids"] = List(Value("int32"))
-    feats["num_bytes"] = Value("float64")
-    if domains:
-        feats[DOMAIN_COLUMN] = Value("string")
     in_features = datasets.Features.from_arrow_schema(ds.schema)
-    for c in cands:
-        for s in ("ids", "logits", "status"):
-            if f"{c}_{s}" in in_features:
-                feats[f"{c}_{s}"] = in_features[f"{c}_{s}"]
-        feats[f"{c}_metric_ce"] = Value("float32")
-        feats[f"{c}_metric_ce_per_byte"] = Value("float32")
-    features = datasets.Features(feats)
+    features = pack_features(
+        {
+            c: (
+                _width(ds.schema.field(f"{c}_ids").type) or 0,
+                in_features[f"{c}_logits"].feature.feature.dtype,
+                f"{c}_status" in in_features,
+            )
+            for c in cands
+        },
+        position_ids=mode == "bfd",
+        has_domain=bool(domains),
+    )
     schema = features.arrow_schema
     num_rows = (src_manifest or {}).get("num_rows")
 
