@@ -663,6 +663,43 @@ def test_pack_concat_keeps_every_token_in_order(
     assert ds.features["neox_logits"] == datasets.List(datasets.List(datasets.Value("float16"), 10))
 
 
+@pytest.mark.parametrize("group", [3, 2, 1000])
+def test_pack_compat_reproduces_the_reference_batch_boundaries(
+    aligned: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group: int
+) -> None:
+    """compat='fusellm': rows concatenated and cut per group of REFERENCE_PACK_ROWS (the
+    reference's datasets.map batches), each group's remainder a short block; the oracle cuts
+    every group on its own."""
+    import fusellm.stages as stages
+
+    monkeypatch.setattr(stages, "REFERENCE_PACK_ROWS", group)
+    bs = 16
+    out = tmp_path / "packed"
+    report = pack_dataset(aligned.output_dir, out, block_size=bs, compat="fusellm", progress=False)
+    rows = load_rows(aligned.output_dir)
+    lengths = [len(x) for x in rows["input_ids"]]
+    pieces: list[list[tuple]] = []
+    for start in range(0, len(lengths), group):
+        cut = concat_pieces(lengths[start : start + group], bs)
+        pieces += [[(r + start, n) for r, n in block] for block in cut]
+    blocks = datasets.load_from_disk(str(out)).with_format("numpy")
+    assert [len(b) for b in blocks["input_ids"]] == [sum(n for _, n in b) for b in pieces]
+    assert report.blocks == len(pieces)
+    np.testing.assert_array_equal(
+        np.concatenate(list(blocks["input_ids"])), np.concatenate(list(rows["input_ids"]))
+    )
+    check_scores(blocks, expected_blocks(rows, pieces))
+    plain = pack_dataset(aligned.output_dir, tmp_path / "plain", block_size=bs, progress=False)
+    if group < len(lengths):
+        assert plain.blocks < report.blocks  # short blocks inside, not only at the end
+    else:
+        assert plain.blocks == report.blocks
+    with pytest.raises(InputError, match="concat packing"):
+        pack_dataset(
+            aligned.output_dir, tmp_path / "x", block_size=bs, compat="fusellm", mode="bfd"
+        )
+
+
 def test_pack_bfd_keeps_documents_whole(aligned: Any, tmp_path: Path) -> None:
     out = tmp_path / "bfd"
     bs = 80

@@ -316,6 +316,14 @@ class PackSettings:
             "the trainer refuses NaN scores)."
         ),
     )
+    compat: Literal["fusellm"] | None = field(
+        default=None,
+        metadata=_help(
+            "fusellm: the reference's block boundaries (rows concatenated and cut in groups of "
+            "1000, each group's remainder kept as a short block, as its datasets.map batches "
+            "do); null: one concatenation across the dataset."
+        ),
+    )
     chunk_tokens: int = field(
         default=1 << 21,
         metadata=_help(

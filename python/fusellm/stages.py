@@ -1303,6 +1303,21 @@ def _pack_candidates(ds: _DiskDataset, manifest: Mapping[str, Any] | None) -> li
     return cands
 
 
+#: Rows per ``datasets.map`` batch in the reference's packing (``compat="fusellm"``).
+REFERENCE_PACK_ROWS = 1000
+
+
+def _row_groups(tables: Iterator[Any], group: int | None) -> Iterator[Any]:
+    """The non-empty tables, cut so that none crosses a multiple of ``group`` rows."""
+    done = 0
+    for table in tables:
+        while table.num_rows:
+            take = table.num_rows if group is None else min(table.num_rows, group - done % group)
+            yield table.slice(0, take)
+            done += take
+            table = table.slice(take)
+
+
 class _Chunk:
     """Flat per-token columns plus row offsets and per-row score inputs."""
 
@@ -1459,6 +1474,7 @@ def pack_dataset(
     mode: str = "concat",
     chunk_tokens: int = 1 << 21,
     nan_rows: str = "exclude",
+    compat: str | None = None,
     compression: str | None = "zstd",
     overwrite: bool = False,
     progress: bool | None = None,
@@ -1476,6 +1492,10 @@ def pack_dataset(
             depend on it; in bfd mode documents are only packed with documents of their chunk).
         nan_rows: ``"exclude"`` (rows without a scored token are left out of every candidate's
             scores) or ``"propagate"`` (their NaN reaches the block scores, as in the reference).
+        compat: ``"fusellm"``: the reference's block boundaries (concat only). The reference
+            packs inside ``datasets.map(batched=True, batch_size=1000)``, so the rows are
+            concatenated and cut in groups of :data:`REFERENCE_PACK_ROWS`, each group's remainder
+            kept as a short block. ``None``: one concatenation across the whole dataset.
         compression: output shard compression (``"zstd"``, ``"lz4"`` or ``None``).
         overwrite: replace an output made from other inputs instead of refusing.
         progress: progress bar (default: only on a terminal).
@@ -1497,6 +1517,11 @@ def pack_dataset(
     chunk_tokens = _positive_int("chunk_tokens", chunk_tokens)
     _choice("mode", mode, ("concat", "bfd"))
     _choice("nan_rows", nan_rows, ("exclude", "propagate"))
+    _choice("compat", compat, (None, "fusellm"))
+    if compat == "fusellm" and mode != "concat":
+        raise InputError(
+            f"compat='fusellm' reproduces the reference's concat packing, not mode {mode!r}"
+        )
     _choice("compression", compression, _COMPRESSIONS)
     if not isinstance(aligned, (str, os.PathLike)):
         raise InputTypeError(f"aligned must be a directory, got {type(aligned).__name__}")
@@ -1527,6 +1552,7 @@ def pack_dataset(
         "mode": mode,
         "nan_rows": nan_rows,
         "chunk_tokens": chunk_tokens if mode == "bfd" else None,
+        "group_rows": REFERENCE_PACK_ROWS if compat == "fusellm" else None,
     }
     from .io import output_state
 
@@ -1604,18 +1630,18 @@ def pack_dataset(
                 blocks_total += keep
                 tokens += int(packed.block_offsets[-1])
 
-            for table in ds.batches():
-                if table.num_rows == 0:
-                    continue
+            group = REFERENCE_PACK_ROWS if compat == "fusellm" else None
+            for table in _row_groups(ds.batches(), group):
                 chunk = _read_chunk(table, cands, nan_rows, rows, domains)
                 rows += table.num_rows
                 nan_total += int(np.count_nonzero(chunk.nan))
                 pending.append(chunk)
                 pending_tokens += chunk.num_tokens
-                if pending_tokens >= chunk_tokens:
+                if group is not None and rows % group == 0:
+                    flush(final=True)  # the group's remainder stays a short block
+                elif pending_tokens >= chunk_tokens:
                     flush(final=False)
-                if bar is not None:
-                    bar.update(table.num_rows)
+                bar.update(table.num_rows)
             flush(final=True)
             if num_rows is not None and rows != num_rows:
                 raise InputError(f"{src} holds {rows} rows but its manifest says {num_rows}")
