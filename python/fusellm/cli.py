@@ -25,7 +25,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "align": ("stages", "add_align_parser", "re-express source distributions on target tokens"),
     "pack": ("stages", "add_pack_parser", "pack aligned rows into training blocks"),
     "train": ("train", "add_train_parser", "train the target on packed blocks with fusion loss"),
-    "evaluate": ("evaluate", "add_evaluate_parser", "held-out perplexity of model directories"),
+    "evaluate": (
+        "evaluate",
+        "add_evaluate_parser",
+        "held-out perplexity, or benchmark tasks (--tasks), of model directories",
+    ),
     "report": ("report", "add_report_parser", "write the Markdown report of a pipeline run"),
     "align-demo": ("demo", "add_align_demo_parser", "align a built-in sample, print statistics"),
 }

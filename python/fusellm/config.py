@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .checks import MAX_THREADS
-from .errors import InputError
+from .errors import FuseLLMError, InputError
 
 __all__ = [
     "PRESETS",
@@ -376,11 +376,14 @@ class TrainSettings:
 
 @dataclass
 class EvaluateSettings:
-    """Stage 6: held-out perplexity and bits per byte, per domain."""
+    """Stage 6: held-out perplexity and bits per byte, per domain; benchmark tasks."""
 
     enabled: bool = field(
         default=True,
-        metadata=_help("Evaluate (needs data.heldout; skipped with a log line without it)."),
+        metadata=_help(
+            "Evaluate: perplexity (needs data.heldout; skipped with a log line without it), then "
+            "the benchmark tasks."
+        ),
     )
     sources: bool = field(
         default=True, metadata=_help("Also evaluate every source model (on its own domain).")
@@ -396,6 +399,53 @@ class EvaluateSettings:
         default="auto", metadata=_help("Evaluation dtype (auto: float32 on the CPU).")
     )
     device: str | None = field(default=None, metadata=_help("Torch device."))
+    tasks: list[str] = field(
+        default_factory=list,
+        metadata=_help(
+            "Benchmark tasks of lm-evaluation-harness (pip install 'fusellm[eval]'), run on every "
+            "evaluated model after perplexity: registry names (arc_challenge, mmlu, ...: their "
+            "data sets are downloaded) or local tasks found under include_path; NAME:N gives a "
+            "task N few-shot examples. Results in evaluate/benchmarks/. Empty: no benchmark."
+        ),
+    )
+    num_fewshot: int | None = field(
+        default=None,
+        metadata=_help(
+            "Few-shot examples of the benchmark tasks not given as NAME:N (default: each task's "
+            "own, else 0)."
+        ),
+    )
+    limit: int | None = field(
+        default=None,
+        metadata=_help("At most this many items per benchmark task (its first; default: all)."),
+    )
+    include_path: list[str] = field(
+        default_factory=list,
+        metadata=_help(
+            "Directories of local lm-evaluation-harness task YAML files (relative to the config)."
+        ),
+    )
+    tasks_batch_size: int = field(
+        default=32,
+        metadata=_help(
+            "Requests (a context and one answer) per forward pass of the benchmark tasks."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        for key, minimum in (("num_fewshot", 0), ("limit", 1), ("tasks_batch_size", 1)):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"evaluate.{key}", f"must be an integer, got {value!r}")
+            if value is not None and value < minimum:
+                raise ConfigError(f"evaluate.{key}", f"must be at least {minimum}, got {value}")
+        if self.tasks:
+            from .benchmark import parse_task_specs
+
+            try:
+                parse_task_specs(self.tasks)
+            except InputError as e:
+                raise ConfigError("evaluate.tasks", str(e)) from None
 
 
 @dataclass
@@ -877,6 +927,7 @@ def _resolve_paths(c: PipelineConfig, base: Path) -> None:
     c.data.train = res(c.data.train)  # type: ignore[assignment]
     c.data.heldout = res(c.data.heldout)
     c.workdir = res(c.workdir)
+    c.evaluate.include_path = [str(res(p)) for p in c.evaluate.include_path]
     for k in ("deepspeed", "logging_dir"):
         v = c.train.args.get(k)
         if isinstance(v, str) and (os.sep in v or v.endswith(".json")):
@@ -991,6 +1042,16 @@ def _check_data(key: str, value: str | None) -> None:
         raise ConfigError(key, f"{value!r} does not exist")
 
 
+def _check_tasks(ev: EvaluateSettings) -> None:
+    """The benchmark tasks exist (lm-evaluation-harness installed, every name known)."""
+    from .benchmark import check_tasks
+
+    try:
+        check_tasks(ev.tasks, num_fewshot=ev.num_fewshot, include_path=ev.include_path)
+    except FuseLLMError as e:
+        raise ConfigError("evaluate.tasks", str(e)) from None
+
+
 def validate_config(config: PipelineConfig) -> dict[str, Any]:
     """Checks a config against the file system, before any work.
 
@@ -1005,6 +1066,8 @@ def validate_config(config: PipelineConfig) -> dict[str, Any]:
         info["models"][s.name] = _check_model(f"sources[{i}]", s, config.block_size)
     _check_data("data.train", config.data.train)
     _check_data("data.heldout", config.data.heldout)
+    if config.evaluate.enabled and config.evaluate.tasks:
+        _check_tasks(config.evaluate)
     for i, s in enumerate(config.sources):
         if s.domain is not None and config.data.heldout is None and config.evaluate.enabled:
             raise ConfigError(

@@ -41,7 +41,10 @@ log-softmax runs in chunks of positions, so its memory stays bounded for large v
 :func:`run_evaluate` evaluates several labelled model directories on one data set and writes one
 JSON file atomically after each model; a model already in the file with the same data
 fingerprint, model fingerprint (config and weights) and settings is skipped, so an interrupted
-run resumes. :func:`add_evaluate_parser` is the ``fusellm evaluate`` command.
+run resumes. :func:`add_evaluate_parser` is the ``fusellm evaluate`` command: perplexity with
+``--data``, benchmark tasks of lm-evaluation-harness with ``--tasks``
+(:mod:`fusellm.benchmark`), on labelled model directories or on the models of one pipeline
+work directory (:func:`fusellm.pipeline.workdir_models`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FuseLLMError, InputError, InputTypeError
+from .loading import DTYPES, load_causal_lm, load_tokenizer, resolve_device, torch_dtype
+from .progress import progress_bar
 
 __all__ = [
     "GROUP_ALL",
@@ -75,7 +80,6 @@ GROUP_ALL = "all"
 #: Format tag of the :func:`run_evaluate` output.
 _FORMAT = "fusellm.evaluate"
 _VERSION = 1
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: Config attributes that give a model's context length, in order of preference.
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 #: Float32 elements per log-softmax chunk (positions x vocabulary): 256 MiB.
@@ -141,76 +145,12 @@ def _describe_source(data: Any) -> str:
 # --- model loading -------------------------------------------------------------------------------
 
 
-def _resolve_device(device: Any) -> Any:
-    import torch
-
-    if device is not None:
-        try:
-            return torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise InputError(f"invalid device {device!r}: {e}") from e
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def _torch_dtype(dtype: Any, device: Any) -> Any:
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = "auto" if dtype is None else dtype
-    if name not in _DTYPES:
-        raise InputError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return getattr(torch, name)
-
-
-def _load_model(path: Path, torch_dtype: Any, device: Any) -> Any:
-    if not path.is_dir():
-        raise InputError(f"model directory {str(path)!r} does not exist")
-    if not (path / "config.json").is_file():
-        raise InputError(f"{str(path)!r} has no config.json: not a model directory")
-    from transformers import AutoModelForCausalLM
-
-    errors = []
-    for impl in ("sdpa", "eager"):
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=torch_dtype, attn_implementation=impl, local_files_only=True
-            )
-        except (ValueError, ImportError) as e:
-            if "attn" in str(e).lower() or "attention" in str(e).lower():
-                errors.append(f"{impl}: {e}")
-                continue
-            raise InputError(f"cannot load a causal LM from {str(path)!r}: {e}") from e
-        except Exception as e:
-            raise InputError(
-                f"cannot load a causal LM from {str(path)!r}: {type(e).__name__}: {e}"
-            ) from e
-        return model.to(device).eval()
-    raise InputError(f"no attention implementation works for {str(path)!r}: {errors}")
+def _load_model(path: Path, dtype: Any, device: Any) -> Any:
+    return load_causal_lm(path, dtype, device)[0]
 
 
 def _load_tokenizer(source: Any) -> Any:
-    if not isinstance(source, (str, os.PathLike)):
-        if not callable(source) or not hasattr(source, "eos_token"):
-            raise InputTypeError(f"{type(source).__name__} is not a tokenizer")
-        return source
-    path = Path(source)
-    if not path.is_dir():
-        raise InputError(f"tokenizer directory {str(path)!r} does not exist")
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as e:
-        raise InputError(
-            f"cannot load a tokenizer from {str(path)!r}: {type(e).__name__}: {e}"
-        ) from e
+    return load_tokenizer(source, "tokenizer")
 
 
 def _context_length(model: Any) -> int | None:
@@ -268,16 +208,6 @@ def _token_nll(logits: Any, targets: Any) -> Any:
     return torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
 
 
-def _progress_bar(total: int, desc: str, unit: str, progress: bool | None) -> Any:
-    if progress is False:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with transformers
-        return None
-    return tqdm(total=total, desc=desc, unit=unit, disable=None if progress is None else False)
-
-
 # --- evaluation ----------------------------------------------------------------------------------
 
 
@@ -321,14 +251,14 @@ def _evaluate(
     for name, value in (("max_length", max_length), ("stride", stride)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise InputTypeError(f"{name} must be an integer, got {value!r}")
-    dev = _resolve_device(device)
-    torch_dtype = _torch_dtype(dtype, dev)
+    dev = resolve_device(device)
+    dtype_ = torch_dtype(dtype, dev)
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         if tokenizer is None:
             tokenizer = path
         tok = _load_tokenizer(tokenizer)  # cheap checks before the weights are read
-        lm = _load_model(path, torch_dtype, dev)
+        lm = _load_model(path, dtype_, dev)
     else:
         if not isinstance(model, torch.nn.Module):
             raise InputTypeError(
@@ -339,7 +269,7 @@ def _evaluate(
         tok = _load_tokenizer(tokenizer)
         lm = model
         dev = next(lm.parameters()).device
-        torch_dtype = next(lm.parameters()).dtype
+        dtype_ = next(lm.parameters()).dtype
     context = _context_length(lm)
     if max_length is None:
         if context is None:
@@ -381,7 +311,7 @@ def _evaluate(
     doc_nll = [0.0] * len(ids_list)
     doc_tokens = [0] * len(ids_list)
     pad_id = tok.eos_token_id if tok.eos_token_id is not None else 0
-    bar = _progress_bar(len(windows), desc, "window", progress)
+    bar = progress_bar(progress, len(windows), desc, "window")
     try:
         with torch.inference_mode():
             for b in range(0, len(windows), batch_size):
@@ -399,16 +329,14 @@ def _evaluate(
                     if not math.isfinite(total):
                         raise FuseLLMError(
                             f"non-finite NLL ({total}) in document {doc}, tokens {f}..{e}: the "
-                            f"model overflows in {torch_dtype}; try dtype='float32'"
+                            f"model overflows in {dtype_}; try dtype='float32'"
                         )
                     doc_nll[doc] += total
                     doc_tokens[doc] += e - f
                 del logits
-                if bar is not None:
-                    bar.update(len(batch))
+                bar.update(len(batch))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
     nbytes = [len(t.encode("utf-8")) for t in texts.texts]
     members: dict[str, list[int]] = {}
@@ -425,7 +353,7 @@ def _evaluate(
             sum(nbytes[i] for i in idx),
             len(idx),
         )
-    return _Result(groups, max_length, stride, str(torch_dtype).removeprefix("torch."))
+    return _Result(groups, max_length, stride, str(dtype_).removeprefix("torch."))
 
 
 def evaluate_perplexity(
@@ -657,7 +585,13 @@ def format_table(result: Mapping[str, Any]) -> str:
             row.append(_fmt(stats.get("ppl"), 3))
             row.append(_fmt(stats.get("bits_per_byte"), 4))
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return text_table(rows)
+
+
+def text_table(rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table for the terminal: the first row is the header, underlined; the first
+    column left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for k, r in enumerate(rows):
         cells = [r[0].ljust(widths[0])]
@@ -694,34 +628,55 @@ def parse_model_args(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _setting(name: str) -> tuple[Any, str]:
+    """The default and help text of an ``evaluate`` config key (declared once, in
+    :class:`fusellm.config.EvaluateSettings`)."""
+    import dataclasses
+
+    from .config import EvaluateSettings
+
+    f = {f.name: f for f in dataclasses.fields(EvaluateSettings)}[name]
+    factory: Any = f.default_factory
+    default = factory() if f.default is dataclasses.MISSING else f.default
+    return default, str(f.metadata.get("help", ""))
+
+
 def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Adds the ``evaluate`` command to an ``argparse`` sub-parser collection."""
     p = subparsers.add_parser(
         "evaluate",
-        help="held-out perplexity of model directories",
+        help="held-out perplexity and benchmark tasks of model directories",
         description=(
-            "Held-out perplexity and bits per byte of causal LM directories on a text set, per "
-            "domain and overall. Each text is read as text + EOS without special tokens, in "
-            "windows of at most --max-length tokens that start --stride tokens apart (default "
-            "max-length - 1: one token of overlap, every token after a document's first scored "
-            "exactly once). Bits per byte compare models with different tokenizers; perplexity "
-            "compares models sharing one. With --output, results are saved as JSON and a model "
-            "already evaluated there on the same data is skipped."
+            "With --data: held-out perplexity and bits per byte of causal LM directories on a "
+            "text set, per domain and overall. Each text is read as text + EOS without special "
+            "tokens, in windows of at most --max-length tokens that start --stride tokens apart "
+            "(default max-length - 1: one token of overlap, every token after a document's first "
+            "scored exactly once). Bits per byte compare models with different tokenizers; "
+            "perplexity compares models sharing one. With --output, results are saved as JSON "
+            "and a model already evaluated there on the same data is skipped. "
+            "With --tasks: lm-evaluation-harness tasks (pip install 'fusellm[eval]'), registry "
+            "names or local task files (--include-path); the harness's whole output per model "
+            "and task goes to --output (default WORKDIR/evaluate/benchmarks for a work "
+            "directory), and a model and task already done there are skipped. "
+            "MODEL may be one pipeline work directory: its target before training, sources and "
+            "finished training runs (fused, clm, ...), as `fusellm run` evaluates them."
         ),
-        epilog="example: fusellm evaluate 'target (before)=models/llama' fused=work/train/fused "
-        "--data heldout.jsonl --output perplexity.json",
+        epilog="examples: fusellm evaluate 'target (before)=models/llama' fused=work/train/fused "
+        "--data heldout.jsonl --output perplexity.json; "
+        "fusellm evaluate work --tasks arc_challenge:25,hellaswag:10",
     )
     p.add_argument(
         "models",
         nargs="+",
         metavar="MODEL",
-        help="LABEL=DIR or DIR (labelled by the directory name): a causal LM directory",
+        help="LABEL=DIR or DIR (labelled by the directory name): a causal LM directory; or one "
+        "pipeline work directory",
     )
     p.add_argument(
         "--data",
-        required=True,
-        help="held-out texts: a save_to_disk directory, JSONL/JSON/Parquet/Arrow file, or a "
-        "directory of text files",
+        default=None,
+        help="perplexity: held-out texts, a save_to_disk directory, JSONL/JSON/Parquet/Arrow "
+        "file, or a directory of text files",
     )
     p.add_argument("--text-column", default="text", help="column holding the text (default text)")
     p.add_argument(
@@ -742,29 +697,93 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="tokens between window starts (default: max-length - 1)",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (8)")
+    bench = p.add_argument_group("benchmarks (lm-evaluation-harness)")
+    _, tasks_help = _setting("tasks")
+    bench.add_argument(
+        "--tasks",
+        default=None,
+        metavar="T1[:N],T2,...",
+        help=f"comma-separated benchmark tasks. {tasks_help}",
+    )
+    for name, minimum in (("num_fewshot", 0), ("limit", 1)):
+        default, text = _setting(name)
+        bench.add_argument(
+            "--" + name.replace("_", "-"),
+            type=int,
+            default=default,
+            metavar="N",
+            help=f"{text} (>= {minimum})",
+        )
+    default, text = _setting("include_path")
+    bench.add_argument(
+        "--include-path",
+        action="append",
+        default=list(default),
+        metavar="DIR",
+        help=f"{text} Repeatable.",
+    )
+    default, text = _setting("tasks_batch_size")
     p.add_argument(
-        "--dtype", choices=_DTYPES, default="auto", help="model dtype (default auto: bf16 on GPU)"
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"perplexity: windows per forward pass (default 8); benchmarks: {text[0].lower()}"
+        f"{text[1:-1]} (default {default})",
+    )
+    p.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="model dtype (default auto: bf16 on GPU)"
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--no-eos", action="store_true", help="do not append the EOS token")
-    p.add_argument("--output", default=None, help="JSON file for the results (resumable)")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="perplexity: a JSON file for the results; benchmarks: a directory (resumable)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_evaluate_cli)
     return p
 
 
+def _is_workdir(item: str) -> bool:
+    path = Path(item)
+    return (
+        path.is_dir() and (path / "config.yaml").is_file() and not (path / "config.json").exists()
+    )
+
+
+def _cli_models(items: Sequence[str]) -> tuple[dict[str, str], dict[str, str], Path | None]:
+    """The models of the command line: labelled directories, or those of one work directory
+    (:func:`fusellm.pipeline.workdir_models`); and their tokenizers."""
+    if not any(_is_workdir(i) for i in items):
+        return parse_model_args(items), {}, None
+    if len(items) > 1:
+        raise InputError("give one work directory, or model directories (LABEL=DIR or DIR)")
+    from .pipeline import workdir_models
+
+    models, tokenizers = workdir_models(items[0])
+    return models, tokenizers, Path(items[0])
+
+
 def _evaluate_cli(args: argparse.Namespace) -> int:
+    models, tokenizers, workdir = _cli_models(args.models)
+    if args.tasks is not None and args.data is not None:
+        raise InputError("--data (perplexity) and --tasks (benchmarks): give one at a time")
+    if args.tasks is not None:
+        return _benchmark_cli(args, models, tokenizers, workdir)
+    if args.data is None:
+        raise InputError("nothing to evaluate: give --data (perplexity) or --tasks (benchmarks)")
     result = run_evaluate(
-        parse_model_args(args.models),
+        models,
         args.data,
         args.output,
+        tokenizers=tokenizers or None,
         text_column=args.text_column,
         domain_column=args.domain_column,
         max_length=args.max_length,
         stride=args.stride,
-        batch_size=args.batch_size,
+        batch_size=8 if args.batch_size is None else args.batch_size,
         append_eos=not args.no_eos,
         device=args.device,
         dtype=args.dtype,
@@ -776,4 +795,37 @@ def _evaluate_cli(args: argparse.Namespace) -> int:
         print(format_table(result))
         if args.output:
             print(f"\nwritten to {args.output}")
+    return 0
+
+
+def _benchmark_cli(
+    args: argparse.Namespace,
+    models: Mapping[str, str],
+    tokenizers: Mapping[str, str],
+    workdir: Path | None,
+) -> int:
+    from .benchmark import format_benchmark_table, run_benchmarks
+
+    output = args.output
+    if output is None and workdir is not None:
+        output = workdir / "evaluate" / "benchmarks"
+    summary = run_benchmarks(
+        models,
+        args.tasks,
+        output,
+        tokenizers=tokenizers or None,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        include_path=args.include_path or None,
+        batch_size=_setting("tasks_batch_size")[0] if args.batch_size is None else args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        progress=False if args.no_progress else None,
+    )
+    if args.json:
+        print(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
+    else:
+        print(format_benchmark_table(summary))
+        if output is not None:
+            print(f"\nwritten to {output}")
     return 0

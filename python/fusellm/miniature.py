@@ -16,6 +16,11 @@ continually trained on, with and without fusion) or to the *pre-training pool* (
 tokenizers and the models are trained on before): like MiniPile in the paper, the fusion texts
 are new to every model.
 
+**Benchmark tasks** (``data/benchmarks``): per domain, a 4-way continuation choice and a 4-way
+next-word choice over the held-out documents (:func:`fusellm.benchmark.write_domain_tasks`, at
+most :data:`BENCHMARK_ITEMS` items each, seeded), as lm-evaluation-harness task files; the default
+run evaluates them on every model after the perplexity.
+
 **Tokenizers** (``tokenizers`` library; trained in seconds and deterministically): the target
 gets a SentencePiece-style BPE like Llama's (``Metaspace`` pre-tokenizer with the ``▁`` marker,
 ``<unk>``/``<s>``/``</s>``, the 256 byte-fallback tokens ``<0x00>``.. ``<0xFF>`` at ids 3-258,
@@ -806,6 +811,10 @@ class Miniature:
     pieces: dict[str, str] = field(default_factory=dict)
     #: piece -> wall seconds spent building it in that call (built pieces only).
     seconds: dict[str, float] = field(default_factory=dict)
+    #: The directory of the domain benchmark tasks (lm-evaluation-harness YAML and JSONL files
+    #: over the held-out documents, :func:`fusellm.benchmark.write_domain_tasks`), and their names.
+    benchmarks: Path | None = None
+    benchmark_tasks: tuple[str, ...] = ()
 
     def load_train(self) -> Any:
         """The fusion set as a ``datasets.Dataset``."""
@@ -995,6 +1004,10 @@ def _prepare(wd: Path, seed: int, scale: str, progress: bool | None) -> Miniatur
             pieces.status[f"data/{split}"] = "skipped"
         data_fp[split] = m["files"]["sha256"]
 
+    # 1b. benchmark tasks over the held-out documents
+    bench_path = wd / "data" / "benchmarks"
+    bench_tasks = _benchmark_piece(pieces, bench_path, sc, seed, data_fp["heldout"])
+
     # 2. tokenizers
     tok_fp: dict[str, str] = {}
     for spec in MODEL_SPECS:
@@ -1123,7 +1136,49 @@ def _prepare(wd: Path, seed: int, scale: str, progress: bool | None) -> Miniatur
         pretraining=pretraining,
         pieces=dict(pieces.status),
         seconds=dict(pieces.seconds),
+        benchmarks=bench_path,
+        benchmark_tasks=bench_tasks,
     )
+
+
+#: Items per domain benchmark task (at most; the test scale has fewer held-out windows).
+BENCHMARK_ITEMS = 100
+
+
+def _benchmark_piece(
+    pieces: _Pieces, path: Path, sc: Scale, seed: int, heldout_fp: str
+) -> tuple[str, ...]:
+    """The domain benchmark tasks over the held-out documents (``data/benchmarks``): JSONL items
+    and the task YAML files, which name the data by absolute path (the location is in the key)."""
+    from .benchmark import DOMAIN_TASKS_VERSION, write_domain_tasks
+
+    key = {
+        "heldout": heldout_fp,
+        "items": BENCHMARK_ITEMS,
+        "recipe": DOMAIN_TASKS_VERSION,
+        "location": str(path),
+    }
+    m = pieces.done("data/benchmarks", path, key)
+    if m is None:
+        by_domain: dict[str, list[str]] = {d: [] for d in DOMAINS}
+        for r in _corpus_docs("heldout", None, sc.heldout_docs):
+            by_domain[r["domain"]].append(r["text"])
+        info: dict[str, Any] = {}
+        with pieces.build("data/benchmarks", path, key, info) as tmp:
+            names = write_domain_tasks(
+                by_domain,
+                tmp,
+                seed=seed,
+                items_per_task=BENCHMARK_ITEMS,
+                location=path,
+                cache_dir=path.parent / ".benchmarks_cache",
+            )
+            info["tasks"] = names
+        m = read_manifest(path)
+        assert m is not None
+    else:
+        pieces.status["data/benchmarks"] = "skipped"
+    return tuple(m["info"]["tasks"])
 
 
 def _evaluate(

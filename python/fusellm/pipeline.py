@@ -10,6 +10,7 @@ Stages, each writing into ``<workdir>/<stage>/``::
     pack        pack/                    blocks of block_size tokens (the training schema)
     train       train/<run>/             'fused' (FuseLLM) and 'clm' (the control), per seed
     evaluate    evaluate/perplexity.json held-out perplexity and bits per byte per domain
+                evaluate/benchmarks/     benchmark tasks (evaluate.tasks, lm-evaluation-harness)
     report      report/report.md         the Markdown report (fusellm.report)
 
 plus ``config.yaml`` (the resolved config), ``timings.json`` (``{"stages": {stage: seconds}}``),
@@ -857,6 +858,8 @@ def _run(
             perplexity = _evaluate(cfg, wd, runner, model_dirs, model_fp, progress)
         elif cfg.evaluate.enabled:
             logger.info("evaluate: skipped (no data.heldout)")
+        if cfg.evaluate.enabled and cfg.evaluate.tasks:
+            _benchmarks(cfg, wd, runner, model_dirs, model_fp, progress)
 
     # timings, then the report that shows them
     timings = {
@@ -946,6 +949,50 @@ def source_label(s: ModelSpec) -> str:
     return f"{s.name} (source, {s.domain})" if s.domain else f"{s.name} (source)"
 
 
+def evaluation_models(
+    cfg: PipelineConfig, model_dirs: Mapping[str, Path]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The models the evaluation reads: label -> model directory
+    (:func:`evaluation_labels`), and label -> tokenizer directory for the models whose
+    tokenizer is not saved with them."""
+    models = evaluation_labels(cfg, model_dirs)
+    tokenizers = {
+        source_label(s): s.tokenizer for s in cfg.sources if s.tokenizer and cfg.evaluate.sources
+    }
+    if cfg.target.tokenizer:
+        tokenizers["target (before)"] = cfg.target.tokenizer
+    return models, tokenizers
+
+
+def workdir_models(workdir: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The models of a pipeline work directory, as the pipeline evaluates them
+    (:func:`evaluation_models`): from its resolved ``config.yaml``, the training runs whose
+    stage finished (the others are left out with a warning)."""
+    wd = Path(workdir)
+    cfg = load_config(wd / "config.yaml")
+    done: dict[str, Path] = {}
+    for tr in train_runs(cfg):
+        path = wd / "train" / tr.name
+        if (path / STAGE_RECORD).is_file():
+            done[tr.name] = path
+        else:
+            logger.warning("%s: training run %s has not finished: not evaluated", wd, tr.name)
+    return evaluation_models(cfg, done)
+
+
+#: The evaluate settings that concern the benchmark step only.
+_BENCHMARK_SETTINGS = ("tasks", "num_fewshot", "limit", "include_path", "tasks_batch_size")
+
+
+def _model_keys(
+    cfg: PipelineConfig, runner: _Runner, models: Mapping[str, str], model_fp: Mapping[str, str]
+) -> dict[str, Any]:
+    return {
+        label: runner.outputs.get(f"train/{label}") or model_fp.get(_name_of(cfg, label))
+        for label in models
+    }
+
+
 def _evaluate(
     cfg: PipelineConfig,
     wd: Path,
@@ -955,22 +1002,18 @@ def _evaluate(
     progress: Any,
 ) -> dict[str, Any]:
     out = wd / "evaluate" / "perplexity.json"
-    models = evaluation_labels(cfg, model_dirs)
-    tokenizers = {
-        source_label(s): s.tokenizer for s in cfg.sources if s.tokenizer and cfg.evaluate.sources
-    }
-    if cfg.target.tokenizer:
-        tokenizers["target (before)"] = cfg.target.tokenizer
+    models, tokenizers = evaluation_models(cfg, model_dirs)
     ev: EvaluateSettings = cfg.evaluate
-    settings = {k: v for k, v in dataclasses.asdict(ev).items() if k != "batch_size"}
+    settings = {
+        k: v
+        for k, v in dataclasses.asdict(ev).items()
+        if k != "batch_size" and k not in _BENCHMARK_SETTINGS
+    }
     key = {
         "data": runner.fps.data(cfg.data.heldout),  # type: ignore[arg-type]
         "text_column": cfg.data.text_column,
         "domain_column": cfg.data.domain_column,
-        "models": {
-            label: runner.outputs.get(f"train/{label}") or model_fp.get(_name_of(cfg, label))
-            for label in models
-        },
+        "models": _model_keys(cfg, runner, models, model_fp),
         "settings": settings,
         "block_size": cfg.block_size,
         "num_threads": cfg.num_threads,
@@ -1003,6 +1046,56 @@ def _evaluate(
     return dict(json.loads(out.read_text(encoding="utf-8")))
 
 
+def _benchmarks(
+    cfg: PipelineConfig,
+    wd: Path,
+    runner: _Runner,
+    model_dirs: Mapping[str, Path],
+    model_fp: Mapping[str, str],
+    progress: Any,
+) -> None:
+    """The benchmark tasks (:func:`fusellm.benchmark.run_benchmarks`) on the evaluated models,
+    into ``evaluate/benchmarks/``; an interrupted attempt keeps the models and tasks it
+    finished."""
+    from .benchmark import lm_eval_version
+
+    out = wd / "evaluate" / "benchmarks"
+    models, tokenizers = evaluation_models(cfg, model_dirs)
+    ev: EvaluateSettings = cfg.evaluate
+    key = {
+        "models": _model_keys(cfg, runner, models, model_fp),
+        "tasks": list(ev.tasks),
+        "num_fewshot": ev.num_fewshot,
+        "limit": ev.limit,
+        "include_path": {p: runner.fps.data(p) for p in ev.include_path},
+        "dtype": ev.dtype,
+        "device": ev.device,
+        "lm_eval": lm_eval_version(),
+        "num_threads": cfg.num_threads,
+    }
+
+    def do() -> dict[str, Any]:
+        from .benchmark import run_benchmarks
+
+        out.mkdir(parents=True, exist_ok=True)
+        summary = run_benchmarks(
+            models,
+            ev.tasks,
+            out,
+            tokenizers=tokenizers or None,
+            num_fewshot=ev.num_fewshot,
+            limit=ev.limit,
+            include_path=ev.include_path,
+            batch_size=ev.tasks_batch_size,
+            device=ev.device,
+            dtype=None if ev.dtype == "auto" else ev.dtype,
+            progress=progress,
+        )
+        return {"models": list(models), "tasks": list(summary.get("tasks") or [])}
+
+    runner.run("evaluate/benchmarks", [out], key, do, record_dir=out)
+
+
 def _name_of(cfg: PipelineConfig, label: str) -> str:
     if label == "target (before)":
         return cfg.target.name
@@ -1029,8 +1122,9 @@ def builtin_config(
     fusion set in batches of 4 blocks (the paper's one epoch; measured: the whole default run
     takes about 2 minutes of wall time on 2 idle cores, 8 minutes when other jobs share them),
     and a checkpoint every 20 steps (an interrupted run resumes close to where it stopped).
-    ``scale="test"``: 6 steps, a checkpoint every 2, one thread everywhere (reproducible
-    bit for bit).
+    At the default scale, the miniature's domain benchmark tasks (``evaluate.tasks``, when
+    lm-evaluation-harness is installed). ``scale="test"``: 6 steps, a checkpoint every 2, one
+    thread everywhere (reproducible bit for bit), no benchmark task.
     """
     test = scale == "test"
     data_train, data_heldout = _miniature_data(mini)
@@ -1060,7 +1154,7 @@ def builtin_config(
             "save_total_limit": 2,
             "dataloader_num_workers": 0,
         },
-        "evaluate": {"batch_size": 8},
+        "evaluate": {"batch_size": 8, **_miniature_benchmarks(mini, test)},
     }
     if preset == "improved":
         # Tiny teachers spread their mass thin: their top-10 holds 29 % (MPT) to 45 % (NeoX) of
@@ -1081,6 +1175,25 @@ def _miniature_data(mini: Any) -> tuple[Any, Any]:
         if hasattr(mini, train_attr) and hasattr(mini, held_attr):
             return getattr(mini, train_attr), getattr(mini, held_attr)
     raise FuseLLMError(f"the miniature does not name its train and held-out data: {mini!r}")
+
+
+_EVAL = 'pip install "fusellm[eval]"'
+
+
+def _miniature_benchmarks(mini: Any, test: bool) -> dict[str, Any]:
+    """The ``evaluate`` settings of the miniature's domain benchmark tasks
+    (:func:`fusellm.benchmark.write_domain_tasks`): at the default scale, when lm-evaluation-
+    harness is installed (the reduced run stays small)."""
+    import importlib.util
+
+    tasks = list(getattr(mini, "benchmark_tasks", None) or ())
+    where = getattr(mini, "benchmarks", None)
+    if test or not tasks or where is None:
+        return {}
+    if importlib.util.find_spec("lm_eval") is None:
+        logger.info("benchmark tasks skipped: lm-evaluation-harness is not installed (%s)", _EVAL)
+        return {}
+    return {"tasks": tasks, "include_path": [str(where)]}
 
 
 def _miniature_domain(mini: Any, name: str) -> str | None:

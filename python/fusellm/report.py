@@ -9,6 +9,7 @@ writes ``report.md`` plus PNG plots into ``<workdir>/report`` (or ``output_dir``
     <workdir>/train/<run>/trainer_state.json   HF Trainer state per run ("fused", "clm",
                                            "fused-seed1", "clm-seed1", ...)
     <workdir>/evaluate/perplexity.json     the fusellm.evaluate.run_evaluate output
+    <workdir>/evaluate/benchmarks/benchmarks.json  the fusellm.benchmark.run_benchmarks summary
     <workdir>/timings.json                 {"stages": {stage: seconds}} (optional)
 
 Sections: run summary (stages present, key settings of the config, the headline fused-vs-CLM
@@ -18,7 +19,9 @@ masked rows, top-K entries dropped as unknown or unmapped ids), each candidate's
 share or AvgCE weight over training (a line plot per fused run), loss curves (total, CLM, fusion;
 fused runs against the CLM-only control), the held-out perplexity and bits per byte per model and
 domain with the fused-minus-CLM difference per domain and, when several seeds were trained, the
-mean and the sample standard deviation across seeds, and the stage timings.
+mean and the sample standard deviation across seeds, the benchmark tasks (lm-evaluation-harness)
+with models as rows and tasks as columns as in the FuseLLM model card, the fused model's gain
+over the control per task (mean ± sd across seeds, paired by seed), and the stage timings.
 
 Choices and trade-offs:
 
@@ -121,6 +124,25 @@ class _Workdir:
     perplexity: dict[str, Any] | None
     timings: dict[str, Any] | None
     files: dict[str, bool]
+    benchmarks: dict[str, Any] | None = None
+
+
+def _read_benchmarks(path: Path) -> dict[str, Any] | None:
+    """The benchmark summary (:func:`fusellm.benchmark.run_benchmarks`), checked."""
+    obj = read_json_object(path)
+    if obj is None:
+        return None
+    models = obj.get("models")
+    if not isinstance(models, dict) or not isinstance(obj.get("tasks", []), list):
+        raise InputError(f"{path} has no 'models' object")
+    for label, entry in models.items():
+        tasks = entry.get("tasks") if isinstance(entry, dict) else None
+        if not isinstance(tasks, dict) or not all(isinstance(t, dict) for t in tasks.values()):
+            raise InputError(f"{path}: models[{label!r}] has no 'tasks' object")
+        for name, t in tasks.items():
+            if not isinstance(t.get("metric"), str):
+                raise InputError(f"{path}: models[{label!r}].tasks[{name!r}] names no metric")
+    return obj
 
 
 def _collect(root: Path) -> _Workdir:
@@ -199,7 +221,10 @@ def _collect(root: Path) -> _Workdir:
         "evaluate": perplexity is not None,
         "timings": timings is not None,
     }
-    return _Workdir(root, config, vocab_maps, align, runs, perplexity, timings, files)
+    benchmarks = _read_benchmarks(root / "evaluate" / "benchmarks" / "benchmarks.json")
+    return _Workdir(
+        root, config, vocab_maps, align, runs, perplexity, timings, files, benchmarks=benchmarks
+    )
 
 
 # --- formatting ----------------------------------------------------------------------------------
@@ -943,6 +968,117 @@ def _gap_closure(
     return lines, headline
 
 
+def _bench_value(entry: Mapping[str, Any] | None) -> float | None:
+    """A task result's headline value as the report shows it (fractions in percent)."""
+    from .benchmark import PERCENT_METRICS
+
+    if not entry or not _finite(entry.get("value")):
+        return None
+    return float(entry["value"]) * (100.0 if entry.get("metric") in PERCENT_METRICS else 1.0)
+
+
+def _bench_values(models: Mapping[str, Any], runs: Mapping[str, str], task: str) -> list[float]:
+    vals = (_bench_value(models[r]["tasks"].get(task)) for r in runs.values() if r in models)
+    return [v for v in vals if v is not None]
+
+
+def _bench_gains(
+    models: Mapping[str, Any], fused: Mapping[str, str], ctrl: Mapping[str, str], task: str
+) -> list[float]:
+    """Fused minus control per seed with both, in the shown unit (percentage points)."""
+    out = []
+    for seed in sorted(set(fused) & set(ctrl)):
+        a = _bench_value(models[fused[seed]]["tasks"].get(task))
+        b = _bench_value(models[ctrl[seed]]["tasks"].get(task))
+        if a is not None and b is not None:
+            out.append(a - b)
+    return out
+
+
+def _bench_header(task: str, entry: Mapping[str, Any]) -> str:
+    shots = entry.get("num_fewshot")
+    parts = [str(entry.get("metric")), f"{shots}-shot" if isinstance(shots, int) else "n-shot ?"]
+    if entry.get("higher_is_better") is False:
+        parts.append("lower is better")
+    return f"{task} ({', '.join(parts)})"
+
+
+def _benchmark_section(wd: _Workdir) -> tuple[list[str], str | None]:
+    """Models as rows, tasks as columns (the FuseLLM model card's layout), the fused model's
+    gain over the CLM control per task (mean ± sd across seeds, paired by seed)."""
+    out = ["## Benchmarks", ""]
+    b = wd.benchmarks
+    if b is None:
+        configured = ((wd.config or {}).get("evaluate") or {}).get("tasks")
+        text = NOT_AVAILABLE if configured else "No benchmark task configured (`evaluate.tasks`)."
+        return [*out, text, ""], None
+    models: dict[str, Any] = b["models"]
+    names = list(
+        dict.fromkeys([*b.get("tasks", []), *(t for m in models.values() for t in m["tasks"])])
+    )
+    tasks = {
+        t: next(m["tasks"][t] for m in models.values() if t in m["tasks"])
+        for t in names
+        if any(t in m["tasks"] for m in models.values())
+    }
+    if not tasks:
+        return [*out, "No benchmark result.", ""], None
+    rows = [
+        [label, *[_f(_bench_value(m["tasks"].get(t)), 2) for t in tasks]]
+        for label, m in models.items()
+    ]
+    seeds = _seed_groups(list(models))
+    fused, ctrl = seeds.get("fused", {}), seeds.get(_CONTROL, {})
+    several = len(fused) > 1 or len(ctrl) > 1
+    if several:
+        for kind, runs in (("fused", fused), (_CONTROL, ctrl)):
+            cells = [_pm(_bench_values(models, runs, t), 2) for t in tasks]
+            rows.append([f"{kind}: mean ± sd over {len(runs)} seeds", *cells])
+    gains = {t: _bench_gains(models, fused, ctrl, t) for t in tasks}
+    if any(gains.values()):
+        rows.append(["gain: fused − CLM", *[_pm(g, 2, True) for g in gains.values()]])
+    items = sorted({e.get("samples") for e in tasks.values() if isinstance(e.get("samples"), int)})
+    errors = sorted(
+        100.0 * float(e["stderr"])
+        for m in models.values()
+        for t, e in m["tasks"].items()
+        if t in tasks and _finite(e.get("stderr")) and e.get("metric") in _percent_metrics()
+    )
+    out += [
+        f"lm-evaluation-harness {b.get('lm_eval_version') or '(version unknown)'}. Rows: models; "
+        "columns: tasks (metric, few-shot examples); fractions in percent.",
+        "",
+        _table(["model", *(_bench_header(t, e) for t, e in tasks.items())], rows),
+        "",
+    ]
+    notes = []
+    if items:
+        notes.append(f"Items per task: {', '.join(map(str, items))}")
+    if errors:
+        notes.append(f"median standard error of a cell: ±{errors[len(errors) // 2]:.2f} points")
+    if any(gains.values()):
+        paired = "paired by seed, mean ± sd" if several else "one seed"
+        notes.append(f"gain = fused − CLM control ({paired}): positive is better")
+    if notes:
+        out += ["; ".join(notes) + ".", ""]
+    means = [sum(g) / len(g) for g in gains.values() if g]
+    headline = None
+    if means:
+        better = sum(m > 0 for m in means)
+        headline = (
+            f"Benchmarks: the fused model's gain over the CLM control averages "
+            f"{sum(means) / len(means):+.2f} points over {len(means)} task(s) (better on "
+            f"{better}, worse on {sum(m < 0 for m in means)})."
+        )
+    return out, headline
+
+
+def _percent_metrics() -> frozenset[str]:
+    from .benchmark import PERCENT_METRICS
+
+    return PERCENT_METRICS
+
+
 def _timings_section(wd: _Workdir) -> list[str]:
     out = ["## Stage timings", ""]
     if wd.timings is None:
@@ -993,6 +1129,8 @@ def write_report(
 
     plots: dict[str, bytes] = {}
     ppl_lines, headline = _perplexity_section(wd)
+    bench_lines, bench_headline = _benchmark_section(wd)
+    headline = " ".join(h for h in (headline, bench_headline) if h) or None
     lines = ["# FuseLLM run report", "", f"Generated by fusellm {__version__}.", ""]
     lines += _summary(wd, headline)
     lines += _vocab_section(wd)
@@ -1000,6 +1138,7 @@ def write_report(
     lines += _teacher_section(wd)
     lines += _training_section(wd, plots)
     lines += ppl_lines
+    lines += bench_lines
     lines += _timings_section(wd)
 
     out_dir.mkdir(parents=True, exist_ok=True)
