@@ -103,9 +103,15 @@ def check_against_reference(model: TinyModel, report: Any, texts: list[str] = TE
     assert ds["row_index"] == list(range(len(texts)))
     rows = ds.with_format("numpy")
     for r, row in enumerate(rows):
-        ids = tok(texts[r] + tok.eos_token, add_special_tokens=False)["input_ids"]
+        enc = tok(texts[r] + tok.eos_token, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
         assert row["input_ids"].tolist() == ids
         assert row["num_tokens"] == len(ids)
+        # Each token's character span; the EOS is one virtual character after the text.
+        spans = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        n_chars = len(texts[r])
+        spans[-1] = [n_chars, n_chars + 1]
+        np.testing.assert_array_equal(row["token_spans"], spans)
         assert row["num_bytes"] == len(texts[r].encode("utf-8"))
         ref = reference_row(lm, ids, model.num_tokens, K)
         got_ids, got_logits = row["per_step_indices"], row["per_step_logits"]
@@ -199,6 +205,7 @@ def test_schema_dtypes_and_manifest(llama_run: Any, tiny_llama: TinyModel) -> No
     assert f["per_step_indices"] == datasets.List(datasets.List(datasets.Value("int32"), length=K))
     assert f["metric_ce"] == datasets.Value("float32")
     assert f["per_step_metric_ce"] == datasets.List(datasets.Value("float32"))
+    assert f["token_spans"] == datasets.List(datasets.List(datasets.Value("int32"), length=2))
     schema = ds.data.schema
     assert str(schema.field("per_step_logits").type) == (
         "list<item: fixed_size_list<item: halffloat>[10]>"

@@ -382,10 +382,14 @@ def tamper(src: Path, out: Path, change: Any) -> Path:
 def test_offsets_refuse_ids_that_do_not_retokenize(
     extracts: dict, source_dirs: dict, tmp_path: Path
 ) -> None:
+    """An extraction without stored spans (made before they were) is tokenized again, and ids
+    that do not come back are refused, naming the row and position."""
+
     def change(ds: Any) -> Any:
         ids = [list(x) for x in ds["input_ids"]]
         ids[3][2] = (ids[3][2] + 1) % 1000
-        return ds.remove_columns("input_ids").add_column("input_ids", ids)
+        ds = ds.remove_columns(["input_ids", "token_spans"])
+        return ds.add_column("input_ids", ids)
 
     bad = tamper(source_dirs["neox"], tmp_path / "bad", change)
     out = tmp_path / "out"
@@ -393,6 +397,21 @@ def test_offsets_refuse_ids_that_do_not_retokenize(
         align_hard(extracts["llama"], {"neox": bad}, out, rows_per_batch=2, progress=False)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # no temporary left behind
+
+
+def test_stored_spans_that_do_not_fit_the_text_are_refused(
+    extracts: dict, source_dirs: dict, tmp_path: Path
+) -> None:
+    def change(ds: Any) -> Any:
+        spans = [[list(p) for p in x] for x in ds["token_spans"]]
+        spans[4][-1][1] += 3  # the EOS no longer ends one character after the text
+        return ds.remove_columns("token_spans").add_column("token_spans", spans)
+
+    bad = tamper(source_dirs["neox"], tmp_path / "bad", change)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"token_spans do not fit row 4's text"):
+        align_hard(extracts["llama"], {"neox": bad}, out, rows_per_batch=2, progress=False)
+    assert not out.exists()
 
 
 def test_row_count_and_text_mismatches_name_the_row(
@@ -990,3 +1009,30 @@ def test_cli_stale_outputs_name_the_flag(aligned: Any, tmp_path: Path) -> None:
     )
     with quiet():
         assert args.func(args) == 0
+
+
+def test_stored_spans_align_like_tokenizing_again(
+    extracts: dict, source_dirs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The offsets alignment reads the extraction's token_spans; an extraction without them (made
+    before they were stored) is tokenized again: both give the same aligned shards."""
+    import fusellm.stages as stages
+
+    stored = align_dataset(extracts["llama"], source_dirs, tmp_path / "stored", progress=False)
+    calls: list[int] = []
+    encode = stages._encode_with_offsets
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "_encode_with_offsets", counted)
+    align_dataset(extracts["llama"], source_dirs, tmp_path / "again", progress=False)
+    assert not calls  # the stored spans were used
+    monkeypatch.setattr(stages, "SPANS_COLUMN", "no_such_column")
+    again = align_dataset(extracts["llama"], source_dirs, tmp_path / "tokenized", progress=False)
+    assert calls
+    names = sorted(p.name for p in stored.output_dir.glob("*.arrow"))
+    assert names == sorted(p.name for p in again.output_dir.glob("*.arrow"))
+    for name in names:
+        assert (stored.output_dir / name).read_bytes() == (again.output_dir / name).read_bytes()

@@ -85,7 +85,8 @@ from .loading import (
     torch_dtype,
 )
 from .progress import progress_bar
-from .schema import extract_features
+from .schema import SPANS_COLUMN, extract_features
+from .tokenization import char_spans
 
 __all__ = [
     "ExtractReport",
@@ -100,7 +101,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "fusellm.extract/1"
+FORMAT = "fusellm.extract/2"  # 2: token_spans stored
 #: Test hook: the process SIGKILLs itself after writing this many shards.
 KILL_ENV = "FUSELLM_TEST_KILL_AFTER_SHARDS"
 SHARD_SIDECARS = "shards"
@@ -915,9 +916,13 @@ def _tokenize_shard(run: _Run, index: int) -> dict[str, Any]:
         backend = tokenizers.Tokenizer.from_str(backend.to_str())
         backend.no_truncation()
         backend.no_padding()
-    encode = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
-    encs = encode([t + run.eos for t in texts], add_special_tokens=run.add_special_tokens)
+    # With offsets (not encode_batch_fast): the spans are stored, so that alignment never
+    # tokenizes again.
+    encs = backend.encode_batch(
+        [t + run.eos for t in texts], add_special_tokens=run.add_special_tokens
+    )
     rows = [np.asarray(e.ids, dtype=np.int32) for e in encs]
+    spans = [char_spans(t, e.offsets, run.eos) for t, e in zip(texts, encs, strict=True)]
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
     if (lengths == 0).any():
         raise InputError(f"row {start + int(np.argmin(lengths))} tokenizes to no token")
@@ -933,6 +938,7 @@ def _tokenize_shard(run: _Run, index: int) -> dict[str, Any]:
         "start": start,
         "part": part,
         "rows": rows,
+        "spans": spans,
         "lengths": lengths,
         "num_bytes": pc.binary_length(col.cast("large_binary")).to_numpy().astype(np.int32),
     }
@@ -990,6 +996,17 @@ def _assemble(
         "metric_ce": pa.array(metric),
         "num_tokens": pa.array(lengths.astype(np.int32)),
         "num_bytes": pa.array(shard["num_bytes"]),
+        SPANS_COLUMN: pa.ListArray.from_arrays(
+            pa.array(offsets.astype(np.int32)),
+            pa.FixedSizeListArray.from_arrays(
+                pa.array(
+                    (np.concatenate(shard["spans"]) if n else np.empty((0, 2), np.int64))
+                    .astype(np.int32)
+                    .reshape(-1)
+                ),
+                2,
+            ),
+        ),
     }
     if flat_steps is not None:
         new["per_step_metric_ce"] = pa.ListArray.from_arrays(

@@ -15,6 +15,7 @@ from typing import Any
 __all__ = [
     "DOMAIN_COLUMN",
     "REF",
+    "SPANS_COLUMN",
     "align_features",
     "candidate_features",
     "extract_features",
@@ -25,6 +26,10 @@ __all__ = [
 REF = "ref"
 #: Each row's (and packed block's majority) domain, when the input has one.
 DOMAIN_COLUMN = "domain"
+#: Per token of an extraction, its character span ``[start, end)`` in ``text + eos``
+#: (:func:`fusellm.tokenization.char_spans`): the offsets alignment reads it instead of
+#: tokenizing the texts again.
+SPANS_COLUMN = "token_spans"
 
 
 def _topk(dtype: str, k: int) -> Any:
@@ -35,7 +40,7 @@ def _topk(dtype: str, k: int) -> Any:
 
 def extract_features(input_features: Mapping[str, Any], top_k: int, per_step_ce: bool) -> Any:
     """Stage 2: the input's columns, then per row its tokens, top-K values (float16) and ids,
-    the row's mean next-token CE and its sizes."""
+    the row's mean next-token CE, its sizes and every token's character span."""
     import datasets
     from datasets import List, Value
 
@@ -49,6 +54,7 @@ def extract_features(input_features: Mapping[str, Any], top_k: int, per_step_ce:
         cols["per_step_metric_ce"] = List(Value("float32"))
     cols["num_tokens"] = Value("int32")
     cols["num_bytes"] = Value("int32")
+    cols[SPANS_COLUMN] = _topk("int32", 2)
     return datasets.Features(cols)
 
 

@@ -88,7 +88,8 @@ from .config import (
 from .errors import FuseLLMError, InputError, InputTypeError, StaleArtifactError
 from .loading import load_tokenizer
 from .progress import progress_bar
-from .schema import DOMAIN_COLUMN, REF, align_features, pack_features
+from .schema import DOMAIN_COLUMN, REF, SPANS_COLUMN, align_features, pack_features
+from .tokenization import char_spans
 
 __all__ = [
     "ALIGN_STATS_NAME",
@@ -726,6 +727,45 @@ def _scan_texts(
         start += ta.num_rows
 
 
+def _spans_of(
+    side: _Side,
+    table: Any,
+    texts: list[str],
+    ids: np.ndarray,
+    offsets: np.ndarray,
+    first_row: int,
+    what: str,
+) -> list[np.ndarray]:
+    """Character spans of every stored token: the extraction's ``token_spans`` column, or (an
+    extraction made before fusellm stored it) from tokenizing the texts again."""
+    if SPANS_COLUMN not in table.column_names:
+        return _encode_with_offsets(side, texts, ids, offsets, first_row, what)
+    sp_off, spans = _list_column(table.column(SPANS_COLUMN), f"{what} {SPANS_COLUMN}")
+    if not np.array_equal(sp_off, offsets) or spans.ndim != 2 or spans.shape[1] != 2:
+        raise InputError(
+            f"the {what} extraction's {SPANS_COLUMN} do not match its input_ids near row "
+            f"{first_row}"
+        )
+    spans = spans.astype(np.int64)
+    out = [spans[offsets[r] : offsets[r + 1]] for r in range(len(offsets) - 1)]
+    for r, (text, sp) in enumerate(zip(texts, out, strict=True)):
+        end = len(text) + (1 if side.eos else 0)
+        ends = sp[:, 1]
+        last = int(ends[-1]) if sp.size else end
+        if (
+            last > end
+            or (side.eos and last != end)  # the EOS is the virtual character after the text
+            or (np.diff(ends) < 0).any()
+            or (sp[:, 0] > ends).any()
+        ):
+            raise InputError(
+                f"the {what} extraction's {SPANS_COLUMN} do not fit row {first_row + r}'s text "
+                f"(spans in order, the last ending at character {end}): the extraction was "
+                "changed after it was written"
+            )
+    return out
+
+
 def _encode_with_offsets(
     side: _Side, texts: list[str], ids: np.ndarray, offsets: np.ndarray, first_row: int, what: str
 ) -> list[np.ndarray]:
@@ -748,15 +788,7 @@ def _encode_with_offsets(
                 f"position {pos}); the tokenizer is not the one the extraction used, or the "
                 "extraction's ids were changed"
             )
-        spans = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
-        if side.eos:
-            # The appended EOS gets the span of one virtual character after the text, on every
-            # side, so the EOS positions of two tokenizers end at the same offset.
-            n_chars = len(text)
-            tail = spans[:, 1] > n_chars
-            spans[tail, 0] = np.minimum(spans[tail, 0], n_chars)
-            spans[tail, 1] = n_chars + 1
-        out.append(spans)
+        out.append(char_spans(text, enc.offsets, side.eos))
     return out
 
 
@@ -1037,7 +1069,7 @@ def align_dataset(
                     )
                 texts = _array(texts_col).to_pylist()
                 base_spans = (
-                    _encode_with_offsets(base_side, texts, base_ids, base_off, start, "target's")
+                    _spans_of(base_side, tb, texts, base_ids, base_off, start, "target's")
                     if method == "offsets"
                     else None
                 )
@@ -1095,7 +1127,7 @@ def align_dataset(
                             f"{what}: per_step rows do not match input_ids near row {start}"
                         )
                     src_spans = (
-                        _encode_with_offsets(s, texts, s_ids, s_off, start, f"{n!r}")
+                        _spans_of(s, t, texts, s_ids, s_off, start, f"{n!r}")
                         if method == "offsets"
                         else None
                     )

@@ -5,9 +5,17 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import numpy as np
+
 from .errors import InputError, InputTypeError
 
-__all__ = ["BYTE_LEVEL_MARKER", "SPIECE_MARKER", "tokenizer_marker", "tokenizer_vocab"]
+__all__ = [
+    "BYTE_LEVEL_MARKER",
+    "SPIECE_MARKER",
+    "char_spans",
+    "tokenizer_marker",
+    "tokenizer_vocab",
+]
 
 #: Word-boundary marker of SentencePiece (Llama family) vocabularies.
 SPIECE_MARKER = "▁"
@@ -47,3 +55,17 @@ def tokenizer_marker(tokenizer_or_vocab: Any) -> str:
     if not counts:
         raise InputError("cannot detect the word-boundary marker: no token starts with ▁ or Ġ")
     return counts.most_common(1)[0][0]
+
+
+def char_spans(text: str, offsets: Any, eos: str) -> np.ndarray:
+    """``int64 [n, 2]`` character spans of the tokens of ``text + eos`` (a ``tokenizers``
+    encoding's offsets). The appended EOS gets the span of one virtual character after the text
+    on every side, so that the EOS positions of two tokenizers end at the same offset (the
+    offsets alignment pairs tokens by their end)."""
+    spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    if eos:
+        n_chars = len(text)
+        tail = spans[:, 1] > n_chars
+        spans[tail, 0] = np.minimum(spans[tail, 0], n_chars)
+        spans[tail, 1] = n_chars + 1
+    return spans
