@@ -1,0 +1,201 @@
+"""Stage speed against the kernels they wrap (issue: one stage layer, stages at kernel speed).
+
+Setup: the built-in miniature (``fusellm.miniature``, default scale: 3,676 rows, about 0.48 M
+target tokens): its split fusion set extracted by its three models (a Llama target and GPT-NeoX
+and MPT sources, each with its own tokenizer), K = 10, and the surface vocabulary maps, so that
+the stages read real extraction shards. Then, in one process:
+
+- ``align_dataset`` (offsets, soft, 2 sources) end to end, I/O included, against
+  ``Aligner.align_batch`` on the same arrays (the kernel): target tokens per second of each, and
+  the kernel's share of the stage's time;
+- ``pack_dataset`` (concat) end to end against ``fusellm.pack`` on the same flat columns.
+
+Run: ``python -m pytest benches/test_bench_stages.py --benchmark-only -s`` (the setup takes
+about 2 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import fusellm
+from corpus import report
+
+datasets = pytest.importorskip("datasets")
+pytest.importorskip("torch")
+
+from fusellm.extract import extract_topk  # noqa: E402
+from fusellm.stages import align_dataset, pack_dataset, run_vocab_map  # noqa: E402
+from models import quiet  # noqa: E402
+
+BLOCK = 256  # the miniature's block size
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from fusellm.miniature import prepare_miniature
+    from fusellm.split import run_split
+
+    root = tmp_path_factory.mktemp("stages")
+    with quiet():
+        mini = prepare_miniature(root / "mini", seed=0, scale="default", progress=False)
+        models = {"target": mini.target, **mini.sources}
+        split = root / "split"
+        run_split(mini.train_data, split, [str(p) for p in models.values()], block_size=BLOCK)
+        extracts = {}
+        for name, path in models.items():
+            extracts[name] = root / "extract" / name
+            extract_topk(split, path, extracts[name], top_k=10, progress=False)
+        maps = {}
+        for src, path in mini.sources.items():
+            maps[src] = root / "maps" / f"{src}.json"
+            run_vocab_map(mini.target, path, maps[src])
+    return {"root": root, "extracts": extracts, "maps": maps, "models": models}
+
+
+def sources_of(setup: dict[str, Any]) -> list[str]:
+    return [n for n in setup["models"] if n != "target"]
+
+
+def _kernel_inputs(setup: dict[str, Any]) -> dict[str, Any]:
+    """The arrays align_batch reads, from the extraction shards (outside the timing)."""
+
+    def rows(path: Path) -> Any:
+        return datasets.load_from_disk(str(path)).with_format("numpy")
+
+    base = rows(setup["extracts"]["target"])
+    out = {"base_ids": list(base["input_ids"]), "base_spans": list(base["token_spans"])}
+    for src in sources_of(setup):
+        ds = rows(setup["extracts"][src])
+        out[src] = {
+            "ids": list(ds["input_ids"]),
+            "spans": list(ds["token_spans"]),
+            "indices": list(ds["per_step_indices"]),
+            "logits": [np.asarray(x, np.float32) for x in ds["per_step_logits"]],
+        }
+    return out
+
+
+def test_align_stage_vs_kernel(benchmark: Any, setup: dict[str, Any]) -> None:
+    ex = setup["extracts"]
+    sources = {src: ex[src] for src in sources_of(setup)}
+    maps = {src: str(p) for src, p in setup["maps"].items()}
+    out = setup["root"] / "aligned"
+    stage_times: list[float] = []
+
+    def stage() -> Any:
+        if out.exists():
+            shutil.rmtree(out)
+        t0 = time.perf_counter()
+        with quiet():
+            r = align_dataset(ex["target"], sources, out, vocab_maps=maps, progress=False)
+        stage_times.append(time.perf_counter() - t0)
+        return r
+
+    stage()  # warm-up: imports, tokenizer parsing
+    stage_times.clear()
+    report_ = benchmark.pedantic(stage, rounds=3, iterations=1)
+    tokens = report_.base_positions
+
+    arrays = _kernel_inputs(setup)
+    from fusellm.loading import load_tokenizer
+
+    base_vocab = fusellm.tokenizer_vocab(load_tokenizer(setup["models"]["target"]))
+    aligners = {}
+    for src in sources_of(setup):
+        blend_vocab = fusellm.tokenizer_vocab(load_tokenizer(setup["models"][src]))
+        vm = fusellm.VocabMap.load(setup["maps"][src], base_vocab, blend_vocab)
+        aligners[src] = fusellm.Aligner(
+            base_vocab,
+            blend_vocab,
+            base_marker=fusellm.tokenizer_marker(base_vocab),
+            blend_marker=fusellm.tokenizer_marker(blend_vocab),
+            vocab_map=vm,
+        )
+    kernel_times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for src, a in aligners.items():
+            s = arrays[src]
+            a.align_batch(
+                arrays["base_ids"],
+                s["ids"],
+                s["indices"],
+                s["logits"],
+                method="offsets",
+                vocab="soft",
+                base_offsets=arrays["base_spans"],
+                blend_offsets=s["spans"],
+            )
+        kernel_times.append(time.perf_counter() - t0)
+    stage_s, kernel_s = statistics.median(stage_times), statistics.median(kernel_times)
+    report(
+        "align stage vs align_batch (offsets, soft, 2 sources)",
+        target_tokens=tokens,
+        stage_s=round(stage_s, 3),
+        stage_tokens_per_s=round(tokens / stage_s),
+        kernel_s=round(kernel_s, 3),
+        kernel_tokens_per_s=round(tokens / kernel_s),
+        kernel_share=round(kernel_s / stage_s, 3),
+    )
+    benchmark.extra_info.update(
+        kernel_share=kernel_s / stage_s, stage_tokens_per_s=tokens / stage_s
+    )
+
+
+def test_pack_stage_vs_kernel(benchmark: Any, setup: dict[str, Any]) -> None:
+    ex = setup["extracts"]
+    aligned = setup["root"] / "aligned-pack"
+    if not aligned.exists():
+        with quiet():
+            align_dataset(
+                ex["target"],
+                {src: ex[src] for src in sources_of(setup)},
+                aligned,
+                vocab_maps={src: str(p) for src, p in setup["maps"].items()},
+                progress=False,
+            )
+    out = setup["root"] / "packed"
+    stage_times: list[float] = []
+
+    def stage() -> Any:
+        if out.exists():
+            shutil.rmtree(out)
+        t0 = time.perf_counter()
+        r = pack_dataset(aligned, out, block_size=BLOCK, progress=False)
+        stage_times.append(time.perf_counter() - t0)
+        return r
+
+    stage()
+    stage_times.clear()
+    rep = benchmark.pedantic(stage, rounds=3, iterations=1)
+    ds = datasets.load_from_disk(str(aligned)).with_format("numpy")
+    lengths = np.array([len(x) for x in ds["input_ids"]], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    columns = {"input_ids": np.concatenate(list(ds["input_ids"]))}
+    for c in ("ref", *sources_of(setup)):
+        columns[f"{c}_ids"] = np.concatenate(list(ds[f"{c}_ids"]))
+        columns[f"{c}_logits"] = np.concatenate(list(ds[f"{c}_logits"]))
+    kernel_times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fusellm.pack(columns, offsets, block_size=BLOCK)
+        kernel_times.append(time.perf_counter() - t0)
+    stage_s, kernel_s = statistics.median(stage_times), statistics.median(kernel_times)
+    report(
+        "pack stage vs fusellm.pack (concat, 3 candidates)",
+        tokens=rep.tokens,
+        stage_s=round(stage_s, 3),
+        stage_tokens_per_s=round(rep.tokens / stage_s),
+        kernel_s=round(kernel_s, 4),
+        kernel_tokens_per_s=round(rep.tokens / kernel_s),
+        kernel_share=round(kernel_s / stage_s, 3),
+    )
+    benchmark.extra_info.update(kernel_share=kernel_s / stage_s)
