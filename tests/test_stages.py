@@ -888,6 +888,9 @@ def test_cli_hooks(
         ["vocab-map", str(models["llama"].path), "bundled:deepseek", str(vmap), "--method", "exact"]
     )
     assert args.func(args) == 0
+    assert "up to date" not in capsys.readouterr().out
+    assert args.func(args) == 0  # a rerun with the same inputs skips, and says so
+    assert "up to date (same tokenizers and settings); skipped" in capsys.readouterr().out
     assert (
         VocabMap.load(
             vmap,

@@ -1804,6 +1804,8 @@ def add_vocab_map_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _vocab_map_cli(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    before = out.stat().st_mtime_ns if out.is_file() else None
     vm = run_vocab_map(
         args.base_tokenizer,
         args.blend_tokenizer,
@@ -1812,6 +1814,8 @@ def _vocab_map_cli(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     s = vm.stats()
+    if before is not None and out.stat().st_mtime_ns == before:
+        print(f"{args.output}: up to date (same tokenizers and settings); skipped")
     print(
         f"{args.output}: {s['blend_tokens']} source tokens ({args.method}): {s['exact']} exact, "
         f"{s['surface']} surface, {s['mined']} mined, {s['unmapped']} unmapped"
