@@ -441,13 +441,13 @@ def _load_lm(
 ) -> Any:
     from lm_eval.models.huggingface import HFLM
 
-    from .evaluate import _context_length, _load_model, _load_tokenizer
-    from .loading import resolve_device, torch_dtype
+    from .evaluate import _context_length, _load_model
+    from .loading import load_tokenizer, resolve_device, torch_dtype
 
     dev = resolve_device(device)
     dtype_ = torch_dtype(dtype, dev)
     where = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else path
-    tok = _load_tokenizer(tokenizer if tokenizer is not None else path)
+    tok = load_tokenizer(tokenizer if tokenizer is not None else path)
     _check_tokenizer(tok, label, str(where))  # before the weights are read
     model = _load_model(path, dtype_, dev)
     _check_ids(tok, model, label)

@@ -1143,20 +1143,15 @@ def _flag_parser(tp: Any, flag: str) -> tuple[Any, list[str] | None]:
     return parse, choices
 
 
-def add_settings_arguments(
-    parser: Any, cls: type, *, skip: tuple[str, ...] = (), defaults: Mapping[str, Any] | None = None
-) -> None:
+def add_settings_arguments(parser: Any, cls: type) -> None:
     """One ``--flag`` per field of the settings dataclass ``cls`` (the same declaration as the
-    YAML key): its default, its help, its type and choices. ``defaults`` overrides a field's
-    default (a stage command's own context); ``skip`` leaves fields out."""
+    YAML key): its default, its help, its type and choices."""
     import argparse
 
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
         flag = "--" + f.name.replace("_", "-")
-        default = (defaults or {}).get(f.name, f.default)
+        default = f.default
         text = f.metadata.get("help", "")
         if hints[f.name] is bool:
             parser.add_argument(
@@ -1174,10 +1169,10 @@ def add_settings_arguments(
         )
 
 
-def settings_from_args(args: Any, cls: type, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+def settings_from_args(args: Any, cls: type) -> dict[str, Any]:
     """The keyword arguments of a stage function from the flags :func:`add_settings_arguments`
     made."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in skip}
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
 
 
 # --- documentation -------------------------------------------------------------------------------

@@ -149,10 +149,6 @@ def _load_model(path: Path, dtype: Any, device: Any) -> Any:
     return load_causal_lm(path, dtype, device)[0]
 
 
-def _load_tokenizer(source: Any) -> Any:
-    return load_tokenizer(source, "tokenizer")
-
-
 def _context_length(model: Any) -> int | None:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
@@ -257,7 +253,7 @@ def _evaluate(
         path = Path(model)
         if tokenizer is None:
             tokenizer = path
-        tok = _load_tokenizer(tokenizer)  # cheap checks before the weights are read
+        tok = load_tokenizer(tokenizer)  # cheap checks before the weights are read
         lm = _load_model(path, dtype_, dev)
     else:
         if not isinstance(model, torch.nn.Module):
@@ -266,7 +262,7 @@ def _evaluate(
             )
         if tokenizer is None:
             raise InputError("pass tokenizer= with a model object")
-        tok = _load_tokenizer(tokenizer)
+        tok = load_tokenizer(tokenizer)
         lm = model
         dev = next(lm.parameters()).device
         dtype_ = next(lm.parameters()).dtype

@@ -1076,8 +1076,7 @@ def _process_shards(
                         results[row] = (out, j)
                     report.padded_tokens += int(out.logits.shape[0] * out.logits.shape[1])
                     report.num_batches += 1
-                    if bar is not None:
-                        bar.update(len(rows))
+                    bar.update(len(rows))
                 if writing is not None:
                     _record(report, writing.result())
                 # Assembling (copies) and writing (compression) overlap the next shard's passes.
@@ -1085,8 +1084,7 @@ def _process_shards(
             if writing is not None:
                 _record(report, writing.result())
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
     logger.info(
         "extracted %d tokens in %.1f s (%.0f tokens/s)",
         report.num_tokens,

@@ -1,8 +1,7 @@
 """Loading tokenizers and models, and choosing devices and dtypes: one place for every stage.
 
-Each function raises a typed :mod:`fusellm.errors` error naming the offending path or value, in
-one line (``transformers`` messages that span several lines are joined), never a raw
-``OSError`` or ``ValueError`` from the libraries.
+Loading failures are typed :mod:`fusellm.errors` errors naming the offending path or value, in
+one line (``transformers`` messages that span several lines are joined).
 """
 
 from __future__ import annotations

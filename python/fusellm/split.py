@@ -451,12 +451,10 @@ def split_texts(
                     else:
                         rows_per_doc[doc] = 0
                         stats.num_empty_dropped += 1
-            if bar is not None:
-                bar.update(len(texts))
+            bar.update(len(texts))
         flush(table.num_rows)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
     new_text = pa.chunked_array(out_chunks, type=column.type)
     num_rows = int(rows_per_doc.sum())

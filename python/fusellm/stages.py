@@ -746,24 +746,27 @@ def _spans_of(
             f"the {what} extraction's {SPANS_COLUMN} do not match its input_ids near row "
             f"{first_row}"
         )
+    # Checked in one pass over the batch: within a row the ends never decrease and no span
+    # starts after its end; the last token ends at the text's end (one character after it with
+    # the EOS, the virtual character).
     spans = spans.astype(np.int64)
-    out = [spans[offsets[r] : offsets[r + 1]] for r in range(len(offsets) - 1)]
-    for r, (text, sp) in enumerate(zip(texts, out, strict=True)):
-        end = len(text) + (1 if side.eos else 0)
-        ends = sp[:, 1]
-        last = int(ends[-1]) if sp.size else end
-        if (
-            last > end
-            or (side.eos and last != end)  # the EOS is the virtual character after the text
-            or (np.diff(ends) < 0).any()
-            or (sp[:, 0] > ends).any()
-        ):
-            raise InputError(
-                f"the {what} extraction's {SPANS_COLUMN} do not fit row {first_row + r}'s text "
-                f"(spans in order, the last ending at character {end}): the extraction was "
-                "changed after it was written"
-            )
-    return out
+    ends = spans[:, 1]
+    lengths = np.diff(offsets)
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    bad = spans[:, 0] > ends
+    bad[1:] |= (ends[1:] < ends[:-1]) & (row[1:] == row[:-1])
+    end = np.fromiter((len(t) for t in texts), np.int64, len(texts)) + (1 if side.eos else 0)
+    last = np.where(lengths > 0, ends[np.maximum(offsets[1:] - 1, 0)], end)
+    bad_rows = np.bincount(row[bad], minlength=len(lengths)) > 0
+    bad_rows |= (last != end) if side.eos else (last > end)
+    if bad_rows.any():
+        r = int(np.argmax(bad_rows))
+        raise InputError(
+            f"the {what} extraction's {SPANS_COLUMN} do not fit row {first_row + r}'s text "
+            f"(spans in order, the last ending at character {int(end[r])}): the extraction was "
+            "changed after it was written"
+        )
+    return [spans[offsets[r] : offsets[r + 1]] for r in range(len(offsets) - 1)]
 
 
 def _encode_with_offsets(
@@ -1210,8 +1213,7 @@ def align_dataset(
                 write_arrow_shard(table, tmp / name, compression=compression)
                 files.append(name)
                 start += n_rows
-                if bar is not None:
-                    bar.update(n_rows)
+                bar.update(n_rows)
             if start != num_rows:
                 raise InputError(
                     f"the extractions hold {start} rows but their manifests say {num_rows}"
@@ -1250,8 +1252,7 @@ def align_dataset(
                 },
             )
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -1708,8 +1709,7 @@ def pack_dataset(
                 },
             )
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     if nan_total:
         logger.warning("%d row(s) without a scored token were left out of the scores", nan_total)
     return PackReport(
