@@ -300,18 +300,26 @@ def dense_calibrated(
     matched: torch.Tensor | None = None,
     with_student: bool = False,
     block_bytes: torch.Tensor | None = None,
+    teacher_tail: str = "bin",
+    gated: bool = False,
 ) -> torch.Tensor:
     """Position by position, in float64: the fused teacher over the row ids plus one tail bin.
     With ``with_student``, a position where the student beats the picked row (per block: its CE
     per byte / per token against the candidate's score; per token: its probability of the next
     token against the row's) gets no fusion term (the student's own distribution as the target:
-    no gradient, reported as 0); its CLM weight stays ``lam``."""
+    no gradient, reported as 0); its CLM weight stays ``lam``. ``teacher_tail="label"``: where
+    the next token is not in the fused row, the tail mass is a target on that token instead of
+    on the bin. ``gated``: a block uses ``lam`` only where the fused rows give the true next
+    token's bin (its id, or the tail) a larger summed log-probability than the student does, on
+    the positions with a next token whose picked row is matched; elsewhere CLM alone."""
     labels, mask = batch["labels"], batch["attention_mask"]
     t_ids, t_lp, scores = batch["teacher_ids"], batch["teacher_logits"], batch["teacher_scores"]
     b, length, v = logits.shape
     c = t_ids.shape[1]
     p_student = torch.softmax(logits.double(), -1)
-    total_clm = total_fuse = logits.new_zeros((), dtype=torch.float64)
+    clm_sum = [logits.new_zeros((), dtype=torch.float64) for _ in range(b)]
+    fuse_sum = [logits.new_zeros((), dtype=torch.float64) for _ in range(b)]
+    gain = [0.0] * b
     n_clm = n_fuse = 0
     student_reward = []
     for i in range(b):
@@ -367,17 +375,31 @@ def dense_calibrated(
                 tail += w * row_tail
         ps = p_student[i, t]
         loss_t = -(q[in_row] * torch.log(ps[in_row])).sum()
+        listed = y != -100 and bool(in_row[y])
         if tail > 0:
-            loss_t = loss_t - tail * torch.log(ps[~in_row].sum())
+            if teacher_tail == "label" and y != -100 and not listed:
+                loss_t = loss_t - tail * torch.log(ps[y])
+            else:
+                loss_t = loss_t - tail * torch.log(ps[~in_row].sum())
+        picked_ok = matched is None or any(
+            w > 0 and bool(matched[i, j, t]) for j, w in enumerate(weights)
+        )
+        if gated and y != -100 and mask[i, t] and picked_ok:
+            mine = float((ps[y] if listed else ps[~in_row].sum()).detach())
+            theirs = float(q[y]) if listed else tail
+            gain[i] += math.log(max(theirs, 1e-300)) - math.log(mine)
         if distill_loss == "kl":
             qq = q[in_row & (q > 0)]
             loss_t = loss_t + (qq * torch.log(qq)).sum() + (tail * math.log(tail) if tail else 0)
         if mask[i, t]:
-            total_fuse = total_fuse + (0.0 if own else (1 - lam) * loss_t)
+            fuse_sum[i] = fuse_sum[i] + (0.0 if own else loss_t)
             n_fuse += 1
         if y != -100:
-            total_clm = total_clm + lam * -torch.log(ps[y])
+            clm_sum[i] = clm_sum[i] - torch.log(ps[y])
             n_clm += 1
+    lams = [lam if (not gated or gain[i] > 0) else 1.0 for i in range(b)]
+    total_clm = sum(lm * x for lm, x in zip(lams, clm_sum, strict=True))
+    total_fuse = sum((1 - lm) * x for lm, x in zip(lams, fuse_sum, strict=True))
     return total_clm / max(n_clm, 1) + total_fuse / max(n_fuse, 1)
 
 
@@ -427,6 +449,93 @@ def test_calibrated_loss_equals_the_dense_definition(
     want.backward()
     torch.testing.assert_close(out.loss.double(), want, rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fusion", ["mince", "avgce"])
+@pytest.mark.parametrize("combine", ["hard", "gated"])
+@pytest.mark.parametrize("teacher_tail", ["bin", "label"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_label_tail_and_gate_equal_the_dense_definition(
+    fusion: str, combine: str, teacher_tail: str, seed: int
+) -> None:
+    batch = as_logprobs(random_batch(seed), seed)
+    g = torch.Generator().manual_seed(seed + 11)
+    matched = torch.rand((*batch["teacher_scores"].shape, 7), generator=g) < 0.8
+    matched[:, 0] = True
+    logits = batch["logits"].clone()
+    # block 1: the student already knows its continuations (the gate closes there)
+    labels = batch["labels"]
+    for t in range(6):
+        if labels[1, t + 1] != -100:
+            logits[1, t, labels[1, t + 1]] += 12.0
+    x = logits.clone().requires_grad_(True)
+    out = fusion_loss(
+        x,
+        labels,
+        batch["attention_mask"],
+        batch["teacher_ids"],
+        batch["teacher_logits"],
+        batch["teacher_scores"],
+        fusion=fusion,
+        combine=combine,
+        teacher="calibrated",
+        teacher_tail=teacher_tail,
+        lm_loss_weight=0.3,
+        teacher_matched=matched,
+        chunk_elements=50,
+    )
+    out.loss.backward()
+    y = logits.clone().requires_grad_(True)
+    want = dense_calibrated(
+        y,
+        batch,
+        fusion=fusion,
+        distill_loss="ce",
+        selection="block",
+        temperature=1.0,
+        lam=0.3,
+        cand_mask=[True] * 3,
+        matched=matched,
+        teacher_tail=teacher_tail,
+        gated=combine == "gated",
+    )
+    want.backward()
+    torch.testing.assert_close(out.loss.double(), want, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-6)
+    if combine == "gated":
+        assert float(out.lm_weight[1]) == 1.0  # the student is better: CLM alone
+
+
+@pytest.mark.parametrize(
+    ("student_p", "teacher_p", "opens"), [(0.2, 0.9, True), (0.95, 0.9, False)]
+)
+def test_gate_opens_where_the_teacher_gives_the_next_token_more_mass(
+    student_p: float, teacher_p: float, opens: bool
+) -> None:
+    v, length = 6, 3
+    labels = torch.tensor([[1, 2, 3]])
+    # the student: student_p on each next token, the rest spread evenly
+    probs = torch.full((1, length, v), (1 - student_p) / (v - 1))
+    probs[0, 0, 2] = probs[0, 1, 3] = student_p
+    ids = torch.tensor([[[[2, 4], [3, 4], [0, 4]]]])  # the next token listed (the last: no next)
+    lp = torch.log(torch.tensor([[[[teacher_p, 0.05]] * length]]))
+    out = fusion_loss(
+        probs.log(), labels, torch.ones(1, length), ids, lp, torch.zeros(1, 1),
+        teacher="calibrated", combine="gated", lm_loss_weight=0.25, ref_index=None,
+    )  # fmt: skip
+    assert round(float(out.lm_weight[0]), 6) == (0.25 if opens else 1.0)
+
+
+def test_gate_and_label_tail_need_calibrated_rows() -> None:
+    batch = random_batch(0)
+    args = [batch[k] for k in ("logits", "labels", "attention_mask", "teacher_ids")]
+    rest = (batch["teacher_logits"], batch["teacher_scores"])
+    with pytest.raises(InputError, match="calibrated"):
+        fusion_loss(*args, *rest, combine="gated")
+    with pytest.raises(InputError, match="calibrated"):
+        fusion_loss(*args, *rest, teacher_tail="label")
+    with pytest.raises(InputError, match="teacher_tail"):
+        fusion_loss(*args, *rest, teacher="calibrated", teacher_tail="uniform")
 
 
 def sub_batch(batch: dict[str, Any], block: int, cands: int, length: int) -> dict[str, Any]:

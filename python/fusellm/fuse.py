@@ -15,7 +15,8 @@ entry is "empty" and is replaced by the ref row at that position.
   ``distill_loss="kl"`` adds ``Σ_v Q log Q`` (a constant: same gradient, the value is a KL);
 - ``L = λ L_clm + (1-λ) L_fuse`` (``combine="hard"``); ``"hard_and_decay"`` raises ``λ`` linearly
   to 1 over training (``λ + (1-λ)·progress``); ``"soft"`` uses ``(1-s_max) L_clm + s_max L_fuse``
-  with ``s_max`` the block's largest candidate score.
+  with ``s_max`` the block's largest candidate score; ``"gated"`` uses ``λ`` where the fused rows
+  predict the block better than the student does now, else ``L_clm`` alone (below).
 
 With several blocks in a batch every term is a token-level mean over the batch (as the usual CLM
 loss is): per-block weights (``soft``) multiply that block's token losses before the sums.
@@ -38,6 +39,24 @@ row as above; AvgCE mixes the candidates' rows id by id and their tails by weigh
 student's tail is the mass outside every id of the mixture. With ``T != 1`` a row keeps its mass
 and is reshaped within it, ``Σ p · softmax(log p / T)``: the tail is the teacher's at ``T = 1``,
 all the row can tell.
+
+Where the tail goes (``teacher_tail``) and when a teacher teaches (``combine="gated"``)
+-----------------------------------------------------------------------------------
+``teacher_tail="label"``: where the next target token is not among the fused row's ids, the data
+says which of the tokens the teacher did not list occurred, so the tail mass is a target on that
+token, ``-(1 - Σ p) log q_y``, instead of on the student's whole outside mass; elsewhere the tail
+stays one bin. The teacher then constrains only what it is sure of and the data fills the rest,
+so a stronger fusion weight no longer starves the student of the tokens the rows do not list.
+
+``combine="gated"`` (calibrated rows): per block, the fused rows and the student, as it is at
+this step, are judged on the same coarsening (the row's ids and the tail bin) by the summed
+log-probability of the bin that holds each true next token, over the positions with a next
+token whose picked row is the candidate's own (``teacher_matched``; an alignment fallback is a
+one-hot of the true token and would always win). Where the rows are better the block trains
+with ``λ L_clm + (1-λ) L_fuse``; elsewhere with ``L_clm`` alone (``λ = 1``). The judge is what
+the rows actually teach (their aligned, truncated form, not the source's own CE, which
+overstates it), in the units of the loss (target tokens), and a log score is proper: the better
+of the two in expectation is the one closer to the true coarse distribution.
 
 Selection (``selection``) and the student (``with_student``)
 ------------------------------------------------------------
@@ -113,18 +132,20 @@ __all__ = [
 ]
 
 Fusion = Literal["mince", "avgce"]
-Combine = Literal["hard", "hard_and_decay", "soft", "advantage"]
+Combine = Literal["hard", "hard_and_decay", "soft", "advantage", "gated"]
 DistillLoss = Literal["ce", "kl"]
 Score = Literal["ce", "ce_per_byte"]
 Teacher = Literal["renormalized", "calibrated"]
 Selection = Literal["block", "token"]
+TeacherTail = Literal["bin", "label"]
 
 FUSIONS = ("mince", "avgce")
-COMBINES = ("hard", "hard_and_decay", "soft", "advantage")
+COMBINES = ("hard", "hard_and_decay", "soft", "advantage", "gated")
 DISTILL_LOSSES = ("ce", "kl")
 SCORES = ("ce", "ce_per_byte")
 TEACHERS = ("renormalized", "calibrated")
 SELECTIONS = ("block", "token")
+TEACHER_TAILS = ("bin", "label")
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 #: Float32 elements per chunk of rows in :func:`log_softmax_gather`, by device type: chunks that
@@ -508,6 +529,7 @@ def fusion_loss(
     distill_loss: DistillLoss = "ce",
     teacher: Teacher = "renormalized",
     selection: Selection = "block",
+    teacher_tail: TeacherTail = "bin",
     lm_loss_weight: float = 0.9,
     temperature: float = 1.0,
     progress: float = 0.0,
@@ -536,6 +558,8 @@ def fusion_loss(
         teacher: ``"renormalized"`` (the reference: each row's softmax over its kept entries) or
             ``"calibrated"`` (rows of log-probabilities keep their true mass; one extra "every
             other token" bin per position).
+        teacher_tail: calibrated rows: ``"bin"`` (the tail is one bin) or ``"label"`` (where the
+            next token is outside the fused row, the tail mass is a target on it).
         selection: ``"block"`` (a candidate per block, by ``teacher_scores``: the paper's) or
             ``"token"`` (per position, by each row's probability of the next target token).
         progress: training progress in ``[0, 1]`` (``combine="hard_and_decay"``).
@@ -572,6 +596,7 @@ def fusion_loss(
         distill_loss=distill_loss,
         teacher=teacher,
         selection=selection,
+        teacher_tail=teacher_tail,
         temperature=temperature,
         ref_index=ref_index,
         compat=compat,
@@ -610,7 +635,12 @@ def fusion_loss(
         logp, log_tail = log_softmax_gather(
             logits, index, in_row=flags, chunk_elements=chunk_elements
         )
-        tail_term = torch.where(q_tail > 0, q_tail * log_tail, torch.zeros((), device=device))
+        log_rest = log_tail
+        if teacher_tail == "label":
+            # The next token is outside the row: the teacher's tail mass goes to it.
+            outside = clm_mask & ~(in_row & (sel_ids == nxt[..., None])).any(-1)
+            log_rest = torch.where(outside, logp[..., 0], log_tail)
+        tail_term = torch.where(q_tail > 0, q_tail * log_rest, torch.zeros((), device=device))
     else:
         logp = log_softmax_gather(logits, index, chunk_elements=chunk_elements)
         tail_term = torch.zeros((), device=device)
@@ -625,6 +655,13 @@ def fusion_loss(
     elif combine == "advantage":
         mine = _student_block_reward(-logp[..., 0].detach(), clm_mask, block_bytes)
         lm_w = (mine / block.amax(1).clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
+    elif combine == "gated":
+        lam = torch.full((b,), float(lm_loss_weight), device=device)
+        judged = clm_mask & (m > 0)
+        if teacher_matched is not None:  # alignment fallbacks are one-hots of the true token
+            judged = judged & ((weights > 0) & teacher_matched.bool()).any(1)
+        wins = _teacher_gains(sel_ids, q, in_row, q_tail, logp, log_tail, nxt, judged)
+        lm_w = torch.where(wins, lam, torch.ones_like(lam))
     else:
         lam = lm_loss_weight
         if combine == "hard_and_decay":
@@ -662,6 +699,30 @@ def fusion_loss(
         candidate_weights=(weights * (m * ~student)[:, None, :]).sum(-1) / share[:, None],
         student_share=(student * m).sum(-1) / share,
     )
+
+
+def _teacher_gains(
+    sel_ids: torch.Tensor,
+    q: torch.Tensor,
+    in_row: torch.Tensor,
+    q_tail: torch.Tensor,
+    logp: torch.Tensor,
+    log_tail: torch.Tensor,
+    nxt: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """``[B]`` whether the fused target predicts the block's next tokens better than the student
+    does now, both judged on the target's own coarsening (its row's ids and the tail bin): the
+    mean log-probability of the bin holding the true next token (no grad)."""
+    with torch.no_grad():
+        hit = in_row & (sel_ids == nxt[..., None])
+        listed = hit.any(-1)
+        p_true = (q * hit).sum(-1)
+        tiny = torch.finfo(torch.float32).tiny
+        t_lp = torch.log(torch.where(listed, p_true, q_tail).clamp_min(tiny))
+        s_lp = torch.where(listed, logp[..., 0].detach(), log_tail.detach())
+        gain = torch.where(mask, t_lp - s_lp, 0.0).sum(-1)
+        return gain > 0
 
 
 def _student_block_reward(
@@ -715,6 +776,12 @@ def _check_loss_args(
     check_choice("distill_loss", choices["distill_loss"], DISTILL_LOSSES)
     check_choice("teacher", choices["teacher"], TEACHERS)
     check_choice("selection", choices["selection"], SELECTIONS)
+    check_choice("teacher_tail", choices["teacher_tail"], TEACHER_TAILS)
+    if choices["teacher"] != "calibrated":
+        if choices["combine"] == "gated":
+            raise InputError("combine='gated' judges rows with their tail: teacher='calibrated'")
+        if choices["teacher_tail"] != "bin":
+            raise InputError("teacher_tail applies to rows with a tail: teacher='calibrated'")
     check_choice("compat", choices["compat"], (None, "fusellm"))
     if choices["compat"] == "fusellm" and choices["teacher"] != "renormalized":
         raise InputError("compat='fusellm' reproduces the reference: teacher must be renormalized")

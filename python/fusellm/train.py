@@ -44,6 +44,7 @@ from .fuse import (
     REF,
     SCORES,
     SELECTIONS,
+    TEACHER_TAILS,
     TEACHERS,
     FusionCollator,
     check_candidate_name,
@@ -111,7 +112,7 @@ class FusionConfig(TrainingArguments):
             "lowest score (ties go to ref), 'avgce' weights them by softmax(exp(-score))."
         },
     )
-    combine: Literal["hard", "hard_and_decay", "soft", "advantage"] = field(
+    combine: Literal["hard", "hard_and_decay", "soft", "advantage", "gated"] = field(
         default="hard",
         metadata={
             "help": "How the CLM and fusion terms combine: 'hard' = lm_loss_weight * CLM + "
@@ -120,7 +121,9 @@ class FusionConfig(TrainingArguments):
             "exp(-best score) per block; 'advantage' = (1 - a) * fusion + a * CLM per block with "
             "a = exp(-student CE) / exp(-best score) (capped at 1): the fusion weight is the best "
             "candidate's likelihood advantage over the student as it is now (0 where the student "
-            "is already better)."
+            "is already better); 'gated' = the 'hard' mix in the blocks where the fused "
+            "calibrated rows give the true next tokens more probability than the student does "
+            "now (both on the rows' ids plus the tail bin), CLM alone elsewhere."
         },
     )
     distill_loss: Literal["ce", "kl"] = field(
@@ -150,6 +153,15 @@ class FusionConfig(TrainingArguments):
             "selection=token). Where the student already predicts better, the position is "
             "trained by the CLM term alone: a teacher is used only where it knows more than the "
             "student does now."
+        },
+    )
+    teacher_tail: Literal["bin", "label"] = field(
+        default="bin",
+        metadata={
+            "help": "Calibrated teacher: where the teacher's mass outside its row goes. 'bin': "
+            "one 'every other token' bin against the student's mass outside the row; 'label': "
+            "where the next token is outside the row, onto that token (the data names which "
+            "of the tokens the teacher did not list occurred)."
         },
     )
     selection: Literal["block", "token"] = field(
@@ -227,6 +239,12 @@ class FusionConfig(TrainingArguments):
             self.teacher = "renormalized" if self.compat == "fusellm" else "calibrated"
         check_choice("teacher", self.teacher, TEACHERS)
         check_choice("selection", self.selection, SELECTIONS)
+        check_choice("teacher_tail", self.teacher_tail, TEACHER_TAILS)
+        if self.teacher != "calibrated" and (self.combine == "gated" or self.teacher_tail != "bin"):
+            raise InputError(
+                "combine='gated' and teacher_tail='label' need teacher='calibrated' (rows of "
+                f"log-probabilities with their tail), got teacher={self.teacher!r}"
+            )
         if self.with_student and self.fusion != "mince":
             raise InputError("with_student works with fusion='mince'")
         if self.compat == "fusellm" and (self.teacher, self.selection) != ("renormalized", "block"):
@@ -446,6 +464,7 @@ class FusionTrainer(Trainer):
             distill_loss=args.distill_loss,
             teacher=args.teacher,  # type: ignore[arg-type]
             selection=args.selection,
+            teacher_tail=args.teacher_tail,  # type: ignore[arg-type]
             lm_loss_weight=args.lm_loss_weight,
             temperature=args.teacher_temperature,
             progress=progress,
@@ -483,6 +502,10 @@ class FusionTrainer(Trainer):
         for k, v in (("clm_loss", out.clm_loss), ("fusion_loss", out.fusion_loss)):
             self._add(k, v)
         self._add("lm_weight", out.lm_weight.mean())
+        if block_domain is not None:
+            for d, domain in enumerate(col.domains):
+                in_d = block_domain.to(out.lm_weight.device) == d
+                self._add(f"lm_weight/{domain}", out.lm_weight[in_d].sum(), in_d.sum())
         shares = [(n, w[:, j]) for j, n in enumerate(col.stack) if col.candidate_mask[j]]
         if self.args.with_student:  # type: ignore[attr-defined]
             shares.append(("student", out.student_share))
