@@ -35,8 +35,8 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
 from fusellm.bundled import load_tokenizer  # noqa: E402
-from fusellm.extract import TopKEngine, extract_topk, pad_batch, plan_batches  # noqa: E402
-from fusellm.split import split_texts  # noqa: E402
+from fusellm.stages.extract import TopKEngine, extract_topk, pad_batch, plan_batches  # noqa: E402
+from fusellm.stages.split import split_texts  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import corpus_text  # noqa: E402

@@ -31,8 +31,8 @@ from corpus import report
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("torch")
 
-from fusellm.extract import extract_topk  # noqa: E402
 from fusellm.stages import align_dataset, pack_dataset, run_vocab_map  # noqa: E402
+from fusellm.stages.extract import extract_topk  # noqa: E402
 from models import quiet  # noqa: E402
 
 BLOCK = 256  # the miniature's block size
@@ -41,7 +41,7 @@ BLOCK = 256  # the miniature's block size
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from fusellm.miniature import prepare_miniature
-    from fusellm.split import run_split
+    from fusellm.stages.split import run_split
 
     root = tmp_path_factory.mktemp("stages")
     with quiet():

@@ -1,7 +1,7 @@
 """Tiny causal LMs on the real bundled tokenizers, built from configs (no downloads).
 
 :func:`build_tiny_model` saves a model AND its tokenizer into one directory (``save_pretrained``),
-the layout ``fusellm.extract`` reads. :data:`TINY_MODELS` lists the three used by the tests:
+the layout ``fusellm.stages.extract`` reads. :data:`TINY_MODELS` lists the three used by the tests:
 
 - ``llama``: LlamaConfig on Mistral's SentencePiece tokenizer (32,000 ids);
 - ``neox``: GPTNeoXConfig on DeepSeek's byte-level BPE (129,280 ids);

@@ -24,15 +24,15 @@ from models import TinyModel, build_named, build_tiny_model, quiet
 lm_eval = pytest.importorskip("lm_eval")
 torch = pytest.importorskip("torch")
 
-from fusellm import benchmark as bm  # noqa: E402
-from fusellm.benchmark import (  # noqa: E402
+from fusellm.cli import main  # noqa: E402
+from fusellm.stages import benchmark as bm  # noqa: E402
+from fusellm.stages.benchmark import (  # noqa: E402
     SUMMARY_NAME,
     headline_metric,
     parse_task_specs,
     run_benchmarks,
     write_domain_tasks,
 )
-from fusellm.cli import main  # noqa: E402
 
 #: Items evaluated per task (the harness's first ones).
 LIMIT = 12
@@ -226,7 +226,7 @@ def test_rerun_skips_done_models_and_tasks(
     with monkeypatch.context() as m:
         m.setattr(bm, "_load_lm", no_harness)
         m.setattr(lm_eval, "simple_evaluate", no_harness)
-        with caplog.at_level(logging.INFO, logger="fusellm.benchmark"):
+        with caplog.at_level(logging.INFO, logger="fusellm.stages.benchmark"):
             again = run_benchmarks(
                 {"tiny": tiny.path},
                 evaluated.names,
@@ -296,7 +296,7 @@ def test_unknown_task_is_one_line_with_close_matches(
 def test_tokenizer_without_eos_is_a_clear_error(
     tiny: TinyModel, tasks: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fusellm.evaluate as ev
+    import fusellm.stages.evaluate as ev
 
     model = tmp_path / "no-eos"
     shutil.copytree(tiny.path, model)

@@ -64,3 +64,22 @@ def test_errors_are_messages_not_tracebacks(tmp_path) -> None:
     assert proc.stderr.startswith("fusellm report: error: ")
     assert "Traceback" not in proc.stderr
     assert "missing" in proc.stderr
+
+
+def test_stage_package_reexports_each_stage_module() -> None:
+    """``fusellm.stages`` re-exports every stage's entry points from their own modules, and the
+    top-level package gives the same objects."""
+    import importlib
+
+    import fusellm
+    import fusellm.stages as stages
+
+    for name in stages.__all__:
+        value = getattr(stages, name)
+        module = importlib.import_module(value.__module__)
+        assert module.__name__.startswith("fusellm.stages."), (name, module.__name__)
+        assert name in module.__all__, (name, module.__name__)
+        if name in fusellm.__all__:
+            assert getattr(fusellm, name) is value
+    with pytest.raises(AttributeError, match="no_such_stage"):
+        _ = stages.no_such_stage

@@ -17,8 +17,8 @@ from models import TinyModel, build_named, load, quiet
 torch = pytest.importorskip("torch")
 datasets = pytest.importorskip("datasets")
 
-from fusellm import evaluate as ev  # noqa: E402
-from fusellm.evaluate import (  # noqa: E402
+from fusellm.stages import evaluate as ev  # noqa: E402
+from fusellm.stages.evaluate import (  # noqa: E402
     evaluate_perplexity,
     format_table,
     parse_model_args,

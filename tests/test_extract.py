@@ -31,7 +31,7 @@ from models import TinyModel, build_named, load, quiet, reference_row
 torch = pytest.importorskip("torch")
 datasets = pytest.importorskip("datasets")
 
-from fusellm.extract import (  # noqa: E402
+from fusellm.stages.extract import (  # noqa: E402
     KILL_ENV,
     TopKEngine,
     add_extract_parser,
@@ -298,7 +298,7 @@ def test_fused_ce_equals_eager(tiny_llama: TinyModel, llama_run: Any, tmp_path: 
 
 def test_lazy_exports() -> None:
     assert fusellm.extract_topk is extract_topk
-    assert fusellm.split_texts.__module__ == "fusellm.split"
+    assert fusellm.split_texts.__module__ == "fusellm.stages.split"
     assert {"ExtractReport", "SplitStats", "finalize_extract", "run_split"} <= set(fusellm.__all__)
 
 
@@ -332,7 +332,7 @@ def test_resume_after_sigkill_gives_the_same_bytes(
     cmd = [
         sys.executable,
         "-m",
-        "fusellm.extract",
+        "fusellm.stages.extract",
         str(tmp_path / "in.jsonl"),
         str(tiny_llama.path),
         str(out),
@@ -395,7 +395,7 @@ def test_torchrun_ranks_take_their_own_shards(
         "--nproc-per-node",
         "2",
         "-m",
-        "fusellm.extract",
+        "fusellm.stages.extract",
         str(tmp_path / "in.jsonl"),
         str(tiny_llama.path),
         str(out),

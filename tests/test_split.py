@@ -31,7 +31,7 @@ from fusellm.io import (
     read_manifest,
 )
 from fusellm.samples import SAMPLE_TEXTS
-from fusellm.split import BOUNDARIES, add_split_parser, run_split, split_texts
+from fusellm.stages.split import BOUNDARIES, add_split_parser, run_split, split_texts
 
 datasets = pytest.importorskip("datasets")
 

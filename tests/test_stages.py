@@ -31,18 +31,12 @@ torch = pytest.importorskip("torch")
 datasets = pytest.importorskip("datasets")
 
 from fusellm.bundled import load_tokenizer  # noqa: E402
-from fusellm.extract import extract_topk  # noqa: E402
 from fusellm.fuse import validate_packed  # noqa: E402
 from fusellm.report import write_report  # noqa: E402
-from fusellm.stages import (  # noqa: E402
-    ALIGN_STATS_NAME,
-    add_align_parser,
-    add_pack_parser,
-    add_vocab_map_parser,
-    align_dataset,
-    pack_dataset,
-    run_vocab_map,
-)
+from fusellm.stages.align import ALIGN_STATS_NAME, add_align_parser, align_dataset  # noqa: E402
+from fusellm.stages.extract import extract_topk  # noqa: E402
+from fusellm.stages.pack import add_pack_parser, pack_dataset  # noqa: E402
+from fusellm.stages.vocab_map import add_vocab_map_parser, run_vocab_map  # noqa: E402
 
 TEXTS = [
     SAMPLE_TEXTS[0][:160],
@@ -689,9 +683,9 @@ def test_pack_compat_reproduces_the_reference_batch_boundaries(
     """compat='fusellm': rows concatenated and cut per group of REFERENCE_PACK_ROWS (the
     reference's datasets.map batches), each group's remainder a short block; the oracle cuts
     every group on its own."""
-    import fusellm.stages as stages
+    import fusellm.stages.pack as pack_stage
 
-    monkeypatch.setattr(stages, "REFERENCE_PACK_ROWS", group)
+    monkeypatch.setattr(pack_stage, "REFERENCE_PACK_ROWS", group)
     bs = 16
     out = tmp_path / "packed"
     report = pack_dataset(aligned.output_dir, out, block_size=bs, compat="fusellm", progress=False)
@@ -1019,20 +1013,20 @@ def test_stored_spans_align_like_tokenizing_again(
 ) -> None:
     """The offsets alignment reads the extraction's token_spans; an extraction without them (made
     before they were stored) is tokenized again: both give the same aligned shards."""
-    import fusellm.stages as stages
+    import fusellm.stages.align as align_stage
 
     stored = align_dataset(extracts["llama"], source_dirs, tmp_path / "stored", progress=False)
     calls: list[int] = []
-    encode = stages._encode_with_offsets
+    encode = align_stage._encode_with_offsets
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         return encode(*args, **kwargs)
 
-    monkeypatch.setattr(stages, "_encode_with_offsets", counted)
+    monkeypatch.setattr(align_stage, "_encode_with_offsets", counted)
     align_dataset(extracts["llama"], source_dirs, tmp_path / "again", progress=False)
     assert not calls  # the stored spans were used
-    monkeypatch.setattr(stages, "SPANS_COLUMN", "no_such_column")
+    monkeypatch.setattr(align_stage, "SPANS_COLUMN", "no_such_column")
     again = align_dataset(extracts["llama"], source_dirs, tmp_path / "tokenized", progress=False)
     assert calls
     names = sorted(p.name for p in stored.output_dir.glob("*.arrow"))

@@ -9,7 +9,7 @@ random weights; rows are random token ids with split-like lengths (most near 200
 It times, over the SAME batches (rows sorted by length, a padded-token budget per batch):
 
 1. bare forward: ``model(input_ids).logits`` for every batch (host->device copy included);
-2. extraction engine (``fusellm.extract.TopKEngine``): the same forward, exact top-K, float32
+2. extraction engine (``fusellm.stages.extract.TopKEngine``): the same forward, exact top-K, float32
    cross-entropy (fused ``torch.compile`` reduction on CUDA), device->host copies overlapped with
    the next batch, per-row slicing on the host;
 3. full pipeline (only if ``datasets`` and ``pyarrow`` are importable): ``extract_topk`` on the
@@ -50,16 +50,16 @@ def log(msg: str) -> None:
 
 
 def import_extract() -> Any:
-    """``fusellm.extract``: installed, or loaded from the checkout without ``fusellm/__init__``
-    (which needs the Rust extension)."""
+    """``fusellm.stages.extract``: installed, or loaded from the checkout without
+    ``fusellm/__init__`` (which needs the Rust extension)."""
     try:
-        return importlib.import_module("fusellm.extract")
+        return importlib.import_module("fusellm.stages.extract")
     except Exception:
         sys.modules.pop("fusellm", None)
     pkg = types.ModuleType("fusellm")
     pkg.__path__ = [str(ROOT / "python" / "fusellm")]
     sys.modules["fusellm"] = pkg
-    return importlib.import_module("fusellm.extract")
+    return importlib.import_module("fusellm.stages.extract")
 
 
 def parse_args() -> argparse.Namespace:

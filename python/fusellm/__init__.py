@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import _native
+from ._lazy import lazy_getattr
 from .align import (
     EMPTY,
     FALLBACK,
@@ -26,13 +27,24 @@ from .vocab import VocabMap
 
 if TYPE_CHECKING:
     from .config import PipelineConfig, load_config
-    from .evaluate import evaluate_perplexity, run_evaluate
-    from .extract import ExtractReport, extract_topk, finalize_extract
     from .fuse import FusionCollator, build_packed_dataset, fusion_loss
     from .pipeline import run_pipeline
     from .report import write_report
-    from .split import SplitStats, run_split, split_texts
-    from .stages import AlignReport, PackReport, align_dataset, pack_dataset, run_vocab_map
+    from .stages import (
+        AlignReport,
+        ExtractReport,
+        PackReport,
+        SplitStats,
+        align_dataset,
+        evaluate_perplexity,
+        extract_topk,
+        finalize_extract,
+        pack_dataset,
+        run_evaluate,
+        run_split,
+        run_vocab_map,
+        split_texts,
+    )
     from .train import FusionConfig, FusionTrainer, run_train
 
 __version__: str = _native.__version__
@@ -40,20 +52,20 @@ __version__: str = _native.__version__
 # The stages need torch, transformers or datasets: import them only when one of these names is
 # used.
 _LAZY = {
-    "ExtractReport": "extract",
-    "SplitStats": "split",
-    "extract_topk": "extract",
-    "finalize_extract": "extract",
-    "run_split": "split",
-    "split_texts": "split",
+    "ExtractReport": "stages",
+    "SplitStats": "stages",
+    "extract_topk": "stages",
+    "finalize_extract": "stages",
+    "run_split": "stages",
+    "split_texts": "stages",
     "FusionCollator": "fuse",
     "FusionConfig": "train",
     "FusionTrainer": "train",
     "build_packed_dataset": "fuse",
     "fusion_loss": "fuse",
     "run_train": "train",
-    "evaluate_perplexity": "evaluate",
-    "run_evaluate": "evaluate",
+    "evaluate_perplexity": "stages",
+    "run_evaluate": "stages",
     "write_report": "report",
     "AlignReport": "stages",
     "PackReport": "stages",
@@ -66,15 +78,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fusellm' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = [

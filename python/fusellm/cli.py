@@ -19,14 +19,30 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 #: command -> (module, function adding its sub-parser, one-line help), in pipeline order.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("pipeline", "add_run_parser", "run every stage from a config (default: built-in demo)"),
-    "split": ("split", "add_split_parser", "split documents into rows that fit every tokenizer"),
-    "extract": ("extract", "add_extract_parser", "store a model's top-K next-token distributions"),
-    "vocab-map": ("stages", "add_vocab_map_parser", "map a source vocabulary onto the target's"),
-    "align": ("stages", "add_align_parser", "re-express source distributions on target tokens"),
-    "pack": ("stages", "add_pack_parser", "pack aligned rows into training blocks"),
+    "split": (
+        "stages.split",
+        "add_split_parser",
+        "split documents into rows that fit every tokenizer",
+    ),
+    "extract": (
+        "stages.extract",
+        "add_extract_parser",
+        "store a model's top-K next-token distributions",
+    ),
+    "vocab-map": (
+        "stages.vocab_map",
+        "add_vocab_map_parser",
+        "map a source vocabulary onto the target's",
+    ),
+    "align": (
+        "stages.align",
+        "add_align_parser",
+        "re-express source distributions on target tokens",
+    ),
+    "pack": ("stages.pack", "add_pack_parser", "pack aligned rows into training blocks"),
     "train": ("train", "add_train_parser", "train the target on packed blocks with fusion loss"),
     "evaluate": (
-        "evaluate",
+        "stages.evaluate",
         "add_evaluate_parser",
         "held-out perplexity, or benchmark tasks (--tasks), of model directories",
     ),

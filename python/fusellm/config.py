@@ -440,7 +440,7 @@ class EvaluateSettings:
             if value is not None and value < minimum:
                 raise ConfigError(f"evaluate.{key}", f"must be at least {minimum}, got {value}")
         if self.tasks:
-            from .benchmark import parse_task_specs
+            from .stages.benchmark import parse_task_specs
 
             try:
                 parse_task_specs(self.tasks)
@@ -1044,7 +1044,7 @@ def _check_data(key: str, value: str | None) -> None:
 
 def _check_tasks(ev: EvaluateSettings) -> None:
     """The benchmark tasks exist (lm-evaluation-harness installed, every name known)."""
-    from .benchmark import check_tasks
+    from .stages.benchmark import check_tasks
 
     try:
         check_tasks(ev.tasks, num_fewshot=ev.num_fewshot, include_path=ev.include_path)

@@ -17,9 +17,10 @@ tokenizers and the models are trained on before): like MiniPile in the paper, th
 are new to every model.
 
 **Benchmark tasks** (``data/benchmarks``): per domain, a 4-way continuation choice and a 4-way
-next-word choice over the held-out documents (:func:`fusellm.benchmark.write_domain_tasks`, at
-most :data:`BENCHMARK_ITEMS` items each, seeded), as lm-evaluation-harness task files; the default
-run evaluates them on every model after the perplexity.
+next-word choice over the held-out documents
+(:func:`fusellm.stages.benchmark.write_domain_tasks`, at most :data:`BENCHMARK_ITEMS` items each,
+seeded), as lm-evaluation-harness task files; the default run evaluates them on every model after
+the perplexity.
 
 **Tokenizers** (``tokenizers`` library; trained in seconds and deterministically): the target
 gets a SentencePiece-style BPE like Llama's (``Metaspace`` pre-tokenizer with the ``▁`` marker,
@@ -812,7 +813,8 @@ class Miniature:
     #: piece -> wall seconds spent building it in that call (built pieces only).
     seconds: dict[str, float] = field(default_factory=dict)
     #: The directory of the domain benchmark tasks (lm-evaluation-harness YAML and JSONL files
-    #: over the held-out documents, :func:`fusellm.benchmark.write_domain_tasks`), and their names.
+    #: over the held-out documents, :func:`fusellm.stages.benchmark.write_domain_tasks`), and
+    #: their names.
     benchmarks: Path | None = None
     benchmark_tasks: tuple[str, ...] = ()
 
@@ -1150,7 +1152,7 @@ def _benchmark_piece(
 ) -> tuple[str, ...]:
     """The domain benchmark tasks over the held-out documents (``data/benchmarks``): JSONL items
     and the task YAML files, which name the data by absolute path (the location is in the key)."""
-    from .benchmark import DOMAIN_TASKS_VERSION, write_domain_tasks
+    from .stages.benchmark import DOMAIN_TASKS_VERSION, write_domain_tasks
 
     key = {
         "heldout": heldout_fp,

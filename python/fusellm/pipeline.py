@@ -140,7 +140,7 @@ class PipelineResult:
     stages: list[StageRun]
     #: Training run name (``fused``, ``clm``, ``fused-seed1``, ...) -> its model directory.
     runs: dict[str, Path]
-    #: The evaluation output (:func:`fusellm.evaluate.run_evaluate`), or None.
+    #: The evaluation output (:func:`fusellm.stages.evaluate.run_evaluate`), or None.
     perplexity: dict[str, Any] | None
     report: Path | None
     #: This invocation's wall and CPU time (all threads), prepare included.
@@ -707,7 +707,7 @@ def _run(
         }
 
         def do_split() -> dict[str, Any]:
-            from .split import run_split
+            from .stages.split import run_split
 
             stats = run_split(
                 cfg.data.train,
@@ -760,7 +760,7 @@ def _run(
             }
 
             def do_vocab(s: ModelSpec = s, path: Path = path) -> dict[str, Any]:
-                from .stages import run_vocab_map
+                from .stages.vocab_map import run_vocab_map
 
                 vm = _call_stage(
                     run_vocab_map,
@@ -788,7 +788,7 @@ def _run(
         }
 
         def do_align() -> dict[str, Any]:
-            from .stages import align_dataset
+            from .stages.align import align_dataset
 
             report = _call_stage(
                 align_dataset,
@@ -817,7 +817,7 @@ def _run(
         }
 
         def do_pack() -> dict[str, Any]:
-            from .stages import pack_dataset
+            from .stages.pack import pack_dataset
 
             report = _call_stage(
                 pack_dataset,
@@ -900,7 +900,7 @@ def _extract_fn(
     s: ExtractSettings, m: ModelSpec, split_dir: Path, out: Path, progress: Any
 ) -> Callable[[], dict[str, Any]]:
     def do() -> dict[str, Any]:
-        from .extract import extract_topk
+        from .stages.extract import extract_topk
 
         rep = _call_stage(
             extract_topk,
@@ -1021,7 +1021,7 @@ def _evaluate(
     result: dict[str, Any] = {}
 
     def do() -> dict[str, Any]:
-        from .evaluate import run_evaluate
+        from .stages.evaluate import run_evaluate
 
         out.parent.mkdir(parents=True, exist_ok=True)
         result["value"] = run_evaluate(
@@ -1054,10 +1054,10 @@ def _benchmarks(
     model_fp: Mapping[str, str],
     progress: Any,
 ) -> None:
-    """The benchmark tasks (:func:`fusellm.benchmark.run_benchmarks`) on the evaluated models,
-    into ``evaluate/benchmarks/``; an interrupted attempt keeps the models and tasks it
+    """The benchmark tasks (:func:`fusellm.stages.benchmark.run_benchmarks`) on the evaluated
+    models, into ``evaluate/benchmarks/``; an interrupted attempt keeps the models and tasks it
     finished."""
-    from .benchmark import lm_eval_version
+    from .stages.benchmark import lm_eval_version
 
     out = wd / "evaluate" / "benchmarks"
     models, tokenizers = evaluation_models(cfg, model_dirs)
@@ -1075,7 +1075,7 @@ def _benchmarks(
     }
 
     def do() -> dict[str, Any]:
-        from .benchmark import run_benchmarks
+        from .stages.benchmark import run_benchmarks
 
         out.mkdir(parents=True, exist_ok=True)
         summary = run_benchmarks(
@@ -1182,8 +1182,8 @@ _EVAL = 'pip install "fusellm[eval]"'
 
 def _miniature_benchmarks(mini: Any, test: bool) -> dict[str, Any]:
     """The ``evaluate`` settings of the miniature's domain benchmark tasks
-    (:func:`fusellm.benchmark.write_domain_tasks`): at the default scale, when lm-evaluation-
-    harness is installed (the reduced run stays small)."""
+    (:func:`fusellm.stages.benchmark.write_domain_tasks`): at the default scale, when
+    lm-evaluation-harness is installed (the reduced run stays small)."""
     import importlib.util
 
     tasks = list(getattr(mini, "benchmark_tasks", None) or ())
@@ -1341,7 +1341,7 @@ def _print_result(result: PipelineResult) -> None:
         lines.append(f"{r.stage:<25} {r.status:<8} {r.seconds:8.1f} {r.cpu_seconds:7.1f}")
     lines.append(f"{'this run':<25} {'':<8} {result.wall_seconds:8.1f} {result.cpu_seconds:7.1f}")
     if result.perplexity is not None:
-        from .evaluate import format_table
+        from .stages.evaluate import format_table
 
         lines += ["", format_table(result.perplexity)]
     lines += [

@@ -8,8 +8,8 @@ writes ``report.md`` plus PNG plots into ``<workdir>/report`` (or ``output_dir``
     <workdir>/align/align_stats.json       per-source alignment counters
     <workdir>/train/<run>/trainer_state.json   HF Trainer state per run ("fused", "clm",
                                            "fused-seed1", "clm-seed1", ...)
-    <workdir>/evaluate/perplexity.json     the fusellm.evaluate.run_evaluate output
-    <workdir>/evaluate/benchmarks/benchmarks.json  the fusellm.benchmark.run_benchmarks summary
+    <workdir>/evaluate/perplexity.json     the stages.evaluate.run_evaluate output
+    <workdir>/evaluate/benchmarks/benchmarks.json  the stages.benchmark.run_benchmarks summary
     <workdir>/timings.json                 {"stages": {stage: seconds}} (optional)
 
 Sections: run summary (stages present, key settings of the config, the headline fused-vs-CLM
@@ -128,7 +128,7 @@ class _Workdir:
 
 
 def _read_benchmarks(path: Path) -> dict[str, Any] | None:
-    """The benchmark summary (:func:`fusellm.benchmark.run_benchmarks`), checked."""
+    """The benchmark summary (:func:`fusellm.stages.benchmark.run_benchmarks`), checked."""
     obj = read_json_object(path)
     if obj is None:
         return None
@@ -970,7 +970,7 @@ def _gap_closure(
 
 def _bench_value(entry: Mapping[str, Any] | None) -> float | None:
     """A task result's headline value as the report shows it (fractions in percent)."""
-    from .benchmark import PERCENT_METRICS
+    from .stages.benchmark import PERCENT_METRICS
 
     if not entry or not _finite(entry.get("value")):
         return None
@@ -1074,7 +1074,7 @@ def _benchmark_section(wd: _Workdir) -> tuple[list[str], str | None]:
 
 
 def _percent_metrics() -> frozenset[str]:
-    from .benchmark import PERCENT_METRICS
+    from .stages.benchmark import PERCENT_METRICS
 
     return PERCENT_METRICS
 

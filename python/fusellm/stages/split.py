@@ -46,9 +46,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import FuseLLMError, InputError, InputTypeError
-from .loading import load_tokenizer
-from .progress import progress_bar
+from ..errors import FuseLLMError, InputError, InputTypeError
+from ..loading import load_tokenizer
+from ..progress import progress_bar
 
 __all__ = [
     "SplitStats",
@@ -376,7 +376,7 @@ def split_texts(
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from .io import load_text_dataset
+    from ..io import load_text_dataset
 
     if boundary not in BOUNDARIES:
         raise InputError(f"boundary must be one of {list(BOUNDARIES)}, got {boundary!r}")
@@ -502,7 +502,7 @@ def split_texts(
 
 
 def _table_of(ds: Any) -> Any:
-    from .io import _as_arrow_table
+    from ..io import _as_arrow_table
 
     return _as_arrow_table(ds)
 
@@ -526,7 +526,7 @@ def run_split(
     whose documents are all empty is an :class:`~fusellm.InputError`, and nothing is written."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from .io import (
+    from ..io import (
         atomic_dir,
         fingerprint_dataset,
         load_text_dataset,
@@ -662,8 +662,8 @@ def _split_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fusellm.split``."""
-    parser = argparse.ArgumentParser(prog="python -m fusellm.split")
+    """``python -m fusellm.stages.split``."""
+    parser = argparse.ArgumentParser(prog="python -m fusellm.stages.split")
     sub = parser.add_subparsers(dest="command", required=True)
     add_split_parser(sub)
     args = parser.parse_args(["split", *(argv if argv is not None else __import__("sys").argv[1:])])

@@ -75,8 +75,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FuseLLMError, InputError, InputTypeError, StaleArtifactError
-from .loading import (
+from ..errors import FuseLLMError, InputError, InputTypeError, StaleArtifactError
+from ..loading import (
     DTYPES,
     load_causal_lm,
     load_model_config,
@@ -84,9 +84,9 @@ from .loading import (
     resolve_device,
     torch_dtype,
 )
-from .progress import progress_bar
-from .schema import SPANS_COLUMN, extract_features
-from .tokenization import char_spans
+from ..progress import progress_bar
+from ..schema import SPANS_COLUMN, extract_features
+from ..tokenization import char_spans
 
 __all__ = [
     "ExtractReport",
@@ -520,7 +520,7 @@ def _fusellm_version() -> str:
 
 
 def _shard_paths(out: Path, index: int, num_shards: int) -> tuple[Path, Path]:
-    from .io import shard_file_name
+    from ..io import shard_file_name
 
     name = shard_file_name(index, num_shards)
     return out / name, out / SHARD_SIDECARS / (name[: -len(".arrow")] + ".json")
@@ -595,7 +595,7 @@ def extract_topk(
     """Extracts a model's top-K next-token distributions for every row (stage 2).
 
     Args:
-        data: the rows (usually the output of :func:`fusellm.split.split_texts`): a
+        data: the rows (usually the output of :func:`fusellm.stages.split.split_texts`): a
             ``datasets.Dataset``, a path (``save_to_disk`` directory, JSONL, Parquet, ...) or a
             list of strings.
         model: a local directory holding a causal LM (``config.json`` and weights) and, unless
@@ -632,7 +632,7 @@ def extract_topk(
     """
     import torch
 
-    from .io import (
+    from ..io import (
         _as_arrow_table,
         fingerprint_dataset,
         load_text_dataset,
@@ -760,7 +760,7 @@ def extract_topk(
     out.mkdir(parents=True, exist_ok=True)
     current = read_manifest(out)
     if current is None or current.get("key") != key:
-        from .io import write_manifest
+        from ..io import write_manifest
 
         write_manifest(out, manifest)
 
@@ -837,7 +837,7 @@ def _check_output_dir(
     if not out.is_dir():
         raise InputError(f"{out} exists and is not a directory")
     if previous is None:
-        from .io import is_tmp_name, read_manifest
+        from ..io import is_tmp_name, read_manifest
 
         if not any(not is_tmp_name(p.name) for p in out.iterdir()):
             return  # empty, or only another worker's files being written
@@ -867,7 +867,7 @@ def _check_output_dir(
 
 def _clean_output(out: Path) -> None:
     """Removes what an extraction writes (and nothing else)."""
-    from .io import MANIFEST_NAME
+    from ..io import MANIFEST_NAME
 
     for p in out.iterdir():
         name = p.name
@@ -887,7 +887,7 @@ def _clean_output(out: Path) -> None:
 
 
 def _remove_stale_tmp(out: Path, shards: Sequence[int], num_shards: int) -> None:
-    from .io import shard_file_name
+    from ..io import shard_file_name
 
     prefixes = tuple(f".{shard_file_name(s, num_shards)}.tmp-" for s in shards)
     if not prefixes:
@@ -1021,7 +1021,7 @@ def _assemble(
 def _write_shard(
     run: _Run, shard: dict[str, Any], table: Any, metric: np.ndarray
 ) -> dict[str, Any]:
-    from .io import atomic_write_json, write_arrow_shard
+    from ..io import atomic_write_json, write_arrow_shard
 
     arrow, sidecar = _shard_paths(run.out, shard["index"], run.num_shards)
     written = write_arrow_shard(table, arrow, compression=run.compression)
@@ -1120,7 +1120,7 @@ def finalize_extract(
     """
     import datasets
 
-    from .io import read_manifest, shard_file_name, write_dataset_metadata, write_manifest
+    from ..io import read_manifest, shard_file_name, write_dataset_metadata, write_manifest
 
     out = Path(output_dir)
     manifest = read_manifest(out)
@@ -1288,8 +1288,8 @@ def _extract_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fusellm.extract`` (e.g. under ``torchrun``)."""
-    parser = argparse.ArgumentParser(prog="python -m fusellm.extract")
+    """``python -m fusellm.stages.extract`` (e.g. under ``torchrun``)."""
+    parser = argparse.ArgumentParser(prog="python -m fusellm.stages.extract")
     sub = parser.add_subparsers(dest="command", required=True)
     add_extract_parser(sub)
     args = parser.parse_args(["extract", *(sys.argv[1:] if argv is None else argv)])

@@ -69,7 +69,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import FuseLLMError, InputError, InputTypeError
+from ..errors import FuseLLMError, InputError, InputTypeError
 
 __all__ = [
     "CONTEXT_WORDS",
@@ -275,7 +275,7 @@ def _data_files(cfg: Any) -> list[Path]:
 
 def _task_fingerprint(tm: Any, name: str) -> str:
     """SHA-256 of a task's definition (its parsed YAML, includes resolved) and local data."""
-    from .io import fingerprint_files
+    from ..io import fingerprint_files
 
     entry = tm.task_index.get(name)
     cfg = getattr(entry, "cfg", None)
@@ -416,7 +416,7 @@ def _check_tokenizer(tok: Any, label: str, where: Any) -> None:
 
 
 def _check_ids(tok: Any, model: Any, label: str) -> None:
-    from .train import logits_width
+    from ..train import logits_width
 
     width = logits_width(model)
     if width is None:
@@ -441,8 +441,8 @@ def _load_lm(
 ) -> Any:
     from lm_eval.models.huggingface import HFLM
 
+    from ..loading import load_tokenizer, resolve_device, torch_dtype
     from .evaluate import _context_length, _load_model
-    from .loading import load_tokenizer, resolve_device, torch_dtype
 
     dev = resolve_device(device)
     dtype_ = torch_dtype(dtype, dev)
@@ -522,7 +522,7 @@ def _write_result(path: Path, result: dict[str, Any], records: list[Any]) -> Non
     atomically."""
     from lm_eval.utils import handle_non_serializable
 
-    from .io import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     lines = [json.dumps(r, ensure_ascii=False, default=handle_non_serializable) for r in records]
     samples = path.with_name(path.name.removesuffix(".json") + ".samples.jsonl")
@@ -532,7 +532,7 @@ def _write_result(path: Path, result: dict[str, Any], records: list[Any]) -> Non
 
 def _previous(path: Path, key_sha: str) -> dict[str, Any] | None:
     """The summary entry of a result file computed under ``key_sha``, or None."""
-    from .io import read_json_object
+    from ..io import read_json_object
 
     try:
         obj = read_json_object(path)
@@ -562,7 +562,7 @@ def _model_paths(models: Any) -> dict[str, Path]:
 
 
 def _read_summary(path: Path | None) -> dict[str, Any]:
-    from .io import read_json_object
+    from ..io import read_json_object
 
     obj = read_json_object(path) if path is not None else None
     if obj is None or obj.get("format") != _FORMAT or not isinstance(obj.get("models"), dict):
@@ -595,7 +595,7 @@ def run_benchmarks(
         limit: at most this many items per task (the harness's first ones).
         include_path: directories (or one) of local task YAML files.
         batch_size: requests (a context and one answer) per forward pass.
-        device, dtype: as for :func:`fusellm.evaluate.evaluate_perplexity`.
+        device, dtype: as for :func:`fusellm.stages.evaluate.evaluate_perplexity`.
         progress: progress bars (``None``: only on a terminal).
 
     Returns:
@@ -608,7 +608,7 @@ def run_benchmarks(
             tokenizer, a tokenizer without an EOS token, invalid settings.
         FuseLLMError: lm-evaluation-harness is not installed, or it failed.
     """
-    from .io import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     specs = parse_task_specs(tasks, num_fewshot=num_fewshot)
     _count("limit", limit, 1)
@@ -681,7 +681,7 @@ def _benchmark_model(
 ) -> dict[str, Any]:
     """One model's summary entry: the tasks already done under the same key are read back,
     the others run (one harness call per few-shot count) and written."""
-    from .io import model_fingerprint, tokenizer_fingerprint
+    from ..io import model_fingerprint, tokenizer_fingerprint
 
     prev_fp = old.get("fingerprint") if isinstance(old.get("fingerprint"), dict) else None
     fp = model_fingerprint(path, previous=prev_fp)
@@ -785,7 +785,7 @@ def domain_task_name(domain: str, kind: str) -> str:
 def _template(kind: str) -> dict[str, Any]:
     import yaml
 
-    path = Path(__file__).resolve().parent / "tasks" / _TEMPLATES[kind]
+    path = Path(__file__).resolve().parents[1] / "tasks" / _TEMPLATES[kind]
     try:
         cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:

@@ -43,7 +43,7 @@ JSON file atomically after each model; a model already in the file with the same
 fingerprint, model fingerprint (config and weights) and settings is skipped, so an interrupted
 run resumes. :func:`add_evaluate_parser` is the ``fusellm evaluate`` command: perplexity with
 ``--data``, benchmark tasks of lm-evaluation-harness with ``--tasks``
-(:mod:`fusellm.benchmark`), on labelled model directories or on the models of one pipeline
+(:mod:`fusellm.stages.benchmark`), on labelled model directories or on the models of one pipeline
 work directory (:func:`fusellm.pipeline.workdir_models`).
 """
 
@@ -59,9 +59,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import FuseLLMError, InputError, InputTypeError
-from .loading import DTYPES, load_causal_lm, load_tokenizer, resolve_device, torch_dtype
-from .progress import progress_bar
+from ..errors import FuseLLMError, InputError, InputTypeError
+from ..loading import DTYPES, load_causal_lm, load_tokenizer, resolve_device, torch_dtype
+from ..progress import progress_bar
 
 __all__ = [
     "GROUP_ALL",
@@ -100,7 +100,7 @@ class _Texts:
 
 def _load_texts(data: Any, text_column: str, domain_column: str | None) -> _Texts:
     """The texts and their domains; the default domain column ``"domain"`` may be absent."""
-    from .io import load_text_dataset
+    from ..io import load_text_dataset
 
     if not isinstance(text_column, str) or not text_column:
         raise InputError(f"text_column must be a non-empty string, got {text_column!r}")
@@ -161,7 +161,7 @@ def _context_length(model: Any) -> int | None:
 
 
 def _logits_width(model: Any) -> int | None:
-    from .train import logits_width
+    from ..train import logits_width
 
     return logits_width(model)
 
@@ -421,7 +421,7 @@ def evaluate_perplexity(
 
 
 def _read_existing(path: Path) -> dict[str, Any] | None:
-    from .io import read_json_object
+    from ..io import read_json_object
 
     obj = read_json_object(path)
     if obj is not None and not isinstance(obj.get("models", {}), dict):
@@ -467,7 +467,7 @@ def run_evaluate(
     Returns:
         The output object.
     """
-    from .io import atomic_write_json, fingerprint_dataset, model_fingerprint
+    from ..io import atomic_write_json, fingerprint_dataset, model_fingerprint
 
     if not isinstance(models, Mapping):
         raise InputTypeError(f"models must be a mapping label -> directory, got {type(models)}")
@@ -629,7 +629,7 @@ def _setting(name: str) -> tuple[Any, str]:
     :class:`fusellm.config.EvaluateSettings`)."""
     import dataclasses
 
-    from .config import EvaluateSettings
+    from ..config import EvaluateSettings
 
     f = {f.name: f for f in dataclasses.fields(EvaluateSettings)}[name]
     factory: Any = f.default_factory
@@ -756,7 +756,7 @@ def _cli_models(items: Sequence[str]) -> tuple[dict[str, str], dict[str, str], P
         return parse_model_args(items), {}, None
     if len(items) > 1:
         raise InputError("give one work directory, or model directories (LABEL=DIR or DIR)")
-    from .pipeline import workdir_models
+    from ..pipeline import workdir_models
 
     models, tokenizers = workdir_models(items[0])
     return models, tokenizers, Path(items[0])

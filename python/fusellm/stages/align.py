@@ -1,0 +1,1038 @@
+"""Stage 3b: re-express every source's top-K on the target's tokens, row by row.
+
+:func:`align_dataset` (``fusellm align``). Inputs: the target's extraction (stage 2) and one
+extraction per source, all of the same rows. Per row it writes the target's tokens and its own
+top-K (the ``ref`` candidate) and, per source, the source's top-K re-expressed on the target's
+positions and vocabulary (:meth:`fusellm.Aligner.align_batch`, Rust, rayon-parallel, without the
+GIL), batch by batch, as a sharded ``save_to_disk`` dataset. Columns: ``text``, ``row_index``,
+``num_bytes``, ``input_ids``, ``ref_ids`` / ``ref_logits`` ``[L, K]``, ``ref_metric_ce``,
+``ref_num_tokens``, and per source ``{name}_ids`` (``-1`` padded), ``{name}_logits`` (``-inf``
+padded), ``{name}_metric_ce``, ``{name}_num_tokens`` (the source's own token count), named as the
+packed training schema names its candidates. ``align_stats.json`` counts, per source, the
+positions by status (matched, empty, fallback, masked; they sum to ``base_positions``), the
+dropped top-K entries and the kept ones.
+
+``method="offsets"`` (default) reads every token's character span from the extraction (or, for
+an extraction made before fusellm stored them, re-tokenizes every text with character offsets
+and checks that the ids are the stored ones, so the offsets describe exactly the tokens the
+models saw), and pairs a target position with a source position only where both tokens END at
+the same character: both then predict the same continuation. Exact and linear; positions whose
+ends differ get no source distribution (a next-token one-hot by default). The appended EOS
+strings of the two tokenizers differ (``</s>`` vs ``<|endoftext|>``), so each side's EOS is
+given the span of one virtual character after the text: the EOS positions pair with each other.
+``method="mined"`` is the reference MinED dynamic time warping over token strings (no
+re-tokenization), which always pairs but misaligns runs of short tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..checks import check_num_threads
+from ..config import AlignSettings, VocabMapSettings, add_settings_arguments, settings_from_args
+from ..errors import InputError, InputTypeError, StaleArtifactError
+from ..loading import load_tokenizer
+from ..progress import progress_bar
+from ..schema import DOMAIN_COLUMN, REF, SPANS_COLUMN, align_features
+from ..tokenization import char_spans
+from ._common import (
+    CANDIDATE_SUFFIXES,
+    COMPRESSIONS,
+    DiskDataset,
+    arrow_array,
+    check_choice,
+    files_fingerprint,
+    fixed_width,
+    fusellm_version,
+    list_column,
+    nested,
+    positive_int,
+    previous_fingerprints,
+    row_tables,
+    scalar_column,
+)
+
+__all__ = ["ALIGN_STATS_NAME", "AlignReport", "add_align_parser", "align_dataset"]
+
+logger = logging.getLogger(__name__)
+
+ALIGN_FORMAT = "fusellm.align/1"
+#: Statistics file of an aligned dataset.
+ALIGN_STATS_NAME = "align_stats.json"
+_SOURCE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_ALIGN_FIXED = ("text", "row_index", "num_bytes", "input_ids")
+_EXTRACT_COLUMNS = (
+    "input_ids",
+    "per_step_logits",
+    "per_step_indices",
+    "metric_ce",
+    "num_tokens",
+    "num_bytes",
+)
+_LOGITS_DTYPES = ("float16", "float32")
+
+
+# --- tokenizers ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Side:
+    """One model's extraction and tokenizer, as the aligner sees them."""
+
+    name: str  # "ref" for the target
+    path: Path
+    manifest: dict[str, Any]
+    tokenizer: Any
+    vocab: list[str | None]
+    marker: str
+    top_k: int
+    text_column: str
+    eos: str
+    add_special_tokens: bool
+    num_rows: int
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    backend: Any = None
+
+
+def _open_extract(path: Any, what: str) -> tuple[Path, dict[str, Any]]:
+    from ..io import read_manifest
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputTypeError(f"{what} must be an extraction directory, got {type(path).__name__}")
+    p = Path(path)
+    if not p.is_dir():
+        raise InputError(f"{what}: extraction directory {p} does not exist")
+    manifest = read_manifest(p)
+    if manifest is None or manifest.get("stage") != "extract":
+        raise InputError(f"{what}: {p} is not a fusellm extraction (no extract manifest)")
+    if not manifest.get("complete") or not (p / "state.json").is_file():
+        raise InputError(f"{what}: the extraction in {p} is not complete (run fusellm extract)")
+    return p, manifest
+
+
+def _values_of(manifest: Mapping[str, Any]) -> str:
+    """What an extraction's top-K values are (extractions without the key hold raw logits)."""
+    return str(manifest.get("key", {}).get("values", "logits"))
+
+
+def _make_side(name: str, path: Path, manifest: dict[str, Any], tok_spec: Any, what: str) -> _Side:
+    from ..tokenization import tokenizer_marker, tokenizer_vocab
+
+    key = manifest.get("key", {})
+    info = manifest.get("tokenizer", {})
+    if tok_spec is None:
+        recorded = info.get("path")
+        if not recorded or not Path(recorded).is_dir():
+            raise InputError(
+                f"{what}: the extraction in {path} does not record a tokenizer directory "
+                f"({recorded!r}); pass the tokenizer explicitly"
+            )
+        tok_spec = recorded
+    tok = load_tokenizer(tok_spec, f"{what} tokenizer")
+    num_ids = info.get("num_ids")
+    if num_ids is not None and len(tok) != num_ids:
+        raise InputError(
+            f"{what}: the tokenizer has {len(tok)} ids but the extraction in {path} was made with "
+            f"one of {num_ids} ids: it is not the extraction's tokenizer"
+        )
+    append_eos = bool(key.get("append_eos", True))
+    eos = tok.eos_token if append_eos else ""
+    if append_eos and (not eos or ("eos_token" in info and eos != info["eos_token"])):
+        raise InputError(
+            f"{what}: the tokenizer's EOS {eos!r} is not the extraction's "
+            f"{info.get('eos_token')!r}: it is not the extraction's tokenizer"
+        )
+    vocab = tokenizer_vocab(tok)
+    try:
+        marker = tokenizer_marker(vocab)
+    except InputError as e:
+        raise InputError(f"{what}: {e}") from e
+    return _Side(
+        name=name,
+        path=path,
+        manifest=manifest,
+        tokenizer=tok,
+        vocab=vocab,
+        marker=marker,
+        top_k=int(key.get("top_k", 0)),
+        text_column=str(key.get("text_column", "text")),
+        eos=eos,
+        add_special_tokens=bool(key.get("add_special_tokens", False)),
+        num_rows=int(key.get("num_rows", -1)),
+    )
+
+
+def _backend(tok: Any, what: str) -> Any:
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise InputTypeError(
+            f"{what}: method='offsets' needs a fast tokenizer (character offsets); "
+            f"{type(tok).__name__} is not one (use method='mined')"
+        )
+    if backend.truncation is not None or backend.padding is not None:
+        import tokenizers
+
+        backend = tokenizers.Tokenizer.from_str(backend.to_str())
+        backend.no_truncation()
+        backend.no_padding()
+    return backend
+
+
+def _map_sha256(vm: Any) -> str:
+    """SHA-256 of a map's JSON content, as :meth:`VocabMap.save` writes (and records) it."""
+    data = json.dumps(vm.to_dict(), ensure_ascii=False, indent=0).encode("utf-8")
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+
+@dataclass
+class AlignReport:
+    """What :func:`align_dataset` produced (or found already done).
+
+    ``sources`` maps each source name to its counts: ``matched``, ``empty``, ``fallback``,
+    ``masked`` (base positions by status; they sum to ``base_positions``), ``exact_span``
+    (offsets method: matched positions whose source token has the same character span as the
+    base token; ``None`` for MinED), ``unknown_ids`` / ``unmapped_ids`` (top-K entries dropped:
+    id without a token string / string not in the base vocabulary), ``duplicate_ids`` (entries
+    merged into an earlier one of the same target id) and ``topk_entries`` (entries kept in
+    matched rows). ``teachers`` scores every candidate's rows against the true next token
+    (:mod:`fusellm.diagnostics`).
+    """
+
+    output_dir: Path
+    method: str
+    vocab: str
+    rows: int
+    base_positions: int
+    sources: dict[str, dict[str, int | None]]
+    #: Teacher quality per candidate and domain (:class:`fusellm.diagnostics.TeacherStats`).
+    teachers: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False
+    seconds: float = 0.0
+
+    def stats(self) -> dict[str, Any]:
+        """The content of ``align_stats.json``."""
+        return {
+            "method": self.method,
+            "vocab": self.vocab,
+            "rows": self.rows,
+            "base_positions": self.base_positions,
+            "sources": {k: dict(v) for k, v in self.sources.items()},
+            "teachers": self.teachers,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.stats()
+        d.update(output_dir=str(self.output_dir), skipped=self.skipped, seconds=self.seconds)
+        return d
+
+    def load(self) -> Any:
+        """The aligned dataset (``datasets.load_from_disk``)."""
+        import datasets
+
+        return datasets.load_from_disk(str(self.output_dir))
+
+
+def _check_sources(sources: Any) -> dict[str, Any]:
+    if not isinstance(sources, Mapping) or not sources:
+        raise InputTypeError(
+            "sources must be a non-empty mapping of source name -> extraction directory, got "
+            f"{type(sources).__name__}"
+        )
+    fixed = set(_ALIGN_FIXED) | {f"{REF}_{s}" for s in CANDIDATE_SUFFIXES}
+    seen: dict[str, str] = {}
+    for name in sources:
+        if not isinstance(name, str) or not _SOURCE_NAME.match(name):
+            raise InputError(
+                f"source name {name!r} is not valid: use lower-case letters, digits and '_', "
+                "starting with a letter (it prefixes the column names)"
+            )
+        if name == REF:
+            raise InputError(f"source name {REF!r} is reserved for the target's own candidate")
+        for s in CANDIDATE_SUFFIXES:
+            col = f"{name}_{s}"
+            if col in fixed or col in seen:
+                other = seen.get(col, "the target")
+                raise InputError(f"source name {name!r}: its column {col!r} clashes with {other}")
+            seen[col] = repr(name)
+    return dict(sources)
+
+
+def _resolve_maps(
+    vocab_maps: Any,
+    names: Sequence[str],
+    base: _Side,
+    sides: Mapping[str, _Side],
+    *,
+    vocab: str,
+    num_threads: int,
+) -> dict[str, Any]:
+    """name -> VocabMap (or None), each checked against both vocabularies. With
+    ``vocab="soft"``, a source without a map gets the default one (:class:`VocabMapSettings`),
+    built in memory."""
+    maps = _given_maps(vocab_maps, names, base, sides)
+    if vocab == "soft":
+        from ..vocab import VocabMap
+
+        default = VocabMapSettings()
+        for name in [n for n in names if maps[n] is None]:
+            logger.info(
+                "source %r: no vocabulary map given; building the %r map (fusellm vocab-map)",
+                name,
+                default.method,
+            )
+            maps[name] = VocabMap.build(
+                base.vocab,
+                sides[name].vocab,
+                base_marker=base.marker,
+                blend_marker=sides[name].marker,
+                method=default.method,
+                num_threads=num_threads,
+                max_distance=default.max_distance,
+            )
+    return maps
+
+
+def _given_maps(
+    vocab_maps: Any, names: Sequence[str], base: _Side, sides: Mapping[str, _Side]
+) -> dict[str, Any]:
+    from ..vocab import VocabMap, vocab_checksum
+
+    if vocab_maps is None:
+        return dict.fromkeys(names)
+    if not isinstance(vocab_maps, Mapping):
+        raise InputTypeError(
+            f"vocab_maps must map source names to VocabMap objects or files, got "
+            f"{type(vocab_maps).__name__}"
+        )
+    unknown = [n for n in vocab_maps if n not in names]
+    if unknown:
+        raise InputError(f"vocab_maps names unknown source(s) {unknown}; sources are {names}")
+    out: dict[str, Any] = {}
+    base_sum = vocab_checksum(base.vocab)
+    for name in names:
+        vm = vocab_maps.get(name)
+        side = sides[name]
+        if vm is None:
+            out[name] = None
+        elif isinstance(vm, (str, os.PathLike)):
+            if not Path(vm).is_file():
+                raise InputError(f"vocab map of source {name!r}: {vm} does not exist")
+            try:
+                out[name] = VocabMap.load(vm, base.vocab, side.vocab)
+            except StaleArtifactError as e:
+                raise StaleArtifactError(f"vocab map of source {name!r}: {e}") from e
+        elif isinstance(vm, VocabMap):
+            if vm.checksums != (base_sum, vocab_checksum(side.vocab)):
+                raise StaleArtifactError(
+                    f"vocab map of source {name!r} was built for other vocabularies than the "
+                    "target's and this source's tokenizers: rebuild it (fusellm vocab-map)"
+                )
+            out[name] = vm
+        elif isinstance(vm, Mapping):
+            out[name] = VocabMap.from_dict(
+                vm,
+                base.vocab,
+                side.vocab,
+                base_marker=base.marker,
+                blend_marker=side.marker,
+            )
+        else:
+            raise InputTypeError(
+                f"vocab map of source {name!r} must be a VocabMap, a file or a dict, got "
+                f"{type(vm).__name__}"
+            )
+    return out
+
+
+def _check_columns(ds: DiskDataset, side: _Side, what: str) -> None:
+    need = [side.text_column, *_EXTRACT_COLUMNS]
+    missing = [c for c in need if c not in ds.column_names]
+    if missing:
+        raise InputError(
+            f"{what}: {side.path} lacks column(s) {missing} (columns: {ds.column_names})"
+        )
+    for col in ("per_step_logits", "per_step_indices"):
+        k = fixed_width(ds.schema.field(col).type)
+        if k is None:
+            raise InputError(f"{what}: column {col!r} must be list<fixed_size_list<K>>")
+        if side.top_k and k != side.top_k:
+            raise InputError(
+                f"{what}: column {col!r} holds {k} entries per position, the manifest says "
+                f"top_k={side.top_k}"
+            )
+        side.top_k = k
+
+
+def _first_text_mismatch(a: Any, b: Any) -> int | None:
+    import pyarrow.compute as pc
+
+    eq = pc.equal(arrow_array(a), arrow_array(b))
+    bad = pc.invert(pc.fill_null(eq, False))
+    if pc.any(bad).as_py():
+        return int(pc.index(bad, True).as_py())
+    return None
+
+
+def _scan_texts(base: _Side, base_ds: DiskDataset, name: str, side: _Side, ds: DiskDataset) -> None:
+    """Compares the two text columns row by row (reads only what it needs, batch by batch)."""
+    start = 0
+    a_iter = row_tables(base_ds.batches(), 4096)
+    b_iter = row_tables(ds.batches(), 4096)
+    for ta, tb in zip(a_iter, b_iter, strict=False):
+        if ta.num_rows != tb.num_rows:  # pragma: no cover - counts were checked
+            break
+        bad = _first_text_mismatch(ta.column(base.text_column), tb.column(side.text_column))
+        if bad is not None:
+            raise InputError(
+                f"row {start + bad}: the text of source {name!r} differs from the target's "
+                "(the extractions were not made from the same rows in the same order)"
+            )
+        start += ta.num_rows
+
+
+def _spans_of(
+    side: _Side,
+    table: Any,
+    texts: list[str],
+    ids: np.ndarray,
+    offsets: np.ndarray,
+    first_row: int,
+    what: str,
+) -> list[np.ndarray]:
+    """Character spans of every stored token: the extraction's ``token_spans`` column, or (an
+    extraction made before fusellm stored it) from tokenizing the texts again."""
+    if SPANS_COLUMN not in table.column_names:
+        return _encode_with_offsets(side, texts, ids, offsets, first_row, what)
+    sp_off, spans = list_column(table.column(SPANS_COLUMN), f"{what} {SPANS_COLUMN}")
+    if not np.array_equal(sp_off, offsets) or spans.ndim != 2 or spans.shape[1] != 2:
+        raise InputError(
+            f"the {what} extraction's {SPANS_COLUMN} do not match its input_ids near row "
+            f"{first_row}"
+        )
+    # Checked in one pass over the batch: within a row the ends never decrease and no span
+    # starts after its end; the last token ends at the text's end (one character after it with
+    # the EOS, the virtual character).
+    spans = spans.astype(np.int64)
+    ends = spans[:, 1]
+    lengths = np.diff(offsets)
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    bad = spans[:, 0] > ends
+    bad[1:] |= (ends[1:] < ends[:-1]) & (row[1:] == row[:-1])
+    end = np.fromiter((len(t) for t in texts), np.int64, len(texts)) + (1 if side.eos else 0)
+    last = np.where(lengths > 0, ends[np.maximum(offsets[1:] - 1, 0)], end)
+    bad_rows = np.bincount(row[bad], minlength=len(lengths)) > 0
+    bad_rows |= (last != end) if side.eos else (last > end)
+    if bad_rows.any():
+        r = int(np.argmax(bad_rows))
+        raise InputError(
+            f"the {what} extraction's {SPANS_COLUMN} do not fit row {first_row + r}'s text "
+            f"(spans in order, the last ending at character {int(end[r])}): the extraction was "
+            "changed after it was written"
+        )
+    return [spans[offsets[r] : offsets[r + 1]] for r in range(len(offsets) - 1)]
+
+
+def _encode_with_offsets(
+    side: _Side, texts: list[str], ids: np.ndarray, offsets: np.ndarray, first_row: int, what: str
+) -> list[np.ndarray]:
+    """Character spans of every stored token, from re-tokenizing the texts (ids verified)."""
+    assert side.backend is not None
+    encs = side.backend.encode_batch(
+        [t + side.eos for t in texts], add_special_tokens=side.add_special_tokens
+    )
+    out = []
+    for r, (text, enc) in enumerate(zip(texts, encs, strict=True)):
+        stored = ids[offsets[r] : offsets[r + 1]]
+        got = np.asarray(enc.ids, dtype=np.int64)
+        if got.shape != stored.shape or not np.array_equal(got, stored):
+            n = min(got.size, stored.size)
+            diff = np.flatnonzero(got[:n] != stored[:n])
+            pos = int(diff[0]) if diff.size else n
+            raise InputError(
+                f"row {first_row + r}: re-tokenizing the text with the {what} tokenizer gives "
+                f"{got.size} ids that differ from the {stored.size} stored input_ids (first at "
+                f"position {pos}); the tokenizer is not the one the extraction used, or the "
+                "extraction's ids were changed"
+            )
+        out.append(char_spans(text, enc.offsets, side.eos))
+    return out
+
+
+def _exact_spans(
+    base_spans: np.ndarray, src_spans: np.ndarray, status: np.ndarray, matched: int
+) -> int:
+    m = np.flatnonzero(status == matched)
+    if not m.size:
+        return 0
+    ends = src_spans[:, 1]
+    j = np.searchsorted(ends, base_spans[m, 1], side="right") - 1
+    ok = (j >= 0) & (ends[np.maximum(j, 0)] == base_spans[m, 1])
+    return int(np.count_nonzero(ok & (src_spans[np.maximum(j, 0), 0] == base_spans[m, 0])))
+
+
+def align_dataset(
+    base: str | os.PathLike[str],
+    sources: Mapping[str, str | os.PathLike[str]],
+    output_dir: str | os.PathLike[str],
+    *,
+    base_tokenizer: Any = None,
+    source_tokenizers: Mapping[str, Any] | None = None,
+    vocab_maps: Mapping[str, Any] | None = None,
+    method: str = "offsets",
+    vocab: str = "soft",
+    compat: str | None = None,
+    fallback: str = "next",
+    num_threads: int | None = None,
+    rows_per_batch: int = 256,
+    logits_dtype: str = "float16",
+    compression: str | None = "zstd",
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> AlignReport:
+    """Re-expresses every source's top-K on the target's tokens, row by row (stage 3b).
+
+    Args:
+        base: the target model's extraction directory (stage 2 output).
+        sources: source name (``[a-z][a-z0-9_]*``, not ``ref``) -> its extraction directory, of
+            the same rows in the same order.
+        output_dir: the aligned dataset (``save_to_disk`` layout, manifest, ``align_stats.json``).
+        base_tokenizer: a tokenizer directory, ``"bundled:NAME"`` or tokenizer object (default:
+            the one recorded in the extraction's manifest).
+        source_tokenizers: the same per source name.
+        vocab_maps: per source name, a :class:`fusellm.VocabMap`, a map file written by
+            :func:`run_vocab_map`, or a reference ``{string: string}`` dict; used by
+            ``vocab="soft"`` (a source without one gets the default ``"surface"`` map, built
+            in memory).
+        method: ``"offsets"`` (shared end offsets, default) or ``"mined"`` (reference DTW).
+        vocab: ``"soft"`` (through the map, default, as in both presets) or ``"hard"`` (exact
+            strings only).
+        compat: ``"fusellm"`` for the reference pipeline's rows (spec section 6).
+        fallback: ``"next"`` (one-hot on the next target token) or ``"mask"``.
+        num_threads: aligner threads (default: ``FUSELLM_NUM_THREADS`` or all cores).
+        rows_per_batch: rows aligned per batch, and per output shard.
+        logits_dtype: ``"float16"`` (default, as extraction stores them) or ``"float32"``.
+        compression: output shard compression (``"zstd"``, ``"lz4"`` or ``None``).
+        overwrite: replace an output made from other inputs instead of refusing.
+        progress: progress bar (default: only on a terminal).
+
+    Raises:
+        InputError: row counts or texts differ (naming the first row), a tokenizer does not match
+            its extraction, offsets re-tokenization gives other ids (naming the row), a column is
+            missing, a source name is invalid.
+        StaleArtifactError: a vocabulary map was built for other vocabularies, or ``output_dir``
+            holds an output made from other inputs.
+    """
+    import pyarrow as pa
+
+    from ..align import MATCHED, Aligner
+    from ..io import (
+        atomic_dir,
+        atomic_write_json,
+        shard_file_name,
+        write_arrow_shard,
+        write_dataset_metadata,
+        write_manifest,
+    )
+
+    t0 = time.perf_counter()
+    check_choice("method", method, ("offsets", "mined"))
+    check_choice("vocab", vocab, ("hard", "soft"))
+    check_choice("compat", compat, (None, "fusellm"))
+    check_choice("fallback", fallback, ("next", "mask"))
+    check_choice("logits_dtype", logits_dtype, _LOGITS_DTYPES)
+    check_choice("compression", compression, COMPRESSIONS)
+    rows_per_batch = positive_int("rows_per_batch", rows_per_batch)
+    threads = check_num_threads(num_threads)
+    src_dirs = _check_sources(sources)
+    names = list(src_dirs)
+    tok_specs = dict(source_tokenizers or {})
+    unknown = [n for n in tok_specs if n not in src_dirs]
+    if unknown:
+        raise InputError(f"source_tokenizers names unknown source(s) {unknown}; sources: {names}")
+    out = Path(output_dir)
+
+    # 1. Inputs: manifests, columns, tokenizers, row counts (read-only).
+    base_path, base_manifest = _open_extract(base, "base")
+    paths: dict[str, tuple[Path, dict[str, Any]]] = {
+        n: _open_extract(p, f"source {n!r}") for n, p in src_dirs.items()
+    }
+    if out.resolve() in {base_path.resolve(), *(p.resolve() for p, _ in paths.values())}:
+        raise InputError(f"output_dir {out} is one of the inputs")
+    base_side = _make_side(REF, base_path, base_manifest, base_tokenizer, "base")
+    sides = {
+        n: _make_side(n, p, m, tok_specs.get(n), f"source {n!r}") for n, (p, m) in paths.items()
+    }
+    base_ds = DiskDataset(base_path, "base")
+    _check_columns(base_ds, base_side, "base")
+    datasets_ = {n: DiskDataset(s.path, f"source {n!r}") for n, s in sides.items()}
+    for n, s in sides.items():
+        _check_columns(datasets_[n], s, f"source {n!r}")
+        if s.num_rows != base_side.num_rows:
+            raise InputError(
+                f"source {n!r} has {s.num_rows} rows but the target has {base_side.num_rows}: "
+                "the extractions must be made from the same rows"
+            )
+    if base_side.num_rows < 1:
+        raise InputError("the target's extraction has no rows")
+    values = _values_of(base_manifest)
+    for n, s in sides.items():
+        if _values_of(s.manifest) != values:
+            raise InputError(
+                f"source {n!r}'s extraction holds {_values_of(s.manifest)} but the target's holds "
+                f"{values}: extract every model with the same values"
+            )
+    if compat == "fusellm" and values != "logits":
+        raise InputError(
+            "compat='fusellm' reproduces the reference rows, which are raw logits; these "
+            "extractions hold log-probabilities (extract with values='logits')"
+        )
+    maps = _resolve_maps(vocab_maps, names, base_side, sides, vocab=vocab, num_threads=threads)
+    if method == "offsets":
+        base_side.backend = _backend(base_side.tokenizer, "base")
+        for n, s in sides.items():
+            s.backend = _backend(s.tokenizer, f"source {n!r}")
+
+    # 2. Texts: the same rows in the same order. Extractions of the same input content carry
+    #    the same input fingerprint; others are compared row by row.
+    base_key = base_manifest.get("key", {})
+    for n, s in sides.items():
+        src_key = s.manifest.get("key", {})
+        same_input = (
+            src_key.get("input_sha256") is not None
+            and src_key.get("input_sha256") == base_key.get("input_sha256")
+            and src_key.get("text_column") == base_key.get("text_column")
+        )
+        if not same_input:
+            _scan_texts(base_side, base_ds, n, s, datasets_[n])
+
+    # 3. The output's key, and the skip / stale decision.
+    from ..vocab import vocab_checksum
+
+    prev_fp = previous_fingerprints(out)
+    fps = {REF: files_fingerprint(base_path, prev_fp.get(REF))}
+    for n, s in sides.items():
+        fps[n] = files_fingerprint(s.path, prev_fp.get(n))
+    key: dict[str, Any] = {
+        "format": ALIGN_FORMAT,
+        "base": {
+            "data_sha256": fps[REF]["sha256"],
+            "vocab_sha256": vocab_checksum(base_side.vocab),
+            "marker": base_side.marker,
+        },
+        "sources": [
+            {
+                "name": n,
+                "data_sha256": fps[n]["sha256"],
+                "vocab_sha256": vocab_checksum(s.vocab),
+                "marker": s.marker,
+                "vocab_map_sha256": None if maps[n] is None else _map_sha256(maps[n]),
+            }
+            for n, s in sides.items()
+        ],
+        "method": method,
+        "vocab": vocab,
+        "compat": compat,
+        "fallback": fallback,
+        "logits_dtype": logits_dtype,
+        "values": values,
+    }
+    from ..io import output_state
+
+    state = output_state(out, "align", key, overwrite)
+    if state == "done":
+        try:
+            stats = json.loads((out / ALIGN_STATS_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise StaleArtifactError(f"{out}: unreadable {ALIGN_STATS_NAME} ({e})") from e
+        logger.info("%s is up to date: skipped", out)
+        return AlignReport(
+            out,
+            stats["method"],
+            stats["vocab"],
+            stats["rows"],
+            stats["base_positions"],
+            stats["sources"],
+            teachers=stats.get("teachers", {}),
+            skipped=True,
+            seconds=time.perf_counter() - t0,
+        )
+
+    aligners = {
+        n: Aligner(
+            base_side.vocab,
+            s.vocab,
+            base_marker=base_side.marker,
+            blend_marker=s.marker,
+            vocab_map=maps[n],
+            compat=compat,  # type: ignore[arg-type]
+            fallback=fallback,  # type: ignore[arg-type]
+        )
+        for n, s in sides.items()
+    }
+
+    # 4. The work, under a temporary directory renamed into place at the end.
+
+    has_domain = DOMAIN_COLUMN in base_ds.column_names
+    features = align_features(
+        base_side.top_k,
+        {n: s.top_k for n, s in sides.items()},
+        logits_dtype,
+        has_domain=has_domain,
+    )
+    schema = features.arrow_schema
+    np_logits = np.dtype(logits_dtype)
+
+    num_rows = base_side.num_rows
+    num_shards = math.ceil(num_rows / rows_per_batch)
+    counts: dict[str, dict[str, Any]] = {
+        n: {
+            "matched": 0,
+            "empty": 0,
+            "fallback": 0,
+            "masked": 0,
+            "exact_span": 0 if method == "offsets" else None,
+            "unknown_ids": 0,
+            "unmapped_ids": 0,
+            "duplicate_ids": 0,
+            "topk_entries": 0,
+        }
+        for n in names
+    }
+    from ..diagnostics import TeacherStats, next_tokens
+
+    teachers = TeacherStats(len(base_side.vocab), logprobs=values == "logprobs")
+    domain_codes: dict[str, int] = {}
+    kept_ids = {
+        n: np.append(a.targets(vocab) >= 0, False) for n, a in aligners.items()
+    }  # per blend id (the last slot: ids without a string)
+    positions = 0
+    files: list[str] = []
+    bar = progress_bar(progress, num_rows, "align", "row")
+    try:
+        with atomic_dir(out, overwrite=state == "replace") as tmp:
+            iters = [row_tables(base_ds.batches(), rows_per_batch)] + [
+                row_tables(datasets_[n].batches(), rows_per_batch) for n in names
+            ]
+            start = 0
+            for shard, tables in enumerate(_lockstep(iters, ["base", *names])):
+                tb, *ts = tables
+                n_rows = tb.num_rows
+                if start + n_rows > num_rows:
+                    raise InputError(
+                        f"base: the data holds more rows than its manifest's {num_rows}"
+                    )
+                texts_col = tb.column(base_side.text_column)
+                base_off, base_ids = list_column(tb.column("input_ids"), "base input_ids")
+                base_num_tokens = scalar_column(tb, "num_tokens", np.int64)
+                if not np.array_equal(np.diff(base_off), base_num_tokens):
+                    raise InputError(f"base: num_tokens disagrees with input_ids near row {start}")
+                ref_off, ref_ids = list_column(
+                    tb.column("per_step_indices"), "base per_step_indices"
+                )
+                if not np.array_equal(ref_off, base_off):
+                    raise InputError(
+                        f"base: per_step_indices rows do not match input_ids near row {start}"
+                    )
+                texts = arrow_array(texts_col).to_pylist()
+                base_spans = (
+                    _spans_of(base_side, tb, texts, base_ids, base_off, start, "target's")
+                    if method == "offsets"
+                    else None
+                )
+                base_rows = [base_ids[base_off[r] : base_off[r + 1]] for r in range(n_rows)]
+                nxt = next_tokens(base_ids, base_off)
+                if has_domain:
+                    row_dom = arrow_array(tb.column(DOMAIN_COLUMN)).cast(pa.string()).to_pylist()
+                    codes = [domain_codes.setdefault(str(d), len(domain_codes)) for d in row_dom]
+                    pos_dom = np.repeat(np.asarray(codes, np.int64), np.diff(base_off))
+                else:
+                    pos_dom = np.full(int(base_off[-1]), -1, np.int64)
+                dom_names = list(domain_codes)
+                _, ref_vals = list_column(tb.column("per_step_logits"), "base per_step_logits")
+                teachers.add_ref(ref_ids, ref_vals, nxt, pos_dom, dom_names)
+                cols: dict[str, Any] = {
+                    "text": arrow_array(texts_col).cast(pa.string()),
+                    "row_index": pa.array(np.arange(start, start + n_rows, dtype=np.int64)),
+                    "num_bytes": arrow_array(tb.column("num_bytes")).cast(pa.int32()),
+                    "input_ids": arrow_array(tb.column("input_ids")).cast(
+                        schema.field("input_ids").type
+                    ),
+                    "ref_ids": arrow_array(tb.column("per_step_indices")).cast(
+                        schema.field("ref_ids").type
+                    ),
+                    "ref_logits": arrow_array(tb.column("per_step_logits")).cast(
+                        schema.field("ref_logits").type
+                    ),
+                    "ref_metric_ce": arrow_array(tb.column("metric_ce")).cast(pa.float32()),
+                    "ref_num_tokens": arrow_array(tb.column("num_tokens")).cast(pa.int32()),
+                }
+                if has_domain:
+                    cols[DOMAIN_COLUMN] = arrow_array(tb.column(DOMAIN_COLUMN)).cast(pa.string())
+                base_bytes = scalar_column(tb, "num_bytes", np.int64)
+                positions += int(base_off[-1])
+                for n, t in zip(names, ts, strict=True):
+                    s = sides[n]
+                    what = f"source {n!r}"
+                    if t.num_rows != n_rows:  # pragma: no cover - _lockstep checks
+                        raise InputError(f"{what}: batch sizes differ near row {start}")
+                    bad = _first_text_mismatch(texts_col, t.column(s.text_column))
+                    if bad is not None:
+                        raise InputError(
+                            f"row {start + bad}: the text of source {n!r} differs from the "
+                            "target's (the extractions were not made from the same rows)"
+                        )
+                    if not np.array_equal(scalar_column(t, "num_bytes", np.int64), base_bytes):
+                        raise InputError(
+                            f"{what}: num_bytes differs from the target's near row {start}"
+                        )
+                    s_off, s_ids = list_column(t.column("input_ids"), f"{what} input_ids")
+                    k_off, k_ids = list_column(t.column("per_step_indices"), f"{what} indices")
+                    l_off, k_logits = list_column(t.column("per_step_logits"), f"{what} logits")
+                    if not (np.array_equal(s_off, k_off) and np.array_equal(s_off, l_off)):
+                        raise InputError(
+                            f"{what}: per_step rows do not match input_ids near row {start}"
+                        )
+                    src_spans = (
+                        _spans_of(s, t, texts, s_ids, s_off, start, f"{n!r}")
+                        if method == "offsets"
+                        else None
+                    )
+                    sl = [slice(s_off[r], s_off[r + 1]) for r in range(n_rows)]
+                    rows = aligners[n].align_batch(
+                        base_rows,
+                        [s_ids[x] for x in sl],
+                        [k_ids[x] for x in sl],
+                        [k_logits[x] for x in sl],
+                        method=method,  # type: ignore[arg-type]
+                        vocab=vocab,  # type: ignore[arg-type]
+                        base_offsets=base_spans,
+                        blend_offsets=src_spans,
+                        num_threads=threads,
+                    )
+                    c = counts[n]
+                    for r, row in enumerate(rows):
+                        rc = row.counts()
+                        for key_ in ("matched", "empty", "fallback", "masked"):
+                            c[key_] += rc[key_]
+                        c["unknown_ids"] += row.num_unknown
+                        c["unmapped_ids"] += row.num_unmapped
+                        c["duplicate_ids"] += row.num_duplicates
+                        c["topk_entries"] += int(
+                            np.count_nonzero(row.ids[row.status == MATCHED] >= 0)
+                        )
+                        if base_spans is not None and src_spans is not None:
+                            c["exact_span"] += _exact_spans(
+                                base_spans[r], src_spans[r], row.status, MATCHED
+                            )
+                    flat_ids = (
+                        np.concatenate([row.ids for row in rows])
+                        if rows
+                        else np.zeros((0, s.top_k), np.int32)
+                    )
+                    flat_logits = (
+                        np.concatenate([row.logits for row in rows])
+                        if rows
+                        else np.zeros((0, s.top_k), np.float32)
+                    )
+                    flat_status = (
+                        np.concatenate([row.status for row in rows])
+                        if rows
+                        else np.zeros(0, np.uint8)
+                    )
+                    del rows
+                    if np_logits != flat_logits.dtype:
+                        with np.errstate(over="ignore"):
+                            cast = flat_logits.astype(np_logits)
+                        over = np.isinf(cast) & np.isfinite(flat_logits)
+                        if over.any():
+                            raise InputError(
+                                f"{what}: a merged logit ({float(flat_logits[over][0])}) "
+                                f"overflows {logits_dtype}; use logits_dtype='float32'"
+                            )
+                        flat_logits = cast
+                    # scored as stored (a merged value rounded to logits_dtype)
+                    teachers.add_source(
+                        n,
+                        flat_ids,
+                        flat_logits,
+                        flat_status == MATCHED,
+                        ref_ids,
+                        ref_vals,
+                        nxt,
+                        pos_dom,
+                        dom_names,
+                    )
+                    known = kept_ids[n]
+                    teachers.add_source_mass(n, k_logits, known[np.minimum(k_ids, known.size - 1)])
+                    cols[f"{n}_ids"] = nested(base_off, flat_ids)
+                    cols[f"{n}_logits"] = nested(base_off, flat_logits)
+                    cols[f"{n}_metric_ce"] = arrow_array(t.column("metric_ce")).cast(pa.float32())
+                    cols[f"{n}_num_tokens"] = arrow_array(t.column("num_tokens")).cast(pa.int32())
+                    cols[f"{n}_status"] = nested(base_off, flat_status)
+                table = pa.Table.from_arrays(
+                    [cols[f.name].cast(f.type) for f in schema], schema=schema
+                )
+                name = shard_file_name(shard, num_shards)
+                write_arrow_shard(table, tmp / name, compression=compression)
+                files.append(name)
+                start += n_rows
+                bar.update(n_rows)
+            if start != num_rows:
+                raise InputError(
+                    f"the extractions hold {start} rows but their manifests say {num_rows}"
+                )
+            write_dataset_metadata(
+                tmp,
+                features,
+                files,
+                fingerprint=hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest(),
+            )
+            report = AlignReport(
+                out, method, vocab, num_rows, positions, counts, teachers=teachers.result()
+            )
+            atomic_write_json(tmp / ALIGN_STATS_NAME, report.stats(), sort_keys=False)
+            write_manifest(
+                tmp,
+                {
+                    "stage": "align",
+                    "format": ALIGN_FORMAT,
+                    "fusellm_version": fusellm_version(),
+                    "key": key,
+                    "fingerprints": fps,
+                    "inputs": {
+                        "base": str(base_path.resolve()),
+                        "sources": {n: str(s.path.resolve()) for n, s in sides.items()},
+                    },
+                    "parameters": {
+                        "rows_per_batch": rows_per_batch,
+                        "compression": compression,
+                        "num_threads": threads,
+                    },
+                    "candidates": [REF, *names],
+                    "num_rows": num_rows,
+                    "num_shards": len(files),
+                    "complete": True,
+                },
+            )
+    finally:
+        bar.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _lockstep(iters: list[Iterator[Any]], what: list[str]) -> Iterator[list[Any]]:
+    """Batches of every input, checked to hold the same number of rows."""
+    done: Any = object()
+    while True:
+        items = [next(it, done) for it in iters]
+        ended = [w for w, x in zip(what, items, strict=True) if x is done]
+        if len(ended) == len(items):
+            return
+        if ended:
+            raise InputError(f"{ended} hold(s) fewer rows than the others' data")
+        sizes = {x.num_rows for x in items}
+        if len(sizes) != 1:
+            raise InputError(f"the inputs' data hold different numbers of rows ({sizes})")
+        yield items
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def _pairs(values: Sequence[str] | None, option: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values or []:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"{option} takes NAME=PATH, got {v!r}")
+        if name in out:
+            raise InputError(f"{option}: {name!r} given twice")
+        out[name] = path
+    return out
+
+
+def add_align_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds the ``align`` command to an ``argparse`` sub-parser collection."""
+    p = subparsers.add_parser(
+        "align",
+        help="re-express source distributions on target tokens",
+        description=(
+            "Align the extractions (fusellm extract) of one or more source models onto the "
+            "target's extraction BASE_EXTRACT, row by row: each source's top-K is re-expressed "
+            "on the target's positions and vocabulary. Writes OUTPUT (a save_to_disk dataset "
+            "with ref_* and {name}_* columns, a manifest and align_stats.json). Re-running with "
+            "the same inputs does nothing; an OUTPUT made from other inputs is refused unless "
+            "--overwrite."
+        ),
+    )
+    p.add_argument("base", metavar="BASE_EXTRACT", help="the target model's extraction directory")
+    p.add_argument("output", metavar="OUTPUT", help="the aligned dataset directory to write")
+    p.add_argument(
+        "-s",
+        "--source",
+        action="append",
+        required=True,
+        metavar="NAME=DIR",
+        help="a source: its name ([a-z][a-z0-9_]*, not ref) and extraction directory; repeat",
+    )
+    p.add_argument(
+        "--vocab-map",
+        action="append",
+        metavar="NAME=FILE",
+        help="the vocabulary map of a source (fusellm vocab-map), for --vocab soft; repeat",
+    )
+    p.add_argument(
+        "--base-tokenizer",
+        default=None,
+        help="target tokenizer (directory or bundled:NAME; default: the extraction's)",
+    )
+    p.add_argument(
+        "--source-tokenizer",
+        action="append",
+        metavar="NAME=TOKENIZER",
+        help="a source's tokenizer (directory or bundled:NAME; default: the extraction's)",
+    )
+    add_settings_arguments(p, AlignSettings)
+    p.add_argument("--overwrite", action="store_true", help="replace an output of other inputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_align_cli)
+    return p
+
+
+def _align_cli(args: argparse.Namespace) -> int:
+    report = align_dataset(
+        args.base,
+        _pairs(args.source, "--source"),
+        args.output,
+        base_tokenizer=args.base_tokenizer,
+        source_tokenizers=_pairs(args.source_tokenizer, "--source-tokenizer"),
+        vocab_maps=_pairs(args.vocab_map, "--vocab-map") or None,
+        **settings_from_args(args, AlignSettings),
+        overwrite=args.overwrite,
+        progress=False if args.no_progress else None,
+    )
+    state = "up to date" if report.skipped else f"aligned in {report.seconds:.1f} s"
+    print(f"{args.output}: {state}; {report.rows} rows, {report.base_positions} target positions")
+    for name, c in report.sources.items():
+        share = (c["matched"] or 0) / max(report.base_positions, 1)
+        print(
+            f"  {name}: {c['matched']} matched ({share:.1%}), {c['empty']} empty, "
+            f"{c['fallback']} fallback, {c['masked']} masked"
+        )
+    return 0
