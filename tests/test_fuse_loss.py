@@ -300,7 +300,7 @@ def dense_calibrated(
     matched: torch.Tensor | None = None,
     with_student: bool = False,
     block_bytes: torch.Tensor | None = None,
-    teacher_tail: str = "bin",
+    teacher_tail: str = "label",
     gated: bool = False,
 ) -> torch.Tensor:
     """Position by position, in float64: the fused teacher over the row ids plus one tail bin.
@@ -377,7 +377,7 @@ def dense_calibrated(
         loss_t = -(q[in_row] * torch.log(ps[in_row])).sum()
         listed = y != -100 and bool(in_row[y])
         if tail > 0:
-            if teacher_tail == "label" and y != -100 and not listed:
+            if teacher_tail == "label" and y != -100 and not listed and bool(in_row.any()):
                 loss_t = loss_t - tail * torch.log(ps[y])
             else:
                 loss_t = loss_t - tail * torch.log(ps[~in_row].sum())
@@ -526,16 +526,18 @@ def test_gate_opens_where_the_teacher_gives_the_next_token_more_mass(
     assert round(float(out.lm_weight[0]), 6) == (0.25 if opens else 1.0)
 
 
-def test_gate_and_label_tail_need_calibrated_rows() -> None:
+def test_gate_needs_calibrated_rows_and_the_tail_mode_is_checked() -> None:
     batch = random_batch(0)
     args = [batch[k] for k in ("logits", "labels", "attention_mask", "teacher_ids")]
     rest = (batch["teacher_logits"], batch["teacher_scores"])
     with pytest.raises(InputError, match="calibrated"):
         fusion_loss(*args, *rest, combine="gated")
-    with pytest.raises(InputError, match="calibrated"):
-        fusion_loss(*args, *rest, teacher_tail="label")
     with pytest.raises(InputError, match="teacher_tail"):
         fusion_loss(*args, *rest, teacher="calibrated", teacher_tail="uniform")
+    # renormalized rows have no tail: the two tail modes are one loss
+    a = fusion_loss(*args, *rest, teacher_tail="label").loss
+    b = fusion_loss(*args, *rest, teacher_tail="bin").loss
+    assert torch.equal(a, b)
 
 
 def sub_batch(batch: dict[str, Any], block: int, cands: int, length: int) -> dict[str, Any]:

@@ -155,9 +155,11 @@ def test_every_stage_output_has_its_schema(reference: dict[str, Any]) -> None:
         assert state["global_step"] == steps
         logs = [e for e in state["log_history"] if "loss" in e]
         assert len(logs) == steps
-        if run == "fused":  # the built-in miniature weighs each block by the teacher's advantage
-            assert config.train.args["combine"] == "advantage"
-            assert all(0.0 <= e["lm_weight"] <= 1.0 for e in logs)
+        if run == "fused":  # the built-in miniature: fusion weight 0.5, no ref candidate
+            assert config.train.args["combine"] == "hard"
+            assert config.train.args["with_ref"] is False
+            assert all(e["lm_weight"] == pytest.approx(0.5) for e in logs)
+            assert not any("fusion/select_ref" in e for e in logs)
         else:
             assert all(e["lm_weight"] == pytest.approx(1.0) for e in logs)  # float32
         assert all(math.isfinite(e["fusion_loss"]) for e in logs)

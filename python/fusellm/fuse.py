@@ -42,10 +42,11 @@ all the row can tell.
 
 Where the tail goes (``teacher_tail``) and when a teacher teaches (``combine="gated"``)
 -----------------------------------------------------------------------------------
-``teacher_tail="label"``: where the next target token is not among the fused row's ids, the data
-says which of the tokens the teacher did not list occurred, so the tail mass is a target on that
-token, ``-(1 - Σ p) log q_y``, instead of on the student's whole outside mass; elsewhere the tail
-stays one bin. The teacher then constrains only what it is sure of and the data fills the rest,
+``teacher_tail="label"`` (default): where the next target token is not among the fused row's
+ids, the data says which of the tokens the teacher did not list occurred, so the tail mass is a
+target on that token, ``-(1 - Σ p) log q_y``, instead of on the student's whole outside mass;
+elsewhere the tail stays one bin (``"bin"``: one bin everywhere, the formula above). A row with
+no entry at all (nothing aligned, no ref row) teaches nothing either way. The teacher then constrains only what it is sure of and the data fills the rest,
 so a stronger fusion weight no longer starves the student of the tokens the rows do not list.
 
 ``combine="gated"`` (calibrated rows): per block, the fused rows and the student, as it is at
@@ -529,7 +530,7 @@ def fusion_loss(
     distill_loss: DistillLoss = "ce",
     teacher: Teacher = "renormalized",
     selection: Selection = "block",
-    teacher_tail: TeacherTail = "bin",
+    teacher_tail: TeacherTail = "label",
     lm_loss_weight: float = 0.9,
     temperature: float = 1.0,
     progress: float = 0.0,
@@ -558,8 +559,9 @@ def fusion_loss(
         teacher: ``"renormalized"`` (the reference: each row's softmax over its kept entries) or
             ``"calibrated"`` (rows of log-probabilities keep their true mass; one extra "every
             other token" bin per position).
-        teacher_tail: calibrated rows: ``"bin"`` (the tail is one bin) or ``"label"`` (where the
-            next token is outside the fused row, the tail mass is a target on it).
+        teacher_tail: calibrated rows: ``"label"`` (where the next token is outside the fused
+            row, the tail mass is a target on it) or ``"bin"`` (the tail is one bin). No effect
+            on renormalized rows, which have no tail.
         selection: ``"block"`` (a candidate per block, by ``teacher_scores``: the paper's) or
             ``"token"`` (per position, by each row's probability of the next target token).
         progress: training progress in ``[0, 1]`` (``combine="hard_and_decay"``).
@@ -637,8 +639,9 @@ def fusion_loss(
         )
         log_rest = log_tail
         if teacher_tail == "label":
-            # The next token is outside the row: the teacher's tail mass goes to it.
-            outside = clm_mask & ~(in_row & (sel_ids == nxt[..., None])).any(-1)
+            # The next token is outside a (non-empty) row: the teacher's tail mass goes to it.
+            hit = in_row & (sel_ids == nxt[..., None])
+            outside = clm_mask & in_row.any(-1) & ~hit.any(-1)
             log_rest = torch.where(outside, logp[..., 0], log_tail)
         tail_term = torch.where(q_tail > 0, q_tail * log_rest, torch.zeros((), device=device))
     else:
@@ -777,11 +780,8 @@ def _check_loss_args(
     check_choice("teacher", choices["teacher"], TEACHERS)
     check_choice("selection", choices["selection"], SELECTIONS)
     check_choice("teacher_tail", choices["teacher_tail"], TEACHER_TAILS)
-    if choices["teacher"] != "calibrated":
-        if choices["combine"] == "gated":
-            raise InputError("combine='gated' judges rows with their tail: teacher='calibrated'")
-        if choices["teacher_tail"] != "bin":
-            raise InputError("teacher_tail applies to rows with a tail: teacher='calibrated'")
+    if choices["teacher"] != "calibrated" and choices["combine"] == "gated":
+        raise InputError("combine='gated' judges rows with their tail: teacher='calibrated'")
     check_choice("compat", choices["compat"], (None, "fusellm"))
     if choices["compat"] == "fusellm" and choices["teacher"] != "renormalized":
         raise InputError("compat='fusellm' reproduces the reference: teacher must be renormalized")

@@ -155,13 +155,13 @@ class FusionConfig(TrainingArguments):
             "student does now."
         },
     )
-    teacher_tail: Literal["bin", "label"] = field(
-        default="bin",
+    teacher_tail: Literal["label", "bin"] = field(
+        default="label",
         metadata={
-            "help": "Calibrated teacher: where the teacher's mass outside its row goes. 'bin': "
-            "one 'every other token' bin against the student's mass outside the row; 'label': "
+            "help": "Calibrated teacher: where the teacher's mass outside its row goes. 'label': "
             "where the next token is outside the row, onto that token (the data names which "
-            "of the tokens the teacher did not list occurred)."
+            "of the tokens the teacher did not list occurred); 'bin': one 'every other token' "
+            "bin against the student's mass outside the row. No effect on renormalized rows."
         },
     )
     selection: Literal["block", "token"] = field(
@@ -240,10 +240,10 @@ class FusionConfig(TrainingArguments):
         check_choice("teacher", self.teacher, TEACHERS)
         check_choice("selection", self.selection, SELECTIONS)
         check_choice("teacher_tail", self.teacher_tail, TEACHER_TAILS)
-        if self.teacher != "calibrated" and (self.combine == "gated" or self.teacher_tail != "bin"):
+        if self.teacher != "calibrated" and self.combine == "gated":
             raise InputError(
-                "combine='gated' and teacher_tail='label' need teacher='calibrated' (rows of "
-                f"log-probabilities with their tail), got teacher={self.teacher!r}"
+                "combine='gated' needs teacher='calibrated' (rows of log-probabilities with "
+                f"their tail), got teacher={self.teacher!r}"
             )
         if self.with_student and self.fusion != "mince":
             raise InputError("with_student works with fusion='mince'")
