@@ -46,8 +46,9 @@ Where the tail goes (``teacher_tail``) and when a teacher teaches (``combine="ga
 ids, the data says which of the tokens the teacher did not list occurred, so the tail mass is a
 target on that token, ``-(1 - Σ p) log q_y``, instead of on the student's whole outside mass;
 elsewhere the tail stays one bin (``"bin"``: one bin everywhere, the formula above). A row with
-no entry at all (nothing aligned, no ref row) teaches nothing either way. The teacher then constrains only what it is sure of and the data fills the rest,
-so a stronger fusion weight no longer starves the student of the tokens the rows do not list.
+no entry at all (nothing aligned, no ref row) teaches nothing either way. The teacher then
+constrains only what it is sure of and the data fills the rest, so a stronger fusion weight no
+longer starves the student of the tokens the rows do not list.
 
 ``combine="gated"`` (calibrated rows): per block, the fused rows and the student, as it is at
 this step, are judged on the same coarsening (the row's ids and the tail bin) by the summed
@@ -571,13 +572,8 @@ def fusion_loss(
         teacher_matched: optional bool ``[B, C, L]``: where a candidate's row is its own
             distribution (not an alignment fallback); token selection considers only those.
         with_student: MinCE only: the student itself, as it is now, is a candidate too, judged
-            the same way (``selection="block"``: its CE on the block, per byte with
-            ``block_bytes`` else per token, against the selected candidate's score;
-            ``"token"``: its probability of the next token against the row's). Where it is the
-            best, its own detached distribution is the target: the fusion term has no gradient
-            (reported as 0, its KL to itself) and the position learns from the CLM term alone,
-            with its usual weight. Unlike ``ref`` (the target before training, a fixed
-            distribution), the student does not pull the model back towards where it started.
+            the same way (its block CE, per byte with ``block_bytes``; or its probability of the
+            next token); where it is the best, no fusion gradient (module docstring).
         block_bytes: ``[B]`` bytes of text per block (the student's per-byte block score).
         compat: ``"fusellm"``: the reference's bfloat16 teacher probabilities and rewards (so
             MinCE ties within one bfloat16 step go to ref).
@@ -587,35 +583,13 @@ def fusion_loss(
             device, :data:`CHUNK_ELEMENTS`).
     """
     b, length, c = _check_loss_args(
-        logits,
-        labels,
-        attention_mask,
-        teacher_ids,
-        teacher_logits,
-        teacher_scores,
-        fusion=fusion,
-        combine=combine,
-        distill_loss=distill_loss,
-        teacher=teacher,
-        selection=selection,
-        teacher_tail=teacher_tail,
-        temperature=temperature,
-        ref_index=ref_index,
-        compat=compat,
-    )
+        logits, labels, attention_mask, teacher_ids, teacher_logits, teacher_scores,
+        fusion=fusion, combine=combine, distill_loss=distill_loss, teacher=teacher,
+        selection=selection, teacher_tail=teacher_tail, temperature=temperature,
+        ref_index=ref_index, compat=compat, with_student=with_student,
+    )  # fmt: skip
     device = logits.device
-    if candidate_mask is None:
-        cmask = torch.ones(c, dtype=torch.bool, device=device)
-    else:
-        cmask = torch.as_tensor(candidate_mask, dtype=torch.bool, device=device)
-        if cmask.shape != (c,) or not bool(cmask.any()):
-            raise InputError(f"candidate_mask must be [C] = [{c}] with at least one True")
-    if teacher_matched is not None and tuple(teacher_matched.shape) != (b, c, length):
-        raise InputError(f"teacher_matched must be [B, C, L] = {(b, c, length)}")
-    if with_student and fusion != "mince":
-        raise InputError("with_student works with fusion='mince' (a candidate to compete with)")
-    if block_bytes is not None and tuple(block_bytes.shape) != (b,):
-        raise InputError(f"block_bytes must be [B] = [{b}], got {tuple(block_bytes.shape)}")
+    cmask = _candidate_mask(candidate_mask, (b, c, length), teacher_matched, block_bytes, device)
 
     calibrated = teacher == "calibrated"
     with torch.no_grad():
@@ -637,56 +611,82 @@ def fusion_loss(
         logp, log_tail = log_softmax_gather(
             logits, index, in_row=flags, chunk_elements=chunk_elements
         )
-        log_rest = log_tail
-        if teacher_tail == "label":
-            # The next token is outside a (non-empty) row: the teacher's tail mass goes to it.
-            hit = in_row & (sel_ids == nxt[..., None])
-            outside = clm_mask & in_row.any(-1) & ~hit.any(-1)
-            log_rest = torch.where(outside, logp[..., 0], log_tail)
-        tail_term = torch.where(q_tail > 0, q_tail * log_rest, torch.zeros((), device=device))
+        tail_term = _tail_term(teacher_tail, sel_ids, in_row, q_tail, logp, log_tail, nxt)
     else:
         logp = log_softmax_gather(logits, index, chunk_elements=chunk_elements)
-        tail_term = torch.zeros((), device=device)
+        log_tail, tail_term = None, torch.zeros((), device=device)
     clm_tok = torch.where(clm_mask, -logp[..., 0], torch.zeros((), device=device))
     fuse_tok = -(q * logp[..., 1:]).sum(-1) - tail_term
     if distill_loss == "kl":
         fuse_tok = fuse_tok + neg_ent
     fuse_tok = fuse_tok * m
 
-    if combine == "soft":
-        lm_w = 1.0 - block.amax(1)
-    elif combine == "advantage":
-        mine = _student_block_reward(-logp[..., 0].detach(), clm_mask, block_bytes)
-        lm_w = (mine / block.amax(1).clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
-    elif combine == "gated":
-        lam = torch.full((b,), float(lm_loss_weight), device=device)
-        judged = clm_mask & (m > 0)
-        if teacher_matched is not None:  # alignment fallbacks are one-hots of the true token
-            judged = judged & ((weights > 0) & teacher_matched.bool()).any(1)
-        wins = _teacher_gains(sel_ids, q, in_row, q_tail, logp, log_tail, nxt, judged)
-        lm_w = torch.where(wins, lam, torch.ones_like(lam))
-    else:
-        lam = lm_loss_weight
-        if combine == "hard_and_decay":
-            lam = lam + (1.0 - lam) * min(max(float(progress), 0.0), 1.0)
-        lm_w = torch.full((b,), float(lam), device=device)
+    lm_w = _clm_weights(
+        combine, lm_loss_weight, progress, block, logp, log_tail, nxt, m, block_bytes,
+        (sel_ids, q, in_row, q_tail, weights), teacher_matched,
+    )  # fmt: skip
     student = torch.zeros(b, length, dtype=torch.bool, device=device)
     if with_student:
         student = _student_wins(
-            rows,
-            weights,
-            block,
-            -logp[..., 0].detach(),
-            clm_mask,
-            nxt,
-            selection,
-            block_bytes,
+            rows, weights, block, -logp[..., 0].detach(), clm_mask, nxt, selection, block_bytes,
             logits.shape[-1],
-        )
+        )  # fmt: skip
         # The student is the best candidate there: its own (detached) distribution is the
         # target, whose CE has no gradient; reported as its KL to itself, 0.
         fuse_tok = torch.where(student, 0.0, fuse_tok)
 
+    return _loss_output(
+        lm_w, clm_tok, fuse_tok, clm_mask, m, weights, student, clm_denominator, fusion_denominator
+    )
+
+
+def _clm_weights(
+    combine: str,
+    lm_loss_weight: float,
+    progress: float,
+    block: torch.Tensor,
+    logp: torch.Tensor,
+    log_tail: torch.Tensor | None,
+    nxt: torch.Tensor,
+    m: torch.Tensor,
+    block_bytes: torch.Tensor | None,
+    fused: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    teacher_matched: torch.Tensor | None,
+) -> torch.Tensor:
+    """``[B]`` the CLM term's weight per block, by ``combine`` (module docstring)."""
+    lam = lm_loss_weight
+    if combine == "hard_and_decay":
+        lam = lam + (1.0 - lam) * min(max(float(progress), 0.0), 1.0)
+    lm_w = torch.full((block.shape[0],), float(lam), device=block.device)
+    clm_mask = nxt != -100
+    if combine == "soft":
+        return 1.0 - block.amax(1)
+    if combine == "advantage":
+        mine = _student_block_reward(-logp[..., 0].detach(), clm_mask, block_bytes)
+        return (mine / block.amax(1).clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
+    if combine == "gated":
+        sel_ids, q, in_row, q_tail, weights = fused
+        assert log_tail is not None  # calibrated rows (checked)
+        judged = clm_mask & (m > 0)
+        if teacher_matched is not None:  # alignment fallbacks are one-hots of the true token
+            judged = judged & ((weights > 0) & teacher_matched.bool()).any(1)
+        wins = _teacher_gains(sel_ids, q, in_row, q_tail, logp, log_tail, nxt, judged)
+        return torch.where(wins, lm_w, torch.ones_like(lm_w))
+    return lm_w
+
+
+def _loss_output(
+    lm_w: torch.Tensor,
+    clm_tok: torch.Tensor,
+    fuse_tok: torch.Tensor,
+    clm_mask: torch.Tensor,
+    m: torch.Tensor,
+    weights: torch.Tensor,
+    student: torch.Tensor,
+    clm_denominator: torch.Tensor | float | None,
+    fusion_denominator: torch.Tensor | float | None,
+) -> FusionLossOutput:
+    """The weighted token-level means of the two terms, and what the loss reports."""
     clm_n = clm_mask.sum().clamp_min(1)
     fuse_n = m.sum().clamp_min(1)
     clm_den = clm_n if clm_denominator is None else clm_denominator
@@ -702,6 +702,48 @@ def fusion_loss(
         candidate_weights=(weights * (m * ~student)[:, None, :]).sum(-1) / share[:, None],
         student_share=(student * m).sum(-1) / share,
     )
+
+
+def _candidate_mask(
+    candidate_mask: Sequence[bool] | torch.Tensor | None,
+    shape: tuple[int, int, int],
+    teacher_matched: torch.Tensor | None,
+    block_bytes: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Checks the optional per-candidate / per-block inputs against ``shape`` ``(B, C, L)``;
+    returns the ``[C]`` candidate mask (default: all)."""
+    b, c = shape[:2]
+    if teacher_matched is not None and tuple(teacher_matched.shape) != shape:
+        raise InputError(f"teacher_matched must be [B, C, L] = {shape}")
+    if block_bytes is not None and tuple(block_bytes.shape) != (b,):
+        raise InputError(f"block_bytes must be [B] = [{b}], got {tuple(block_bytes.shape)}")
+    if candidate_mask is None:
+        return torch.ones(c, dtype=torch.bool, device=device)
+    cmask = torch.as_tensor(candidate_mask, dtype=torch.bool, device=device)
+    if cmask.shape != (c,) or not bool(cmask.any()):
+        raise InputError(f"candidate_mask must be [C] = [{c}] with at least one True")
+    return cmask
+
+
+def _tail_term(
+    teacher_tail: str,
+    sel_ids: torch.Tensor,
+    in_row: torch.Tensor,
+    q_tail: torch.Tensor,
+    logp: torch.Tensor,
+    log_tail: torch.Tensor,
+    nxt: torch.Tensor,
+) -> torch.Tensor:
+    """``[B, L]`` ``q_tail`` times the student's log-probability of the tail's target: its mass
+    outside the row (``"bin"``), or with ``"label"`` the next token's where a non-empty row does
+    not list it."""
+    log_rest = log_tail
+    if teacher_tail == "label":
+        hit = in_row & (sel_ids == nxt[..., None])
+        outside = (nxt != -100) & in_row.any(-1) & ~hit.any(-1)
+        log_rest = torch.where(outside, logp[..., 0], log_tail)
+    return torch.where(q_tail > 0, q_tail * log_rest, torch.zeros((), device=q_tail.device))
 
 
 def _teacher_gains(
@@ -780,6 +822,8 @@ def _check_loss_args(
     check_choice("teacher", choices["teacher"], TEACHERS)
     check_choice("selection", choices["selection"], SELECTIONS)
     check_choice("teacher_tail", choices["teacher_tail"], TEACHER_TAILS)
+    if choices["with_student"] and choices["fusion"] != "mince":
+        raise InputError("with_student works with fusion='mince' (a candidate to compete with)")
     if choices["teacher"] != "calibrated" and choices["combine"] == "gated":
         raise InputError("combine='gated' judges rows with their tail: teacher='calibrated'")
     check_choice("compat", choices["compat"], (None, "fusellm"))
@@ -990,77 +1034,93 @@ def validate_packed(
                 )
         for c in stack:
             for kind in ("ids", "logits"):
-                name = f"{c}_{kind}"
-                col = table.column(name)
-                outer = _list_lengths(col)
-                if not np.array_equal(outer, lengths):
-                    raise InputError(
-                        f"{name}: row count differs from len(input_ids) in blocks "
-                        f"{_rows(outer != lengths, offset)}"
-                    )
-                for leaf in _flat_chunks(col):
-                    if leaf.null_count:
-                        raise InputError(f"{name} has null values near block {offset}")
-                ks_here = np.concatenate(
-                    [_inner_lengths(ch) for ch in col.chunks] or [np.zeros(0, np.int64)]
-                )
-                if ks_here.size:
-                    k_min, k_max = int(ks_here.min()), int(ks_here.max())
-                    if k_min != k_max or ks.setdefault(c, k_max) != k_max:
-                        raise InputError(
-                            f"{name}: rows of different widths K ({k_min}..{k_max}, first seen "
-                            f"{ks.get(c)}); every row of a candidate must have the same K"
-                        )
-                for leaf in _flat_chunks(col):
-                    x = leaf.to_numpy(zero_copy_only=False)
-                    if not x.size:
-                        continue
-                    if kind == "ids":
-                        lo, hi = int(x.min()), int(x.max())
-                        if lo < -1:
-                            raise InputError(f"{name} holds id {lo} < -1 near block {offset}")
-                        if vocab_size is not None and hi >= vocab_size:
-                            raise InputError(
-                                f"{name} holds id {hi} >= the model's logits width {vocab_size} "
-                                f"near block {offset}: the data does not match the model's "
-                                "vocabulary"
-                            )
-                    elif np.isnan(x).any() or np.isposinf(x).any():
-                        raise InputError(f"{name} holds NaN or +inf logits near block {offset}")
-                    elif teacher == "calibrated":
-                        check_logprob_rows(x.reshape(-1, ks[c]), f"{name} near block {offset}")
-        scored = [c for c in stack if c in expected]
-        if "attention_mask" in table.column_names:
-            am = np.concatenate(
-                [
-                    leaf.to_numpy(zero_copy_only=False)
-                    for leaf in _flat_chunks(table["attention_mask"])
-                ]
-                or [np.zeros(0)]
-            )
-            cs = np.concatenate([[0.0], np.cumsum(am > 0, dtype=np.float64)])
-            ends = np.cumsum(lengths)
-            ntok = cs[ends] - cs[ends - lengths]
-        else:
-            ntok = lengths.astype(np.float64)
-        sc = block_scores(
-            _column_getter(table),
-            scored,
-            score,
-            table.column_names,
-            ntok,
-        )
-        bad = ~np.isfinite(sc)
-        if bad.any():
-            j = int(np.flatnonzero(bad.any(0))[0])
-            raise InputError(
-                f"candidate {scored[j]!r}: score ({score}) is NaN or infinite in blocks "
-                f"{_rows(bad[:, j], offset)}; drop or repair those blocks before training"
-            )
+                _check_row_column(table, c, kind, lengths, offset, ks, vocab_size, teacher)
+        _check_block_scores(table, [c for c in stack if c in expected], score, lengths, offset)
         offset += table.num_rows
     if offset == 0:
         raise InputError("packed dataset is empty")
     return stack
+
+
+def _check_row_column(
+    table: Any,
+    c: str,
+    kind: str,
+    lengths: np.ndarray,
+    offset: int,
+    ks: dict[str, int],
+    vocab_size: int | None,
+    teacher: str,
+) -> None:
+    """One candidate's ``{c}_ids`` or ``{c}_logits`` column of a batch of packed blocks: a row per
+    token, no nulls, one width ``K`` (recorded in ``ks``), ids in range, finite log-probs."""
+    name = f"{c}_{kind}"
+    col = table.column(name)
+    outer = _list_lengths(col)
+    if not np.array_equal(outer, lengths):
+        raise InputError(
+            f"{name}: row count differs from len(input_ids) in blocks "
+            f"{_rows(outer != lengths, offset)}"
+        )
+    for leaf in _flat_chunks(col):
+        if leaf.null_count:
+            raise InputError(f"{name} has null values near block {offset}")
+    ks_here = np.concatenate([_inner_lengths(ch) for ch in col.chunks] or [np.zeros(0, np.int64)])
+    if ks_here.size:
+        k_min, k_max = int(ks_here.min()), int(ks_here.max())
+        if k_min != k_max or ks.setdefault(c, k_max) != k_max:
+            raise InputError(
+                f"{name}: rows of different widths K ({k_min}..{k_max}, first seen "
+                f"{ks.get(c)}); every row of a candidate must have the same K"
+            )
+    for leaf in _flat_chunks(col):
+        x = leaf.to_numpy(zero_copy_only=False)
+        if not x.size:
+            continue
+        if kind == "ids":
+            lo, hi = int(x.min()), int(x.max())
+            if lo < -1:
+                raise InputError(f"{name} holds id {lo} < -1 near block {offset}")
+            if vocab_size is not None and hi >= vocab_size:
+                raise InputError(
+                    f"{name} holds id {hi} >= the model's logits width {vocab_size} "
+                    f"near block {offset}: the data does not match the model's "
+                    "vocabulary"
+                )
+        elif np.isnan(x).any() or np.isposinf(x).any():
+            raise InputError(f"{name} holds NaN or +inf logits near block {offset}")
+        elif teacher == "calibrated":
+            check_logprob_rows(x.reshape(-1, ks[c]), f"{name} near block {offset}")
+
+
+def _check_block_scores(
+    table: Any, scored: list[str], score: Score, lengths: np.ndarray, offset: int
+) -> None:
+    """The scored candidates' block scores of a batch of packed blocks are finite."""
+    if "attention_mask" in table.column_names:
+        am = np.concatenate(
+            [leaf.to_numpy(zero_copy_only=False) for leaf in _flat_chunks(table["attention_mask"])]
+            or [np.zeros(0)]
+        )
+        cs = np.concatenate([[0.0], np.cumsum(am > 0, dtype=np.float64)])
+        ends = np.cumsum(lengths)
+        ntok = cs[ends] - cs[ends - lengths]
+    else:
+        ntok = lengths.astype(np.float64)
+    sc = block_scores(
+        _column_getter(table),
+        scored,
+        score,
+        table.column_names,
+        ntok,
+    )
+    bad = ~np.isfinite(sc)
+    if bad.any():
+        j = int(np.flatnonzero(bad.any(0))[0])
+        raise InputError(
+            f"candidate {scored[j]!r}: score ({score}) is NaN or infinite in blocks "
+            f"{_rows(bad[:, j], offset)}; drop or repair those blocks before training"
+        )
 
 
 def _column_getter(table: Any) -> Callable[[str], np.ndarray]:
