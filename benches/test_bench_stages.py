@@ -199,3 +199,58 @@ def test_pack_stage_vs_kernel(benchmark: Any, setup: dict[str, Any]) -> None:
         kernel_share=round(kernel_s / stage_s, 3),
     )
     benchmark.extra_info.update(kernel_share=kernel_s / stage_s)
+
+
+CODECS = [(None, None), ("lz4", None), ("zstd", 1), ("zstd", 3), ("zstd", 9)]
+
+
+def test_shard_compression(setup: dict[str, Any], tmp_path: Path) -> None:
+    """Which shard compression keeps up: the aligned dataset (the largest stage output, 3
+    candidates) written and read back as one Arrow IPC stream per codec and level, the time of
+    each against the uncompressed write in the same process, and its bytes per target token."""
+    import pyarrow as pa
+
+    aligned = setup["root"] / "aligned-codecs"
+    if not aligned.exists():
+        with quiet():
+            align_dataset(
+                setup["extracts"]["target"],
+                {src: setup["extracts"][src] for src in sources_of(setup)},
+                aligned,
+                vocab_maps={src: str(p) for src, p in setup["maps"].items()},
+                progress=False,
+            )
+    table = datasets.load_from_disk(str(aligned)).data.table.combine_chunks()
+    tokens = int(pa.compute.sum(pa.compute.list_value_length(table.column("input_ids"))).as_py())
+    raw = table.nbytes
+    rows = []
+    for codec, level in CODECS:
+        comp = None if codec is None else pa.Codec(codec, compression_level=level)
+        options = pa.ipc.IpcWriteOptions(compression=comp)
+        path = tmp_path / f"{codec}-{level}.arrow"
+        writes, reads = [], []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            with (
+                pa.OSFile(str(path), "wb") as sink,
+                pa.ipc.new_stream(sink, table.schema, options=options) as writer,
+            ):
+                writer.write_table(table)
+            writes.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with pa.OSFile(str(path), "rb") as src:
+                back = pa.ipc.open_stream(src).read_all()
+            reads.append(time.perf_counter() - t0)
+        assert back.equals(table)  # lossless, whatever the codec
+        rows.append((codec, level, path.stat().st_size, min(writes), min(reads)))
+    base_write = rows[0][3]
+    for codec, level, size, w, r in rows:
+        report(
+            f"aligned shard, {codec or 'uncompressed'}{'' if level is None else f' level {level}'}",
+            bytes_per_token=round(size / tokens, 1),
+            size_ratio=round(size / raw, 3),
+            write_mb_per_s=round(raw / w / 1e6),
+            read_mb_per_s=round(raw / r / 1e6),
+            write_vs_uncompressed=round(w / base_write, 2),
+            write_tokens_per_s=round(tokens / w),
+        )
