@@ -257,6 +257,23 @@ def test_rerun_skips_done_models_and_tasks(
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temporary left
 
 
+def test_no_progress_silences_the_harness_bars(
+    tiny: TinyModel, tasks: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import lm_eval.api.task as task_module
+
+    bar = task_module.tqdm
+    name = tasks.names[0]
+    run_benchmarks(
+        {"tiny": tiny.path}, [name], tmp_path / "b", include_path=tasks.dir, limit=4,
+        progress=False,
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert "it/s]" not in err, err  # no bar at all, the request bars too
+    assert "%|" not in err, err
+    assert task_module.tqdm is bar  # the harness's own bar is restored after the call
+
+
 # --- errors --------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -142,17 +143,25 @@ def load_causal_lm(
     dtype: Any,
     device: Any,
     attn_implementation: str = "sdpa",
+    *,
+    progress: bool | None = None,
 ) -> tuple[Any, str]:
     """``AutoModelForCausalLM`` of a model directory, on ``device`` in eval mode, with the first
     attention kernel that loads of ``attn_implementation``, ``sdpa``, ``eager``. Returns the
-    model and that kernel's name."""
+    model and that kernel's name. ``progress``: the weight-loading bar (``None``: only on a
+    terminal)."""
     path = Path(model_dir)
     load_model_config(path)
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    quiet = progress is False or (progress is None and not sys.stderr.isatty())
+    bars = hf_logging.is_progress_bar_enabled()
     tried = []
     for impl in dict.fromkeys([attn_implementation, "sdpa", "eager"]):
         try:
+            if quiet:
+                hf_logging.disable_progress_bar()
             model = AutoModelForCausalLM.from_pretrained(
                 str(path), dtype=dtype, attn_implementation=impl, local_files_only=True
             )
@@ -163,5 +172,8 @@ def load_causal_lm(
             raise InputError(f"cannot load a causal LM from {path}: {_one_line(e)}") from e
         except Exception as e:
             raise InputError(f"cannot load a causal LM from {path}: {_one_line(e)}") from e
+        finally:
+            if quiet and bars:
+                hf_logging.enable_progress_bar()
         return model.to(device).eval(), impl
     raise InputError(f"no attention implementation works for {path}: {tried}")

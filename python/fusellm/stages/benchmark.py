@@ -59,6 +59,7 @@ import dataclasses
 import difflib
 import functools
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -388,14 +389,22 @@ def _harness_call(progress: bool | None) -> Iterator[bool]:
     states = (random.getstate(), np.random.get_state(), torch.get_rng_state())  # noqa: NPY002
     quiet = progress is False or (progress is None and not sys.stderr.isatty())
     bars = datasets.is_progress_bar_enabled()
+    # the harness builds each task's requests under a bar of its own, with no switch: its
+    # module's tqdm is replaced by a disabled one for the call
+    task_module = importlib.import_module("lm_eval.api.task") if quiet else None
+    task_bar = getattr(task_module, "tqdm", None)
     if quiet:
         datasets.disable_progress_bar()
+        if task_bar is not None:
+            task_module.tqdm = functools.partial(task_bar, disable=True)  # type: ignore[union-attr]
     hf_logger = logging.getLogger("lm_eval.models.huggingface")
     hf_logger.addFilter(_object_warning)
     try:
         yield quiet
     finally:
         hf_logger.removeFilter(_object_warning)
+        if quiet and task_bar is not None:
+            task_module.tqdm = task_bar  # type: ignore[union-attr]
         if quiet and bars:
             datasets.enable_progress_bar()
         random.setstate(states[0])
@@ -437,7 +446,13 @@ def _check_ids(tok: Any, model: Any, label: str) -> None:
 
 
 def _load_lm(
-    label: str, path: Path, tokenizer: Any, batch_size: int, device: Any, dtype: Any
+    label: str,
+    path: Path,
+    tokenizer: Any,
+    batch_size: int,
+    device: Any,
+    dtype: Any,
+    progress: bool | None = None,
 ) -> Any:
     from lm_eval.models.huggingface import HFLM
 
@@ -449,7 +464,7 @@ def _load_lm(
     where = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else path
     tok = load_tokenizer(tokenizer if tokenizer is not None else path)
     _check_tokenizer(tok, label, str(where))  # before the weights are read
-    model = _load_model(path, dtype_, dev)
+    model = _load_model(path, dtype_, dev, progress)
     _check_ids(tok, model, label)
     hf_logger = logging.getLogger("lm_eval.models.huggingface")
     hf_logger.addFilter(_object_warning)
@@ -702,7 +717,7 @@ def _benchmark_model(
     if not pending:
         return entry
     logger.info("%s: running %s", label, ", ".join(map(str, pending)))
-    lm = _load_lm(label, path, tok, run.batch_size, run.device, run.dtype)
+    lm = _load_lm(label, path, tok, run.batch_size, run.device, run.dtype, run.progress)
     try:
         outputs = _harness(lm, pending, run.tm, run.limit, run.progress)
     finally:

@@ -145,8 +145,8 @@ def _describe_source(data: Any) -> str:
 # --- model loading -------------------------------------------------------------------------------
 
 
-def _load_model(path: Path, dtype: Any, device: Any) -> Any:
-    return load_causal_lm(path, dtype, device)[0]
+def _load_model(path: Path, dtype: Any, device: Any, progress: bool | None = None) -> Any:
+    return load_causal_lm(path, dtype, device, progress=progress)[0]
 
 
 def _context_length(model: Any) -> int | None:
@@ -254,7 +254,7 @@ def _evaluate(
         if tokenizer is None:
             tokenizer = path
         tok = load_tokenizer(tokenizer)  # cheap checks before the weights are read
-        lm = _load_model(path, dtype_, dev)
+        lm = _load_model(path, dtype_, dev, progress)
     else:
         if not isinstance(model, torch.nn.Module):
             raise InputTypeError(
