@@ -373,8 +373,8 @@ def test_bad_settings_are_rejected(tasks: Any) -> None:
 def fake_workdir(root: Path, target: TinyModel, source: TinyModel) -> Path:
     """A work directory as `fusellm run` leaves it: config.yaml, a finished fused run (and an
     unfinished clm run)."""
+    from fusellm.artifact import Artifact
     from fusellm.config import PipelineConfig
-    from fusellm.pipeline import STAGE_RECORD
 
     cfg = PipelineConfig.from_dict(
         {
@@ -385,8 +385,10 @@ def fake_workdir(root: Path, target: TinyModel, source: TinyModel) -> Path:
     )
     root.mkdir(parents=True)
     (root / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    shutil.copytree(source.path, root / "train" / "fused")
-    (root / "train" / "fused" / STAGE_RECORD).write_text("{}", encoding="utf-8")
+    fused = Artifact(root / "train" / "fused", "train", {}, resumable=True)
+    with fused.building(fused.decide("refuse"), {}):  # a finished training run
+        shutil.copytree(source.path, fused.path, dirs_exist_ok=True)
+        fused.complete()
     (root / "train" / "clm").mkdir()
     return root
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
@@ -313,9 +314,17 @@ def test_plan_batches() -> None:
 # --- sharding, resuming, workers -----------------------------------------------------------------
 
 
-def test_rerun_skips_finished_shards(tiny_llama: TinyModel, llama_run: Any) -> None:
+def test_rerun_skips_finished_shards(
+    tiny_llama: TinyModel, llama_run: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     before = listing(llama_run.output_dir)
-    again = run(tiny_llama, llama_run.output_dir, per_step_ce=True)
+    with caplog.at_level(logging.INFO, logger="fusellm.artifact"):
+        again = run(tiny_llama, llama_run.output_dir, per_step_ce=True)
+    out = llama_run.output_dir
+    assert f"{out} is up to date (same model, tokenizer, rows and settings): skipped" in (
+        caplog.text
+    )
+    assert again.skipped
     assert again.complete
     assert again.shards_written == []
     assert again.shards_skipped == [0, 1, 2, 3]
@@ -353,7 +362,15 @@ def test_resume_after_sigkill_gives_the_same_bytes(
     assert read_manifest(out)["complete"] is False
     with pytest.raises(fusellm.FuseLLMError, match="2 of 4 shard"):
         finalize_extract(out)
+    # What the killed writer left half-written (a dead process's temporaries) is removed on
+    # resume; the protocol's decision for the output is "resume", never "stale".
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                          capture_output=True, text=True)  # fmt: skip
+    torn = out / f".data-00002-of-00004.arrow.tmp-{int(dead.stdout)}-0badc0de"
+    torn.write_bytes(b"torn")
     resumed = run(tiny_llama, out, data=tmp_path / "in.jsonl", per_step_ce=True)
+    assert not torn.exists()
+    assert not resumed.skipped
     assert resumed.shards_skipped == [0, 1]
     assert resumed.shards_written == [2, 3]
     assert resumed.complete
@@ -477,9 +494,10 @@ def test_output_directory_of_another_model_is_refused(
 ) -> None:
     out = llama_run.output_dir
     before = listing(out)
-    with pytest.raises(fusellm.StaleArtifactError, match="another model's shards"):
+    stale = r"other inputs \(differs in: .*{}.*\).*--overwrite"
+    with pytest.raises(fusellm.StaleArtifactError, match=stale.format("model_sha256")):
         run(tiny_neox, out, per_step_ce=True)
-    with pytest.raises(fusellm.StaleArtifactError, match=r"another run's shards.*top_k"):
+    with pytest.raises(fusellm.StaleArtifactError, match=stale.format("top_k")):
         run(tiny_llama, out, top_k=5, per_step_ce=True)
     assert listing(out) == before
     stranger = tmp_path / "stranger"

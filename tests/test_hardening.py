@@ -219,7 +219,9 @@ def test_cli_corrupt_vocab_map_sidecar(tmp_path: Path) -> None:
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     proc = cli("vocab-map", "bundled:mistral", "bundled:qwen", str(out), cwd=tmp_path)
     assert proc.returncode == 1
-    assert "'method' must be a str" in one_line(proc)
+    line = one_line(proc)
+    assert f"{out} was changed after it was written" in line
+    assert "--overwrite" in line
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 

@@ -4,6 +4,7 @@ resumable preparation (at the "test" scale, a few seconds)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 
 from fusellm import InputError
 from fusellm import miniature as mini
+from fusellm.io import MANIFEST_NAME
 from fusellm.tokenization import BYTE_LEVEL_MARKER, SPIECE_MARKER, tokenizer_marker
 
 pytest.importorskip("torch")
@@ -223,7 +225,7 @@ def test_pretrain_lowers_the_loss_and_is_deterministic(
 
 
 def test_prepare_skips_finished_pieces_and_rebuilds_on_change(
-    prepared: tuple[Path, Any],
+    prepared: tuple[Path, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     import datasets
 
@@ -235,8 +237,13 @@ def test_prepare_skips_finished_pieces_and_rebuilds_on_change(
     assert not set(train["id"]) & set(held["id"])
     before = _mtimes(wd)
 
-    again = mini.prepare_miniature(wd, seed=0, scale="test", progress=False)
+    with caplog.at_level(logging.INFO, logger="fusellm.artifact"):
+        again = mini.prepare_miniature(wd, seed=0, scale="test", progress=False)
     assert set(again.pieces.values()) == {"skipped"}, again.pieces
+    for piece in ("data/train", "models/tokenizers/target", "models/target"):
+        assert f"{wd / piece} is up to date (same seed, scale and inputs): skipped" in caplog.text
+    summary = wd / "models" / "miniature.json"
+    assert f"{summary} is up to date (same seed, scale and inputs): skipped" in caplog.text
     assert _mtimes(wd) == before
     assert again.evaluation == first.evaluation
     assert not [p for p in wd.rglob("*") if ".tmp-" in p.name]
@@ -255,10 +262,7 @@ def test_prepare_skips_finished_pieces_and_rebuilds_on_change(
     assert {k for k, v in other.pieces.items() if v == "built"} == set(other.pieces)
     assert datasets.load_from_disk(str(other.train_data))["id"] != train["id"]
     after = _mtimes(wd)
-    assert (
-        after[f"models/target/{mini.MANIFEST_NAME}"]
-        != before[f"models/target/{mini.MANIFEST_NAME}"]
-    )
+    assert after[f"models/target/{MANIFEST_NAME}"] != before[f"models/target/{MANIFEST_NAME}"]
 
 
 def test_prepare_rejects_bad_arguments(tmp_path: Path) -> None:

@@ -33,9 +33,11 @@ from typing import Any
 import pytest
 import yaml
 
+from fusellm.artifact import is_complete
 from fusellm.cli import main
 from fusellm.config import load_config
-from fusellm.pipeline import STAGE_RECORD, train_runs
+from fusellm.io import MANIFEST_NAME
+from fusellm.pipeline import stage_outputs, train_runs
 from models import quiet
 
 SOURCES = ("neox_bible", "mpt_python")
@@ -164,9 +166,10 @@ def test_every_stage_output_has_its_schema(reference: dict[str, Any]) -> None:
             assert all(e["lm_weight"] == pytest.approx(1.0) for e in logs)  # float32
         assert all(math.isfinite(e["fusion_loss"]) for e in logs)
         assert all(any(key.startswith("fusion/select_") for key in e) for e in logs)
-        record = json.loads((wd / "train" / run / STAGE_RECORD).read_text())
-        assert record["status"] == "complete"
+        record = json.loads((wd / "train" / run / MANIFEST_NAME).read_text())
+        assert (record["stage"], record["complete"]) == ("train", True)
         assert record["key"]["kind"] == run
+        assert record["summary"]["steps"] == steps
 
     ppl = json.loads((wd / "evaluate" / "perplexity.json").read_text(encoding="utf-8"))
     labels = list(ppl["models"])
@@ -205,10 +208,10 @@ def test_every_stage_output_has_its_schema(reference: dict[str, Any]) -> None:
         assert f"{stage}: running" in log
         assert f"{stage}: done in" in log
     assert "train/fused step 1:" in log
-    records = [json.loads(p.read_text()) for p in (wd / "state").rglob("*.json")]
-    stages_recorded = {r["stage"] for r in records if "stage" in r}
-    assert stages_recorded == expected - {"prepare"}
-    assert {r["status"] for r in records if "stage" in r} == {"complete"}
+    # Every stage output is a complete artifact of the one protocol.
+    outputs = stage_outputs(config, wd)
+    assert set(outputs) == expected - {"prepare"}
+    assert all(is_complete(path) for path in outputs.values()), outputs
 
 
 def test_report_contents(reference: dict[str, Any]) -> None:
@@ -269,7 +272,23 @@ def test_rerun_skips_every_completed_stage(reference: dict[str, Any], tmp_path: 
     assert set(st.values()) == {"skipped"}, st
     assert len(st) == 11
     assert (wd / "train" / "fused" / "model.safetensors").stat().st_mtime_ns == before
-    assert "complete with the same inputs, skipped" in (wd / "fusellm.log").read_text()
+    log = (wd / "fusellm.log").read_text()
+    assert "complete with the same inputs, skipped" in log
+    # The pipeline's own artifacts (training runs, evaluation) go through the same protocol.
+    for stage in ("train/fused", "train/clm", "evaluate/perplexity.json", "pack", "split"):
+        assert f"{wd / stage} is up to date (" in log, stage
+    # An output changed after it was written is stale: replaced, and only it.
+    ppl = wd / "evaluate" / "perplexity.json"
+    ppl.write_text(ppl.read_text().replace('"ppl"', ' "ppl"', 1))
+    proc = fusellm_run(str(reference["workdir"] / "config.yaml"), "--workdir", str(wd))
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    st = statuses(wd)
+    assert {k for k, v in st.items() if v == "ran"} == {"evaluate"}, st
+    assert f"{ppl} was changed after it was written" in (wd / "fusellm.log").read_text()
+    assert (
+        final_outputs(wd, models=False)["perplexity"]
+        == final_outputs(reference["workdir"], models=False)["perplexity"]
+    )
 
 
 def test_builtin_rerun_skips_every_completed_stage(reference: dict[str, Any]) -> None:
@@ -316,7 +335,7 @@ def test_changed_settings_redo_exactly_what_depends_on_them(
     assert all(st[s] == "ran" for s in [*trains, "evaluate"]), st
     assert fused.read_bytes() != old
     log = (wd / "fusellm.log").read_text(encoding="utf-8")
-    assert "train/fused: inputs or settings changed: running it again" in log
+    assert f"{wd / 'train' / 'fused'} was made from other inputs (differs in: args)" in log
 
 
 def test_kd_baselines_and_a_weight_sweep_run_and_are_reported(
@@ -395,12 +414,10 @@ def test_killed_run_started_again_ends_with_the_same_outputs(
     # and the span is what the stages not yet complete took in the reference run.
     stage_seconds = {k: v for k, v in timings["stages"].items() if k != "prepare"}
 
+    outputs = stage_outputs(load_config(reference["workdir"] / "config.yaml"), wd)
+
     def remaining() -> float:
-        done = set()
-        for p in (wd / "state").rglob("*.json"):
-            rec = json.loads(p.read_text())
-            if rec.get("status") == "complete":
-                done.add(rec["stage"])
+        done = {k for k, path in outputs.items() if is_complete(path)}
         return 0.5 + sum(v for k, v in stage_seconds.items() if k not in done)
 
     cmd = [sys.executable, "-m", "fusellm.cli", "run", str(reference["workdir"] / "config.yaml")]
@@ -409,7 +426,7 @@ def test_killed_run_started_again_ends_with_the_same_outputs(
     for _ in range(3):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not (wd / "state").is_dir() and proc.poll() is None:
+        while not (wd / "config.yaml").is_file() and proc.poll() is None:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         delay = rng.uniform(0.0, 1.0) * remaining()
@@ -418,12 +435,11 @@ def test_killed_run_started_again_ends_with_the_same_outputs(
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-            records = [json.loads(p.read_text()) for p in (wd / "state").rglob("*.json")]
-            running = sorted(r["stage"] for r in records if r.get("status") == "running")
-            kills.append((round(delay, 1), running))
+            pending = sorted(k for k, path in outputs.items() if not is_complete(path))
+            kills.append((round(delay, 1), pending[:2]))
         else:
             assert proc.returncode == 0
-    print("killed at (seconds, stages running):", kills)
+    print("killed at (seconds, first stages not complete):", kills)
     done = fusellm_run(str(reference["workdir"] / "config.yaml"), "--workdir", str(wd))
     assert done.returncode == 0, done.stderr[-5000:]
 
@@ -445,12 +461,12 @@ def test_kills_at_the_hardest_training_moments(reference: dict[str, Any], tmp_pa
     """
     wd = tmp_path / "moments"
     shutil.copytree(reference["workdir"], wd)
-    for run in RUNS:
-        record = wd / "state" / "train" / f"{run}.json"
-        rec = json.loads(record.read_text())
-        rec["status"] = "running"
-        record.write_text(json.dumps(rec))
-        for name in ("model.safetensors", "trainer_state.json", STAGE_RECORD):
+    for run in RUNS:  # the manifest of an interrupted attempt: begun with the same key
+        manifest = wd / "train" / run / MANIFEST_NAME
+        rec = json.loads(manifest.read_text())
+        rec["complete"] = False
+        manifest.write_text(json.dumps(rec))
+        for name in ("model.safetensors", "trainer_state.json"):
             (wd / "train" / run / name).unlink()
     last = max(
         (p for p in (wd / "train" / "clm").glob("checkpoint-*")), key=lambda p: p.stat().st_mtime

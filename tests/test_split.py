@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -270,7 +271,9 @@ def test_every_input_format_gives_the_same_rows(toks: list[Any], tmp_path: Path)
         load_text_dataset(tmp_path / "missing")
 
 
-def test_run_split_saves_atomically_with_a_manifest(toks: list[Any], tmp_path: Path) -> None:
+def test_run_split_saves_atomically_with_a_manifest(
+    toks: list[Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     out_dir = tmp_path / "split"
     stats = run_split([LONG_DOC, "b"], out_dir, toks, block_size=BLOCK, margin=MARGIN)
     ds = datasets.load_from_disk(str(out_dir))
@@ -286,7 +289,11 @@ def test_run_split_saves_atomically_with_a_manifest(toks: list[Any], tmp_path: P
     assert [p.name for p in tmp_path.iterdir()] == ["split"]  # no temporary left
     # The same inputs again: skipped, nothing rewritten, the recorded statistics returned.
     mtimes = {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()}
-    again = run_split([LONG_DOC, "b"], out_dir, toks, block_size=BLOCK, margin=MARGIN)
+    with caplog.at_level(logging.INFO, logger="fusellm.artifact"):
+        again = run_split([LONG_DOC, "b"], out_dir, toks, block_size=BLOCK, margin=MARGIN)
+    assert f"{out_dir} is up to date (same documents, tokenizers and settings): skipped" in (
+        caplog.text
+    )
     assert again.skipped
     assert not stats.skipped
     assert (again.num_rows, again.num_docs) == (stats.num_rows, stats.num_docs)
@@ -298,6 +305,13 @@ def test_run_split_saves_atomically_with_a_manifest(toks: list[Any], tmp_path: P
         run_split([LONG_DOC, "b"], out_dir, toks[:1])
     run_split(["c"], out_dir, toks[:1], overwrite=True)
     assert datasets.load_from_disk(str(out_dir))["text"] == ["c"]
+    # The replace-stale policy fusellm run passes: replaced, and the replacement is complete.
+    replaced = run_split(["d"], out_dir, toks[:1], on_stale="replace")
+    assert not replaced.skipped
+    assert datasets.load_from_disk(str(out_dir))["text"] == ["d"]
+    assert run_split(["d"], out_dir, toks[:1], on_stale="replace").skipped
+    with pytest.raises(fusellm.InputError, match="on_stale must be one of"):
+        run_split(["d"], out_dir, toks[:1], on_stale="ignore")
     # Documents that are all empty: an error naming the column, and nothing written.
     with pytest.raises(fusellm.InputError, match=r"2 document\(s\) in column 'text' are all empty"):
         run_split(["", ""], tmp_path / "empty", toks[:1])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -123,7 +124,7 @@ def offsets_of(tok: Any, text: str) -> tuple[list[int], np.ndarray]:
 
 
 def test_vocab_map_builds_saves_skips_and_refuses(
-    models: dict[str, TinyModel], neox_map: Path
+    models: dict[str, TinyModel], neox_map: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     base = fusellm.tokenizer_vocab(load_tokenizer("mistral"))
     blend = fusellm.tokenizer_vocab(load_tokenizer("deepseek"))
@@ -137,22 +138,36 @@ def test_vocab_map_builds_saves_skips_and_refuses(
     assert json.loads(neox_map.read_text()) == loaded.to_dict()
 
     before = listing(neox_map.parent)
-    again = run_vocab_map(models["llama"].path, "bundled:deepseek", neox_map)
+    with caplog.at_level(logging.INFO, logger="fusellm.artifact"):
+        again = run_vocab_map(models["llama"].path, "bundled:deepseek", neox_map)
+    assert again.skipped
+    assert f"{neox_map} is up to date (same tokenizers and settings): skipped" in caplog.text
     assert listing(neox_map.parent) == before  # skipped: same vocabularies and method
-    np.testing.assert_array_equal(again.base_ids, loaded.base_ids)
-    with pytest.raises(StaleArtifactError, match="'surface' map, not 'exact'"):
+    np.testing.assert_array_equal(again.vocab_map.base_ids, loaded.base_ids)
+    with pytest.raises(StaleArtifactError, match=r"differs in: method\).*--overwrite"):
         run_vocab_map(models["llama"].path, models["neox"].path, neox_map, method="exact")
-    with pytest.raises(StaleArtifactError, match="different blend vocabulary"):
+    with pytest.raises(StaleArtifactError, match=r"differs in: blend_vocab_sha256, method\)"):
         run_vocab_map(models["llama"].path, models["qwen2"].path, neox_map, method="exact")
     assert listing(neox_map.parent) == before
+    # Changed after it was written: stale (the manifest's output fingerprint).
+    meta_path = neox_map.with_name("neox.json.meta.json")
+    meta_bytes = meta_path.read_bytes()
+    meta_path.write_bytes(meta_bytes.replace(b'"stats"', b' "stats"', 1))
+    with pytest.raises(StaleArtifactError, match="changed after it was written"):
+        run_vocab_map(models["llama"].path, "bundled:deepseek", neox_map)
+    meta_path.write_bytes(meta_bytes)
+    assert run_vocab_map(models["llama"].path, "bundled:deepseek", neox_map).skipped
 
     other = neox_map.with_name("other.json")
     shutil.copy(neox_map, other)
     shutil.copy(neox_map.with_name("neox.json.meta.json"), other.with_name("other.json.meta.json"))
+    with pytest.raises(StaleArtifactError, match=r"has no fusellm manifest.*--overwrite"):
+        run_vocab_map(models["llama"].path, models["qwen2"].path, other, method="exact")
     rebuilt = run_vocab_map(
         models["llama"].path, models["qwen2"].path, other, method="exact", overwrite=True
     )
     assert rebuilt.method == "exact"
+    assert not rebuilt.skipped
     qwen = fusellm.tokenizer_vocab(load_tokenizer("qwen"))
     assert VocabMap.load(other, base, qwen).method == "exact"
     with pytest.raises(InputError, match=r"\.json"):
@@ -329,11 +344,13 @@ def test_mined_soft_with_a_vocab_map(
 
 
 def test_rerun_skips_and_changed_inputs_are_refused(
-    aligned: Any, extracts: dict, source_dirs: dict
+    aligned: Any, extracts: dict, source_dirs: dict, caplog: pytest.LogCaptureFixture
 ) -> None:
     out = aligned.output_dir
     before = listing(out)
-    again = align_hard(extracts["llama"], source_dirs, out, rows_per_batch=5, progress=False)
+    with caplog.at_level(logging.INFO, logger="fusellm.artifact"):
+        again = align_hard(extracts["llama"], source_dirs, out, rows_per_batch=5, progress=False)
+    assert f"{out} is up to date (the same inputs and settings): skipped" in caplog.text
     assert again.skipped
     assert again.stats() == aligned.stats()
     assert listing(out) == before
@@ -348,6 +365,12 @@ def test_rerun_skips_and_changed_inputs_are_refused(
 def test_overwrite_replaces(extracts: dict, source_dirs: dict, tmp_path: Path) -> None:
     out = tmp_path / "al"
     align_hard(extracts["llama"], {"qwen": source_dirs["qwen"]}, out, progress=False)
+    # The replace-stale policy (fusellm run's): another method replaces the output.
+    mined = align_hard(
+        extracts["llama"], {"qwen": source_dirs["qwen"]}, out, method="mined", on_stale="replace"
+    )
+    assert not mined.skipped
+    assert read_manifest(out)["key"]["method"] == "mined"
     report = align_hard(
         extracts["llama"],
         {"neox": source_dirs["neox"]},
@@ -746,18 +769,25 @@ def pairs(xs: list[int]) -> list[tuple[int, int]]:
 
 
 def test_pack_skips_refuses_and_trains(
-    aligned: Any, models: dict[str, TinyModel], tmp_path: Path
+    aligned: Any, models: dict[str, TinyModel], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     out = tmp_path / "packed"
     first = pack_dataset(aligned.output_dir, out, block_size=64, progress=False)
     before = listing(out)
-    again = pack_dataset(aligned.output_dir, out, block_size=64, progress=False)
+    with caplog.at_level(logging.INFO, logger="fusellm.artifact"):
+        again = pack_dataset(aligned.output_dir, out, block_size=64, progress=False)
+    assert f"{out} is up to date (the same inputs and settings): skipped" in caplog.text
     assert again.skipped
     assert again.blocks == first.blocks
     assert listing(out) == before
     with pytest.raises(StaleArtifactError, match="block_size"):
         pack_dataset(aligned.output_dir, out, block_size=32, progress=False)
     assert listing(out) == before
+    # Replaced under the replace-stale policy, and the old block size comes back the same way.
+    assert pack_dataset(aligned.output_dir, out, block_size=32, on_stale="replace").blocks > 0
+    assert read_manifest(out)["key"]["block_size"] == 32
+    again = pack_dataset(aligned.output_dir, out, block_size=64, on_stale="replace")
+    assert (again.skipped, again.blocks) == (False, first.blocks)
 
     from fusellm import FusionConfig, run_train
     from fusellm.train import load_packed

@@ -12,8 +12,10 @@ be either complete or absent, and must say what it was made from:
   modification time are unchanged, so restarts do not re-hash many gigabytes of weights.
 - :func:`fingerprint_dataset` hashes a dataset's CONTENT (schema and values), independently of how
   its Arrow table is chunked or whether it was loaded from JSONL, Parquet or ``save_to_disk``.
-- :func:`read_manifest` / :func:`write_manifest`: the JSON manifest every stage leaves in its
-  output directory.
+- :func:`read_manifest`: the JSON manifest every stage leaves in its output directory (written,
+  and decided on, by the one artifact protocol, :mod:`fusellm.artifact`).
+- :func:`exclusive_lock` and :func:`remove_stale_temporaries` / :func:`remove_dead_temporaries`:
+  the lock of an output or work directory, and the cleanup after killed writers.
 - :func:`load_text_dataset` opens the inputs the stages accept (a ``datasets.Dataset``, a
   ``save_to_disk`` directory, JSONL / JSON / Parquet / Arrow files, a directory of text files, a
   list of strings).
@@ -37,7 +39,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import FuseLLMError, InputError, InputTypeError, StaleArtifactError
+from .errors import FuseLLMError, InputError, InputTypeError
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +57,6 @@ __all__ = [
     "tokenizer_fingerprint",
     "write_arrow_shard",
     "write_dataset_metadata",
-    "write_manifest",
 ]
 
 #: File name of the manifest each stage writes into its output directory.
@@ -104,23 +105,50 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _dead_writer(name: str, prefix: str) -> bool:
+    """Whether a temporary name ``PREFIX<pid>-...`` was written by a process that no longer
+    runs."""
+    pid = name[len(prefix) :].split("-", 1)[0]
+    return pid.isdigit() and not _pid_alive(int(pid))
+
+
+def _remove_path(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
 def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
     """Removes the temporary siblings of ``path`` (``.NAME.tmp-PID-...``) left by killed
     processes: those whose process no longer runs. Returns what was removed."""
     target = Path(path)
-    removed = []
+    removed: list[Path] = []
     if not target.parent.is_dir():
         return removed
     prefix = f".{target.name}{_TMP_MARK}"
     for p in target.parent.iterdir():
-        if not p.name.startswith(prefix):
+        if p.name.startswith(prefix) and _dead_writer(p.name, prefix):
+            _remove_path(p)
+            removed.append(p)
+    return removed
+
+
+def remove_dead_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Removes every temporary file or directory below ``directory`` (any ``.NAME.tmp-PID-...``)
+    whose writing process no longer runs: what a killed writer left inside an output that is
+    built in place. Returns what was removed."""
+    root = Path(directory)
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for p in sorted(root.rglob(f"*{_TMP_MARK}*")):
+        if not is_tmp_name(p.name) or not p.exists():
             continue
-        pid = p.name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+        name = p.name
+        prefix = name[: name.index(_TMP_MARK) + len(_TMP_MARK)]
+        if _dead_writer(name, prefix):
+            _remove_path(p)
             removed.append(p)
     return removed
 
@@ -202,52 +230,6 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iter
 def is_tmp_name(name: str) -> bool:
     """Whether a file name is one of the temporary names written by this module."""
     return name.startswith(".") and _TMP_MARK in name
-
-
-# --- the stage-output decision -------------------------------------------------------------------
-
-
-def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-
-
-def output_state(out: Path, stage: str, key: dict[str, Any], overwrite: bool) -> str:
-    """The decision of a stage whose output directory is ``out``: ``"absent"``, ``"done"`` (its
-    manifest records this ``stage``, this ``key`` and completion) or ``"replace"`` (empty, or
-    made from other inputs with ``overwrite``). Raises :class:`StaleArtifactError` for an output
-    of other inputs or another stage, :class:`InputError` for a directory that is not a stage
-    output."""
-    if not out.exists():
-        return "absent"
-    if not out.is_dir():
-        raise InputError(f"{out} exists and is not a directory")
-    try:
-        previous = read_manifest(out)
-    except FuseLLMError as e:
-        raise StaleArtifactError(
-            f"{out}: unreadable manifest ({e}); pass overwrite=True (--overwrite)"
-        ) from e
-    if previous is None:
-        if not any(out.iterdir()):
-            return "replace"
-        raise InputError(
-            f"{out} is not empty and holds no fusellm manifest: choose another output directory"
-        )
-    if previous.get("stage") == stage and previous.get("key") == key and previous.get("complete"):
-        return "done"
-    if overwrite:
-        logger.warning("%s was made from other inputs: overwriting", out)
-        return "replace"
-    if previous.get("stage") != stage:
-        raise StaleArtifactError(
-            f"{out} holds the output of stage {previous.get('stage')!r}, not {stage!r}; choose "
-            "another output directory or pass overwrite=True (--overwrite)"
-        )
-    diff = _diff(previous.get("key", {}), key)
-    raise StaleArtifactError(
-        f"{out} was made from other inputs (differs in: {', '.join(diff) or 'completeness'}); "
-        "choose another output directory or pass overwrite=True (--overwrite)"
-    )
 
 
 # --- fingerprints --------------------------------------------------------------------------------
@@ -423,11 +405,6 @@ def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The manifest of a stage's output directory, or ``None`` if it has none."""
     return read_json_object(Path(directory) / MANIFEST_NAME)
-
-
-def write_manifest(directory: str | os.PathLike[str], manifest: Mapping[str, Any]) -> Path:
-    """Writes a stage's manifest atomically into ``directory``."""
-    return atomic_write_json(Path(directory) / MANIFEST_NAME, dict(manifest))
 
 
 # --- inputs --------------------------------------------------------------------------------------
@@ -640,12 +617,22 @@ LOCK_NAME = ".fusellm.lock"
 
 
 @contextlib.contextmanager
-def exclusive_lock(directory: str | os.PathLike[str], what: str) -> Iterator[Path]:
-    """Holds an exclusive advisory lock (``flock``) on ``directory/.fusellm.lock`` for the block.
+def exclusive_lock(
+    target: str | os.PathLike[str],
+    what: str,
+    *,
+    lock_file: str | os.PathLike[str] | None = None,
+    remove: bool = False,
+) -> Iterator[Path]:
+    """Holds an exclusive advisory lock (``flock``) on ``target`` for the block: on the file
+    ``lock_file`` (default ``target/.fusellm.lock``, for a directory).
 
     The lock file records the holder (process id, host, start time, command line). A second
-    holder gets a :class:`~fusellm.LockedError` at once, naming the first; the lock goes with
-    its process, so a killed run leaves nothing to clean up (the stale file is reused).
+    holder gets a :class:`~fusellm.LockedError` at once, naming ``what`` and ``target`` and the
+    first holder; the lock goes with its process, so a killed run leaves nothing to clean up (the
+    stale file is reused). With ``remove``, the holder deletes the lock file when it is done (a
+    process that opened the file just before is detected: its lock is on a deleted file, and it
+    tries again on the new one).
     """
     import fcntl
     import socket
@@ -654,18 +641,29 @@ def exclusive_lock(directory: str | os.PathLike[str], what: str) -> Iterator[Pat
 
     from .errors import LockedError
 
-    path = Path(directory) / LOCK_NAME
+    path = Path(lock_file) if lock_file is not None else Path(target) / LOCK_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    for _ in range(100):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
             raise LockedError(
-                f"{what} {Path(directory)} is in use by another fusellm process ({holder}); "
+                f"{what} {Path(target)} is in use by another fusellm process ({holder}); "
                 "wait for it to finish or stop it"
             ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed this file: lock the new one
+    else:  # pragma: no cover - a hundred holders came and went meanwhile
+        raise LockedError(f"{what} {Path(target)}: could not take the lock {path}")
+    try:
         info = (
             f"pid {os.getpid()} on {socket.gethostname()} since "
             f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:200]}"
@@ -674,4 +672,6 @@ def exclusive_lock(directory: str | os.PathLike[str], what: str) -> Iterator[Pat
         os.pwrite(fd, info.encode("utf-8"), 0)
         yield path
     finally:
+        if remove:
+            path.unlink(missing_ok=True)  # still locked: a newcomer sees the file gone
         os.close(fd)  # releases the lock

@@ -49,11 +49,12 @@ mix: a weak but non-trivial base, which continual training then improves, and wh
 beat on their domains (measured on the held-out split in bits per byte, which unlike a per-token
 loss compares models with different tokenizers; written to ``models/miniature.json``).
 
-**Resumability.** Each piece (the two datasets, each tokenizer, each model) is built under a
-temporary name and renamed when complete (:func:`fusellm.io.atomic_dir`), with a manifest that
-records the seed, the scale, the recipe, the corpus hash, the fingerprints of its inputs and of
-its own files. A re-run skips every piece whose manifest matches and whose files are unchanged;
-a different seed or scale, an edited file or a rebuilt input rebuilds it (and what depends on it).
+**Resumability.** Each piece (the two datasets, the benchmark tasks, each tokenizer, each model,
+the summary) is an artifact of the one protocol (:mod:`fusellm.artifact`): built under a temporary
+name and renamed when complete, with a manifest that records the seed, the scale, the recipe, the
+corpus hash, the fingerprints of its inputs and of its own files. A re-run skips every piece whose
+manifest matches and whose files are unchanged; a different seed or scale, an edited file or a
+rebuilt input rebuilds it (and what depends on it).
 
 Scales: ``"default"`` (about 90 s on 2 idle CPU cores, about 170 s of CPU time; a fusion set of
 400 documents per domain, the rest of the training split for pre-training) and ``"test"``
@@ -73,21 +74,15 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .artifact import Artifact, Decision
 from .errors import FuseLLMError, InputError, InputTypeError
-from .io import (
-    MANIFEST_NAME,
-    atomic_dir,
-    atomic_write_json,
-    fingerprint_files,
-    read_manifest,
-    write_manifest,
-)
+from .io import atomic_dir, atomic_write_json
 from .loading import load_tokenizer
 from .progress import progress_bar
 
@@ -831,23 +826,10 @@ class Miniature:
         return datasets.load_from_disk(str(self.heldout_data))
 
 
-def _sha(obj: Any) -> str:
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _plain(obj: Any) -> Any:
-    """``obj`` as it reads back from JSON (tuples become lists), so keys compare equal."""
-    return json.loads(json.dumps(obj, sort_keys=True))
-
-
-def _files_fp(directory: Path, previous: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    files = [p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_NAME]
-    return fingerprint_files(files, root=directory, previous=previous)
-
-
 class _Pieces:
-    """Builds pieces atomically, each recorded by a manifest; skips those already complete."""
+    """The miniature's pieces: each an artifact (:mod:`fusellm.artifact`) of the stage
+    ``miniature``, its key the seed, scale, recipe, corpus and the piece's own inputs; skipped
+    when complete and unchanged, rebuilt (replaced) otherwise."""
 
     def __init__(self, seed: int, scale: str) -> None:
         self.base = {
@@ -859,47 +841,51 @@ class _Pieces:
         }
         self.status: dict[str, str] = {}
         self.seconds: dict[str, float] = {}
+        self._pending: dict[str, tuple[Artifact, Decision]] = {}
 
-    def done(self, name: str, path: Path, key: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The manifest of a complete piece made from ``key``, or None."""
-        if not path.is_dir():
-            return None
-        try:
-            m = read_manifest(path)
-        except FuseLLMError:
-            return None
-        if not m or m.get("key") != _plain({**self.base, "piece": name, **key}):
-            return None
-        try:
-            fp = _files_fp(path, previous=m.get("files"))
-        except InputError:
-            return None
-        if fp["sha256"] != m.get("files", {}).get("sha256"):
-            logger.info("miniature: %s was modified; rebuilding it", path)
-            return None
-        return m
+    def artifact(self, name: str, path: Path, key: Mapping[str, Any], **kw: Any) -> Artifact:
+        return Artifact(
+            path,
+            "miniature",
+            {**self.base, "piece": name, **key},
+            owned=True,
+            describe="same seed, scale and inputs",
+            **kw,
+        )
+
+    def done(
+        self, name: str, path: Path, key: Mapping[str, Any], **kw: Any
+    ) -> dict[str, Any] | None:
+        """The manifest of a complete piece made from ``key`` (then recorded as skipped), or
+        None (the piece is to be built, :meth:`build`)."""
+        art = self.artifact(name, path, key, **kw)
+        decision = art.decide("replace")
+        if decision.done:
+            art.skipped()
+            self.status[name] = "skipped"
+            return decision.manifest
+        self._pending[name] = (art, decision)
+        return None
 
     @contextlib.contextmanager
-    def build(
-        self, name: str, path: Path, key: Mapping[str, Any], info: dict[str, Any]
-    ) -> Iterator[Path]:
-        """Yields a temporary directory; on success records the manifest (key, fingerprint of
-        the files, ``info`` as filled by the block) and renames it onto ``path``."""
+    def build(self, name: str, info: dict[str, Any]) -> Iterator[Path]:
+        """Yields a temporary directory for the piece :meth:`done` found missing; on success
+        commits it (its manifest records ``info`` as filled by the block and the build time)."""
+        art, decision = self._pending.pop(name)
         t0, c0 = time.perf_counter(), time.process_time()
-        with atomic_dir(path, overwrite=True) as tmp:
+        with art.build(decision, {"info": info}) as tmp:
             yield tmp
             info["build_seconds"] = round(time.perf_counter() - t0, 3)
             info["build_cpu_seconds"] = round(time.process_time() - c0, 3)
             self.seconds[name] = info["build_seconds"]
-            write_manifest(
-                tmp,
-                {
-                    "key": _plain({**self.base, "piece": name, **key}),
-                    "files": _files_fp(tmp),
-                    "info": info,
-                },
-            )
         self.status[name] = "built"
+
+    def manifest(self, name: str, path: Path, key: Mapping[str, Any]) -> dict[str, Any]:
+        """The manifest of a piece (skipped or just built)."""
+        m = self.artifact(name, path, key).read_manifest()
+        if m is None:  # pragma: no cover - written by build
+            raise FuseLLMError(f"miniature: {path} has no manifest")
+        return m
 
 
 def _partition(seed: int, scale: Scale) -> dict[str, dict[str, list[dict[str, str]]]]:
@@ -969,48 +955,86 @@ def prepare_miniature(
         return _prepare(Path(workdir).resolve(), seed, scale, progress)
 
 
+_Parts = dict[str, dict[str, list[dict[str, str]]]]
+
+
 def _prepare(wd: Path, seed: int, scale: str, progress: bool | None) -> Miniature:
     sc = SCALES[scale]
-    test = scale == "test"
     (wd / "models").mkdir(parents=True, exist_ok=True)
     (wd / "data").mkdir(parents=True, exist_ok=True)
     pieces = _Pieces(seed, scale)
     t0, c0 = time.perf_counter(), time.process_time()
-    parts: dict[str, dict[str, list[dict[str, str]]]] | None = None
+    cache: list[_Parts] = []
 
-    def get_parts() -> dict[str, dict[str, list[dict[str, str]]]]:
-        nonlocal parts
-        if parts is None:
-            parts = _partition(seed, sc)
-        return parts
+    def get_parts() -> _Parts:  # the partition, computed once and only if a piece needs it
+        if not cache:
+            cache.append(_partition(seed, sc))
+        return cache[0]
 
-    info: dict[str, Any]
-    # 1. data: the fusion set and the held-out documents
+    data_paths, data_fp = _data_pieces(pieces, wd, sc, get_parts)
+    bench_path = wd / "data" / "benchmarks"
+    bench_tasks = _benchmark_piece(pieces, bench_path, sc, seed, data_fp["heldout"])
+    tok_fp = _tokenizer_pieces(pieces, wd, sc, scale == "test", get_parts)
+    model_paths, model_fp, pretraining = _model_pieces(
+        pieces, wd, sc, seed, scale == "test", tok_fp, get_parts, progress
+    )
+    evaluation = _summary_piece(
+        pieces, wd, sc, model_paths, data_paths["heldout"], model_fp, data_fp["heldout"],
+        pretraining, progress,
+    )  # fmt: skip
+    logger.info(
+        "miniature (%s, seed %d): %.1f s, %.1f s CPU; %s",
+        scale,
+        seed,
+        time.perf_counter() - t0,
+        time.process_time() - c0,
+        ", ".join(f"{k} {v}" for k, v in pieces.status.items()),
+    )
+    return Miniature(
+        workdir=wd,
+        target=model_paths["target"],
+        sources={s.name: model_paths[s.name] for s in MODEL_SPECS[1:]},
+        domains={s.name: s.domain for s in MODEL_SPECS},
+        train_data=data_paths["train"],
+        heldout_data=data_paths["heldout"],
+        block_size=sc.block_size,
+        seed=seed,
+        scale=scale,
+        evaluation=evaluation,
+        pretraining=pretraining,
+        pieces=dict(pieces.status),
+        seconds=dict(pieces.seconds),
+        benchmarks=bench_path,
+        benchmark_tasks=bench_tasks,
+    )
+
+
+def _data_pieces(
+    pieces: _Pieces, wd: Path, sc: Scale, get_parts: Callable[[], _Parts]
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """The fusion set and the held-out documents (``data/train``, ``data/heldout``): their paths
+    and output fingerprints."""
     data_paths = {"train": wd / "data" / "train", "heldout": wd / "data" / "heldout"}
     data_fp: dict[str, str] = {}
     for split, path in data_paths.items():
+        name = f"data/{split}"
         key: dict[str, Any] = {"docs": sc.fusion_docs if split == "train" else sc.heldout_docs}
-        m = pieces.done(f"data/{split}", path, key)
-        if m is None:
+        if pieces.done(name, path, key) is None:
             if split == "train":
                 p = get_parts()
                 rows = [r for d in DOMAINS for r in p[d]["fusion"]]
             else:
                 rows = _corpus_docs("heldout", None, sc.heldout_docs)
-            info = {"documents": len(rows)}
-            with pieces.build(f"data/{split}", path, key, info) as tmp:
+            with pieces.build(name, {"documents": len(rows)}) as tmp:
                 _save_dataset(rows, tmp)
-            m = read_manifest(path)
-            assert m is not None
-        else:
-            pieces.status[f"data/{split}"] = "skipped"
-        data_fp[split] = m["files"]["sha256"]
+        data_fp[split] = pieces.manifest(name, path, key)["output"]["sha256"]
+    return data_paths, data_fp
 
-    # 1b. benchmark tasks over the held-out documents
-    bench_path = wd / "data" / "benchmarks"
-    bench_tasks = _benchmark_piece(pieces, bench_path, sc, seed, data_fp["heldout"])
 
-    # 2. tokenizers
+def _tokenizer_pieces(
+    pieces: _Pieces, wd: Path, sc: Scale, test: bool, get_parts: Callable[[], _Parts]
+) -> dict[str, str]:
+    """Each model's tokenizer (``models/tokenizers/NAME``): model name -> output fingerprint."""
     tok_fp: dict[str, str] = {}
     for spec in MODEL_SPECS:
         path = wd / "models" / "tokenizers" / spec.name
@@ -1018,22 +1042,30 @@ def _prepare(wd: Path, seed: int, scale: str, progress: bool | None) -> Miniatur
         key = {"tokenizer": spec.tokenizer, "vocab": vocab, "mix": spec.tokenizer_mix,
                "docs": sc.tokenizer_docs}  # fmt: skip
         name = f"tokenizers/{spec.name}"
-        m = pieces.done(name, path, key)
-        if m is None:
+        if pieces.done(name, path, key) is None:
             texts = _texts(get_parts(), spec.tokenizer_mix, sc.tokenizer_docs)
             logger.info("miniature: training the %s tokenizer of %s", spec.tokenizer, spec.name)
-            with pieces.build(name, path, key, {"texts": len(texts)}) as tmp:
+            with pieces.build(name, {"texts": len(texts)}) as tmp:
                 build_tokenizer(spec.tokenizer, texts, vocab, tmp / "tok")
                 for f in (tmp / "tok").iterdir():
                     f.rename(tmp / f.name)
                 (tmp / "tok").rmdir()
-            m = read_manifest(path)
-            assert m is not None
-        else:
-            pieces.status[name] = "skipped"
-        tok_fp[spec.name] = m["files"]["sha256"]
+        tok_fp[spec.name] = pieces.manifest(name, path, key)["output"]["sha256"]
+    return tok_fp
 
-    # 3. models: build from the config, pre-train, save
+
+def _model_pieces(
+    pieces: _Pieces,
+    wd: Path,
+    sc: Scale,
+    seed: int,
+    test: bool,
+    tok_fp: Mapping[str, str],
+    get_parts: Callable[[], _Parts],
+    progress: bool | None,
+) -> tuple[dict[str, Path], dict[str, str], dict[str, dict[str, Any]]]:
+    """Each model, built from its config, pre-trained and saved (``models/NAME``): the paths,
+    output fingerprints and pre-training statistics."""
     model_paths = {spec.name: wd / "models" / spec.name for spec in MODEL_SPECS}
     model_fp: dict[str, str] = {}
     pretraining: dict[str, dict[str, Any]] = {}
@@ -1053,12 +1085,11 @@ def _prepare(wd: Path, seed: int, scale: str, progress: bool | None) -> Miniatur
             "pretrain_docs": sc.pretrain_docs,
             "tokenizer": tok_fp[spec.name],
         }
-        m = pieces.done(spec.name, path, key)
-        if m is None:
+        if pieces.done(spec.name, path, key) is None:
             mix = tuple((d, 1) for d in DOMAINS) if spec.domain == "mixed" else ((spec.domain, 1),)
             texts = _texts(get_parts(), mix, None)
-            info = {}
-            with pieces.build(spec.name, path, key, info) as tmp:
+            info: dict[str, Any] = {}
+            with pieces.build(spec.name, info) as tmp:
                 tok = _load_tokenizer(wd / "models" / "tokenizers" / spec.name)
                 model = build_model(
                     spec.arch, tok, hidden_size=hidden, num_layers=sc.layers, seed=seed * 1000 + k
@@ -1080,67 +1111,50 @@ def _prepare(wd: Path, seed: int, scale: str, progress: bool | None) -> Miniatur
                 )
                 info.update((x, v) for x, v in stats.items() if x != "losses")
                 _save(model, tok, stats, tmp)
-            m = read_manifest(path)
-            assert m is not None
-        else:
-            pieces.status[spec.name] = "skipped"
+        m = pieces.manifest(spec.name, path, key)
         pretraining[spec.name] = dict(m["info"])
-        model_fp[spec.name] = m["files"]["sha256"]
+        model_fp[spec.name] = m["output"]["sha256"]
+    return model_paths, model_fp, pretraining
 
-    # 4. held-out evaluation and the summary
-    summary_path = wd / "models" / SUMMARY_NAME
-    skey = {**pieces.base, "piece": "summary", "models": model_fp, "heldout": data_fp["heldout"]}
-    summary: dict[str, Any] | None = None
-    with contextlib.suppress(OSError, ValueError):
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    skey = _plain(skey)
-    if not isinstance(summary, dict) or summary.get("key") != skey:
-        te = time.perf_counter()
-        evaluation = _evaluate(model_paths, data_paths["heldout"], sc, progress)
-        pieces.seconds["summary"] = round(time.perf_counter() - te, 3)
-        summary = {
-            "key": skey,
-            "seed": seed,
-            "scale": scale,
-            "block_size": sc.block_size,
-            "scale_settings": asdict(sc),
-            "target": "target",
-            "sources": [s.name for s in MODEL_SPECS[1:]],
-            "domains": {s.name: s.domain for s in MODEL_SPECS},
-            "architectures": {s.name: s.arch for s in MODEL_SPECS},
-            "tokenizers": {s.name: s.tokenizer for s in MODEL_SPECS},
-            "pretraining": pretraining,
-            "evaluation": evaluation,
-        }
-        atomic_write_json(summary_path, summary)
-        pieces.status["summary"] = "built"
-    else:
-        pieces.status["summary"] = "skipped"
-    logger.info(
-        "miniature (%s, seed %d): %.1f s, %.1f s CPU; %s",
-        scale,
-        seed,
-        time.perf_counter() - t0,
-        time.process_time() - c0,
-        ", ".join(f"{k} {v}" for k, v in pieces.status.items()),
-    )
-    return Miniature(
-        workdir=wd,
-        target=model_paths["target"],
-        sources={s.name: model_paths[s.name] for s in MODEL_SPECS[1:]},
-        domains={s.name: s.domain for s in MODEL_SPECS},
-        train_data=data_paths["train"],
-        heldout_data=data_paths["heldout"],
-        block_size=sc.block_size,
-        seed=seed,
-        scale=scale,
-        evaluation=summary["evaluation"],
-        pretraining=pretraining,
-        pieces=dict(pieces.status),
-        seconds=dict(pieces.seconds),
-        benchmarks=bench_path,
-        benchmark_tasks=bench_tasks,
-    )
+
+def _summary_piece(
+    pieces: _Pieces,
+    wd: Path,
+    sc: Scale,
+    model_paths: Mapping[str, Path],
+    heldout: Path,
+    model_fp: Mapping[str, str],
+    heldout_fp: str,
+    pretraining: Mapping[str, Any],
+    progress: bool | None,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """The held-out evaluation of every model and the summary (``models/miniature.json``, a file
+    piece): the evaluation, per model, domain and ``all``."""
+    path = wd / "models" / SUMMARY_NAME
+    key = {"models": model_fp, "heldout": heldout_fp}
+    files = {"files": (SUMMARY_NAME,)}
+    m = pieces.done("summary", path, key, **files)
+    if m is None:
+        with pieces.build("summary", {}) as tmp:
+            evaluation = _evaluate(model_paths, heldout, sc, progress)
+            summary = {
+                "key": pieces.artifact("summary", path, key).key,
+                "seed": pieces.base["seed"],
+                "scale": pieces.base["scale"],
+                "block_size": sc.block_size,
+                "scale_settings": asdict(sc),
+                "target": "target",
+                "sources": [s.name for s in MODEL_SPECS[1:]],
+                "domains": {s.name: s.domain for s in MODEL_SPECS},
+                "architectures": {s.name: s.arch for s in MODEL_SPECS},
+                "tokenizers": {s.name: s.tokenizer for s in MODEL_SPECS},
+                "pretraining": dict(pretraining),
+                "evaluation": evaluation,
+            }
+            atomic_write_json(tmp / SUMMARY_NAME, summary)
+        return evaluation
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    return dict(summary["evaluation"])
 
 
 #: Items per domain benchmark task (at most; the test scale has fewer held-out windows).
@@ -1166,8 +1180,8 @@ def _benchmark_piece(
         for r in _corpus_docs("heldout", None, sc.heldout_docs):
             by_domain[r["domain"]].append(r["text"])
         info: dict[str, Any] = {}
-        with pieces.build("data/benchmarks", path, key, info) as tmp:
-            names = write_domain_tasks(
+        with pieces.build("data/benchmarks", info) as tmp:
+            info["tasks"] = write_domain_tasks(
                 by_domain,
                 tmp,
                 seed=seed,
@@ -1175,11 +1189,7 @@ def _benchmark_piece(
                 location=path,
                 cache_dir=path.parent / ".benchmarks_cache",
             )
-            info["tasks"] = names
-        m = read_manifest(path)
-        assert m is not None
-    else:
-        pieces.status["data/benchmarks"] = "skipped"
+        m = pieces.manifest("data/benchmarks", path, key)
     return tuple(m["info"]["tasks"])
 
 

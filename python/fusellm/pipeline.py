@@ -14,25 +14,25 @@ Stages, each writing into ``<workdir>/<stage>/``::
     report      report/report.md         the Markdown report (fusellm.report)
 
 plus ``config.yaml`` (the resolved config), ``timings.json`` (``{"stages": {stage: seconds}}``),
-``fusellm.log`` (every run appends to it) and ``state/`` (the stage records).
+``fusellm.log`` (every run appends to it) and ``state/fingerprints.json`` (a cache of input file
+fingerprints, so unchanged model weights are not read again).
 
-**What is redone.** Every stage has a key: its settings, the fusellm version, and the
-fingerprints of its inputs: the files of the models, tokenizers and data it reads (SHA-256 of
-names, sizes and contents, re-hashed only when a file's size or modification time changed) and
-the output fingerprints of the stages it reads from. Before a stage runs, a record ``state/
-<stage>.json`` says "running" with the key; when it has finished, the record says "complete" with
-the fingerprint of the stage's output files (a copy goes into the stage directory as
-``fusellm_stage.json``). On a re-run a stage is skipped when its record is complete, its key is the
-same and its output still has the recorded fingerprint. When the key changed, or the output is
-not the one recorded, or there is output without a record, the output is deleted and the stage
-runs again: half-written output is never trusted. When the record says "running" with the same
-key (the previous run was interrupted), the stage runs again over its own partial output, which
-the stages resume safely: extraction keeps its finished shards (each written atomically with a
-checksummed sidecar), evaluation keeps the models it finished, training resumes from the newest
-checkpoint that was completely written (the Trainer writes checkpoints file by file, so the
-pipeline marks a checkpoint complete only after the Trainer is done with it, and deletes the
-others); the other stages write their output atomically. A run killed at any moment (SIGKILL
-included) and started again finishes with the outputs of an uninterrupted run (tested).
+**What is redone.** Every output is an artifact of the one protocol (:mod:`fusellm.artifact`):
+its manifest records its key (the settings and the fingerprints of the inputs: the content of
+the data, models and tokenizers it reads, the outputs of the stages it reads from), whether it is
+complete, and the fingerprint of its own files. The pipeline only orders the stages, gives each
+its settings and the replace-stale policy, and records the timings: a stage whose output is
+complete with the same key and unchanged files is skipped (and says so); one whose key changed,
+or whose output was changed after it was written, is built again, replacing the old output
+(half-written output is never trusted); an interrupted one resumes over its own partial output:
+extraction keeps its finished shards (each written atomically with a checksummed sidecar),
+evaluation keeps the models it finished, training resumes from the newest checkpoint that was
+completely written (the Trainer writes checkpoints file by file, so the pipeline marks a
+checkpoint complete only after the Trainer is done with it, and deletes the others); the other
+stages write their output atomically. The stages' own keys decide for the data stages (split to
+pack); the training runs, the evaluation and the benchmarks, which only the pipeline writes, have
+keys made here, with the fusellm version. A run killed at any moment (SIGKILL included) and
+started again finishes with the outputs of an uninterrupted run (tested).
 
 **The CLM control.** The same trainer, packed data, steps, schedule and seed as the fusion run,
 with ``lm_loss_weight = 1``: the fusion term is weighted 0 and costs one gather of K student
@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -75,7 +74,7 @@ from .config import (
     load_config,
     validate_config,
 )
-from .errors import FuseLLMError, InputError, StaleArtifactError
+from .errors import FuseLLMError, InputError
 from .io import exclusive_lock
 
 __all__ = [
@@ -106,8 +105,8 @@ STAGES = (
 )
 #: The log file every run appends to, in the work directory.
 LOG_NAME = "fusellm.log"
-#: The copy of a stage's completion record inside its output directory.
-STAGE_RECORD = "fusellm_stage.json"
+#: The evaluation output, in ``evaluate/``.
+PERPLEXITY_NAME = "perplexity.json"
 #: Marks a Trainer checkpoint whose every file was written.
 CHECKPOINT_MARK = "fusellm_checkpoint_complete"
 #: Default work directory.
@@ -159,21 +158,7 @@ class PipelineResult:
         raise KeyError(name)
 
 
-# --- fingerprints and records --------------------------------------------------------------------
-
-
-def _sha(obj: Any) -> str:
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("fusellm")
-    except PackageNotFoundError:  # pragma: no cover
-        return "unknown"
+# --- fingerprints and timings ------------------------------------------------------------------
 
 
 class _Fingerprints:
@@ -202,11 +187,6 @@ class _Fingerprints:
 
         return self._get("model", path, lambda prev: model_fingerprint(path, previous=prev))
 
-    def tokenizer(self, path: str) -> str:
-        from .io import tokenizer_fingerprint
-
-        return self._get("tokenizer", path, lambda prev: tokenizer_fingerprint(path, previous=prev))
-
     def data(self, path: str) -> str:
         from .io import fingerprint_files
 
@@ -223,153 +203,63 @@ class _Fingerprints:
         return self._get("data", path, compute)
 
 
-def _output_files(workdir: Path, paths: Sequence[Path]) -> list[Path]:
-    """The files that make up a stage's output: top-level files of each directory (not the
-    stage record, not temporary files), or the file itself."""
-    from .io import is_tmp_name
+@dataclass
+class _Outcome:
+    """What a pipeline-owned stage (a training run, the evaluation) did."""
 
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            files += [
-                f
-                for f in sorted(p.iterdir())
-                if f.is_file() and f.name != STAGE_RECORD and not is_tmp_name(f.name)
-            ]
-        elif p.is_file():
-            files.append(p)
-    return files
+    skipped: bool
+    summary: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.summary)
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-class _Runner:
-    """Runs stages with records: skip what is complete, redo what changed, resume what was
-    interrupted."""
+class _Stages:
+    """Runs the stages in order and records what each did and how long it took (the decisions
+    are the stages' own, :mod:`fusellm.artifact`)."""
 
     def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.state = workdir / _STATE
-        self.state.mkdir(parents=True, exist_ok=True)
-        self.fps = _Fingerprints(self.state / "fingerprints.json")
+        state = workdir / _STATE
+        state.mkdir(parents=True, exist_ok=True)
+        self.fps = _Fingerprints(state / "fingerprints.json")
         self.runs: list[StageRun] = []
-        self.outputs: dict[str, str] = {}
 
-    def _record_path(self, stage: str) -> Path:
-        return self.state / f"{stage}.json"
+    def run(self, stage: str, output: Path, fn: Callable[[], Any]) -> Any:
+        """Runs one stage (``fn`` returns its report, whose ``skipped`` says whether its output
+        was already complete); a skipped stage is recorded with the time it took when built."""
+        from .artifact import build_seconds
 
-    def _read(self, stage: str) -> dict[str, Any] | None:
-        try:
-            obj = json.loads(self._record_path(stage).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return obj if isinstance(obj, dict) else None
-
-    def _fingerprint(self, paths: Sequence[Path], previous: Any = None) -> dict[str, Any]:
-        from .io import fingerprint_files
-
-        files = _output_files(self.workdir, paths)
-        return fingerprint_files(files, root=self.workdir, previous=previous)
-
-    def run(
-        self,
-        stage: str,
-        outputs: Sequence[Path],
-        key: Mapping[str, Any],
-        fn: Callable[[], dict[str, Any] | None],
-        *,
-        record_dir: Path | None = None,
-    ) -> StageRun:
-        """Runs ``fn`` unless the stage is complete with this ``key``; returns what happened."""
-        from .io import atomic_write_json
-
-        key = {**key, "fusellm_version": _version()}
-        key_sha = _sha(key)
-        rec = self._read(stage)
-        if rec is not None and rec.get("key_sha256") == key_sha and rec.get("status") == "complete":
-            present = all(p.exists() for p in outputs)
-            fp = self._fingerprint(outputs, rec.get("output")) if present else None
-            if fp is not None and fp["sha256"] == (rec.get("output") or {}).get("sha256"):
-                logger.info("%s: complete with the same inputs, skipped", stage)
-                run = StageRun(
-                    stage,
-                    "skipped",
-                    float(rec.get("seconds", 0.0)),
-                    float(rec.get("cpu_seconds", 0.0)),
-                    str(outputs[0]) if outputs else "",
-                    dict(rec.get("summary") or {}),
-                )
-                self.outputs[stage] = fp["sha256"]
-                self.runs.append(run)
-                return run
-            logger.warning("%s: the output is not the one recorded: running it again", stage)
-            resume = False
-        elif rec is not None and rec.get("key_sha256") == key_sha:
-            logger.info("%s: resuming an interrupted attempt", stage)
-            resume = True
-        else:
-            if rec is not None:
-                logger.info("%s: inputs or settings changed: running it again", stage)
-            resume = False
-        if not resume:
-            for p in outputs:
-                _remove(p)
-        running = {
-            "stage": stage,
-            "status": "running",
-            "key": key,
-            "key_sha256": key_sha,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        atomic_write_json(self._record_path(stage), running)
         logger.info("%s: running", stage)
         t0, c0 = time.perf_counter(), time.process_time()
-        summary = fn() or {}
+        report = fn()
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-        missing = [str(p) for p in outputs if not p.exists()]
-        if missing:
-            raise FuseLLMError(f"stage {stage} finished without writing {missing}")
-        fp = self._fingerprint(outputs)
-        done = {
-            **running,
-            "status": "complete",
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "seconds": seconds,
-            "cpu_seconds": cpu,
-            "output": fp,
-            "summary": summary,
-        }
-        if record_dir is not None and record_dir.is_dir():
-            atomic_write_json(record_dir / STAGE_RECORD, done)
-        atomic_write_json(self._record_path(stage), done)
-        logger.info("%s: done in %.1f s (%.1f s CPU)", stage, seconds, cpu)
-        run = StageRun(stage, "ran", seconds, cpu, str(outputs[0]) if outputs else "", summary)
-        self.outputs[stage] = fp["sha256"]
-        self.runs.append(run)
-        return run
-
-
-def _call_stage(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Calls a stage that refuses (StaleArtifactError) output made from other inputs; the runner
-    already removed such output, so a refusal means leftovers of this very stage: replace them."""
-    try:
-        return fn(*args, overwrite=False, **kwargs)
-    except StaleArtifactError as e:
-        logger.warning("%s; replacing it", e)
-        return fn(*args, overwrite=True, **kwargs)
+        skipped = bool(getattr(report, "skipped", False))
+        if skipped:
+            logger.info("%s: complete with the same inputs, skipped", stage)
+            seconds, cpu = build_seconds(output)
+        else:
+            logger.info("%s: done in %.1f s (%.1f s CPU)", stage, seconds, cpu)
+        status = "skipped" if skipped else "ran"
+        self.runs.append(StageRun(stage, status, seconds, cpu, str(output), _summary_of(report)))
+        return report
 
 
 def _jsonable(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = dataclasses.asdict(obj)
+        obj = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
     elif hasattr(obj, "to_dict"):
         obj = obj.to_dict()
     return json.loads(json.dumps(obj, default=str))
+
+
+def _summary_of(report: Any) -> dict[str, Any]:
+    if report is None:
+        return {}
+    try:
+        out = _jsonable(report)
+    except (TypeError, ValueError):
+        return {"repr": repr(report)}
+    return out if isinstance(out, dict) else {"value": out}
 
 
 # --- logging, threads ----------------------------------------------------------------------------
@@ -675,6 +565,24 @@ def _check_seeds(seeds: Sequence[int]) -> None:
         raise ConfigError("seeds", f"has duplicates: {list(seeds)}")
 
 
+def stage_outputs(cfg: PipelineConfig, workdir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Every stage of a run of ``cfg`` in pipeline order (``split``, ``extract/<model>``,
+    ``vocab_map/<source>``, ``align``, ``pack``, ``train/<run>``, ``evaluate``,
+    ``evaluate/benchmarks``) -> its output artifact in ``workdir`` (the artifacts the config
+    enables). :func:`fusellm.artifact.is_complete` says which are done."""
+    wd = Path(workdir)
+    out: dict[str, Path] = {"split": wd / "split"}
+    out.update({f"extract/{m.name}": wd / "extract" / m.name for m in cfg.models})
+    out.update({f"vocab_map/{s.name}": wd / "vocab_map" / f"{s.name}.json" for s in cfg.sources})
+    out.update(align=wd / "align", pack=wd / "pack")
+    out.update({f"train/{tr.name}": wd / "train" / tr.name for tr in train_runs(cfg)})
+    if cfg.evaluate.enabled and cfg.data.heldout is not None:
+        out["evaluate"] = wd / "evaluate" / PERPLEXITY_NAME
+    if cfg.evaluate.enabled and cfg.evaluate.tasks:
+        out["evaluate/benchmarks"] = wd / "evaluate" / "benchmarks"
+    return out
+
+
 def _run(
     cfg: PipelineConfig,
     wd: Path,
@@ -684,226 +592,116 @@ def _run(
     *,
     prepare: tuple[float, float] | None,
 ) -> PipelineResult:
-    from .io import atomic_write_bytes, atomic_write_json
+    from .io import atomic_write_bytes
 
     atomic_write_bytes(wd / "config.yaml", cfg.to_yaml().encode("utf-8"))
-    runner = _Runner(wd)
+    stages = _Stages(wd)
     if prepare is not None:
-        runner.runs.append(StageRun("prepare", "ran", prepare[0], prepare[1], str(wd / "models")))
-    fps = runner.fps
-    threads = cfg.num_threads
-    with _threads(threads):
-        tok_fp = {m.name: fps.tokenizer(m.tokenizer_path) for m in cfg.models}
-        model_fp = {m.name: fps.model(m.path) for m in cfg.models}
-
-        # 1. split
-        split_dir = wd / "split"
-        split_key = {
-            "data": fps.data(cfg.data.train),
-            "text_column": cfg.data.text_column,
-            "tokenizers": [tok_fp[m.name] for m in cfg.models],
-            "block_size": cfg.block_size,
-            "split": {k: v for k, v in dataclasses.asdict(cfg.split).items() if k != "batch_size"},
-        }
-
-        def do_split() -> dict[str, Any]:
-            from .stages.split import run_split
-
-            stats = run_split(
-                cfg.data.train,
-                split_dir,
-                [m.tokenizer_path for m in cfg.models],
-                overwrite=True,
-                text_column=cfg.data.text_column,
-                block_size=cfg.block_size,
-                margin=cfg.split.margin,
-                boundary=cfg.split.boundary,
-                max_backoff=cfg.split.max_backoff,
-                batch_size=cfg.split.batch_size,
-                progress=progress,
-            )
-            return _jsonable(stats)
-
-        runner.run("split", [split_dir], split_key, do_split, record_dir=split_dir)
-
-        # 2. extract, per model
-        extract_dirs: dict[str, Path] = {}
-        for m in cfg.models:
-            out = wd / "extract" / m.name
-            extract_dirs[m.name] = out
-            key: dict[str, Any] = {
-                "split": runner.outputs["split"],
-                "model": model_fp[m.name],
-                "tokenizer": tok_fp[m.name],
-                "extract": dataclasses.asdict(cfg.extract),
-                "num_threads": threads,
-            }
-            runner.run(
-                f"extract/{m.name}",
-                [out],
-                key,
-                _extract_fn(cfg.extract, m, split_dir, out, progress),
-                record_dir=out,
-            )
-
-        # 3a. vocabulary maps
-        vocab_files: dict[str, Path] = {}
-        for s in cfg.sources:
-            path = wd / "vocab_map" / f"{s.name}.json"
-            vocab_files[s.name] = path
-            meta = path.with_name(path.name + ".meta.json")
-            key = {
-                "base_tokenizer": tok_fp[cfg.target.name],
-                "blend_tokenizer": tok_fp[s.name],
-                "method": cfg.vocab_map.method,
-                "max_distance": cfg.vocab_map.max_distance,
-            }
-
-            def do_vocab(s: ModelSpec = s, path: Path = path) -> dict[str, Any]:
-                from .stages.vocab_map import run_vocab_map
-
-                vm = _call_stage(
-                    run_vocab_map,
-                    cfg.target.tokenizer_path,
-                    s.tokenizer_path,
-                    path,
-                    **{
-                        **dataclasses.asdict(cfg.vocab_map),
-                        "num_threads": cfg.vocab_map.num_threads or threads,
-                    },
-                )
-                stats = getattr(vm, "stats", None)
-                return {"stats": _jsonable(stats())} if callable(stats) else {}
-
-            runner.run(f"vocab_map/{s.name}", [path, meta], key, do_vocab)
-
-        # 3b. align
-        align_dir = wd / "align"
-        align_key = {
-            "extract": {n: runner.outputs[f"extract/{n}"] for n in extract_dirs},
-            "sources": cfg.source_names,
-            "tokenizers": tok_fp,
-            "vocab_maps": {n: runner.outputs[f"vocab_map/{n}"] for n in vocab_files},
-            "align": {k: v for k, v in dataclasses.asdict(cfg.align).items() if k != "num_threads"},
-        }
-
-        def do_align() -> dict[str, Any]:
-            from .stages.align import align_dataset
-
-            report = _call_stage(
-                align_dataset,
-                extract_dirs[cfg.target.name],
-                {s.name: extract_dirs[s.name] for s in cfg.sources},
-                align_dir,
-                base_tokenizer=cfg.target.tokenizer_path,
-                source_tokenizers={s.name: s.tokenizer_path for s in cfg.sources},
-                vocab_maps={n: str(p) for n, p in vocab_files.items()},
-                **{
-                    **dataclasses.asdict(cfg.align),
-                    "num_threads": cfg.align.num_threads or threads,
-                },
-                progress=progress,
-            )
-            return _summary_of(report)
-
-        runner.run("align", [align_dir], align_key, do_align, record_dir=align_dir)
-
-        # 4. pack
-        pack_dir = wd / "pack"
-        pack_key = {
-            "align": runner.outputs["align"],
-            "block_size": cfg.block_size,
-            "pack": dataclasses.asdict(cfg.pack),
-        }
-
-        def do_pack() -> dict[str, Any]:
-            from .stages.pack import pack_dataset
-
-            report = _call_stage(
-                pack_dataset,
-                align_dir,
-                pack_dir,
-                block_size=cfg.block_size,
-                **dataclasses.asdict(cfg.pack),
-                progress=progress,
-            )
-            return _summary_of(report)
-
-        runner.run("pack", [pack_dir], pack_key, do_pack, record_dir=pack_dir)
-
-        # 5. train
+        stages.runs.append(StageRun("prepare", "ran", prepare[0], prepare[1], str(wd / "models")))
+    outputs = stage_outputs(cfg, wd)
+    with _threads(cfg.num_threads):
+        _data_stages(cfg, outputs, stages, progress)
         model_dirs: dict[str, Path] = {}
         for tr in train_runs(cfg):
-            out = wd / "train" / tr.name
+            out = outputs[f"train/{tr.name}"]
             model_dirs[tr.name] = out
-            key = {
-                "pack": runner.outputs["pack"],
-                "model": model_fp[cfg.target.name],
-                "kind": tr.kind,
-                "seed": tr.seed,
-                "sources": cfg.source_names,
-                "args": cfg.train.args,
-                "overrides": tr.overrides,
-                "num_threads": threads,
-            }
-
-            def do_train(tr: TrainRun = tr) -> dict[str, Any]:
-                return _train_run(cfg, tr, pack_dir, wd / "train" / tr.name, progress)
-
-            runner.run(f"train/{tr.name}", [out], key, do_train, record_dir=out)
-
-        # 6. evaluate
+            stages.run(
+                f"train/{tr.name}",
+                out,
+                lambda tr=tr, out=out: _train_stage(
+                    cfg, tr, outputs["pack"], out, stages, progress
+                ),
+            )
         perplexity = None
-        if cfg.evaluate.enabled and cfg.data.heldout is not None:
-            perplexity = _evaluate(cfg, wd, runner, model_dirs, model_fp, progress)
+        if "evaluate" in outputs:
+            perplexity = _evaluate(cfg, outputs["evaluate"], stages, model_dirs, progress)
         elif cfg.evaluate.enabled:
             logger.info("evaluate: skipped (no data.heldout)")
-        if cfg.evaluate.enabled and cfg.evaluate.tasks:
-            _benchmarks(cfg, wd, runner, model_dirs, model_fp, progress)
+        if "evaluate/benchmarks" in outputs:
+            _benchmarks(cfg, outputs["evaluate/benchmarks"], stages, model_dirs, progress)
+    return _finish(cfg, wd, stages, model_dirs, perplexity, t0, c0)
 
-    # timings, then the report that shows them
-    timings = {
-        "stages": {r.stage: round(r.seconds, 3) for r in runner.runs},
-        "cpu_seconds": {r.stage: round(r.cpu_seconds, 3) for r in runner.runs},
-        "status": {r.stage: r.status for r in runner.runs},
-        "this_run": {
-            "wall_seconds": round(time.perf_counter() - t0, 3),
-            "cpu_seconds": round(time.process_time() - c0, 3),
-        },
-    }
-    atomic_write_json(wd / "timings.json", timings, sort_keys=False)
-    from .report import write_report
 
-    tr, cr = time.perf_counter(), time.process_time()
-    report = write_report(wd)
-    runner.runs.append(
-        StageRun("report", "ran", time.perf_counter() - tr, time.process_time() - cr, str(report))
+def _data_stages(
+    cfg: PipelineConfig, outputs: Mapping[str, Path], stages: _Stages, progress: Any
+) -> None:
+    """Split, extract (per model), vocabulary maps (per source), align and pack: each stage
+    decides for its own output, told to replace a stale one."""
+    from .stages.align import align_dataset
+    from .stages.pack import pack_dataset
+    from .stages.split import run_split
+    from .stages.vocab_map import run_vocab_map
+
+    threads = cfg.num_threads
+    split_dir = outputs["split"]
+    split = dataclasses.asdict(cfg.split)
+    stages.run(
+        "split",
+        split_dir,
+        lambda: run_split(
+            cfg.data.train,
+            split_dir,
+            [m.tokenizer_path for m in cfg.models],
+            on_stale="replace",
+            text_column=cfg.data.text_column,
+            block_size=cfg.block_size,
+            progress=progress,
+            **split,
+        ),
     )
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    timings["this_run"] = {"wall_seconds": round(wall, 3), "cpu_seconds": round(cpu, 3)}
-    atomic_write_json(wd / "timings.json", timings, sort_keys=False)
-    logger.info("fusellm run: finished in %.1f s (%.1f s CPU); report: %s", wall, cpu, report)
-    return PipelineResult(wd, cfg, runner.runs, model_dirs, perplexity, report, wall, cpu)
-
-
-def _summary_of(report: Any) -> dict[str, Any]:
-    if report is None:
-        return {}
-    try:
-        out = _jsonable(report)
-    except (TypeError, ValueError):
-        return {"repr": repr(report)}
-    return out if isinstance(out, dict) else {"value": out}
+    for m in cfg.models:
+        out = outputs[f"extract/{m.name}"]
+        stages.run(f"extract/{m.name}", out, _extract_fn(cfg.extract, m, split_dir, out, progress))
+    for s in cfg.sources:
+        path = outputs[f"vocab_map/{s.name}"]
+        settings = {**dataclasses.asdict(cfg.vocab_map)}
+        settings["num_threads"] = cfg.vocab_map.num_threads or threads
+        stages.run(
+            f"vocab_map/{s.name}",
+            path,
+            lambda s=s, path=path, settings=settings: run_vocab_map(
+                cfg.target.tokenizer_path, s.tokenizer_path, path, on_stale="replace", **settings
+            ),
+        )
+    align_dir = outputs["align"]
+    align = {**dataclasses.asdict(cfg.align), "num_threads": cfg.align.num_threads or threads}
+    stages.run(
+        "align",
+        align_dir,
+        lambda: align_dataset(
+            outputs[f"extract/{cfg.target.name}"],
+            {s.name: outputs[f"extract/{s.name}"] for s in cfg.sources},
+            align_dir,
+            base_tokenizer=cfg.target.tokenizer_path,
+            source_tokenizers={s.name: s.tokenizer_path for s in cfg.sources},
+            vocab_maps={s.name: str(outputs[f"vocab_map/{s.name}"]) for s in cfg.sources},
+            on_stale="replace",
+            progress=progress,
+            **align,
+        ),
+    )
+    pack_dir = outputs["pack"]
+    stages.run(
+        "pack",
+        pack_dir,
+        lambda: pack_dataset(
+            align_dir,
+            pack_dir,
+            block_size=cfg.block_size,
+            on_stale="replace",
+            progress=progress,
+            **dataclasses.asdict(cfg.pack),
+        ),
+    )
 
 
 def _extract_fn(
     s: ExtractSettings, m: ModelSpec, split_dir: Path, out: Path, progress: Any
-) -> Callable[[], dict[str, Any]]:
-    def do() -> dict[str, Any]:
+) -> Callable[[], Any]:
+    def do() -> Any:
         from .stages.extract import extract_topk
 
-        rep = _call_stage(
-            extract_topk,
+        rep = extract_topk(
             split_dir,
             m.path,
             out,
@@ -918,18 +716,87 @@ def _extract_fn(
             max_tokens_per_batch=s.max_tokens_per_batch,
             max_batch_size=s.max_batch_size,
             compression=s.compression,
+            on_stale="replace",
             progress=progress,
         )
         if not rep.complete:
             raise FuseLLMError(f"extraction into {out} is incomplete")
-        d = rep.to_dict()
-        return {
-            k: d[k]
-            for k in ("num_rows", "num_shards", "num_tokens", "tokens_per_second", "nan_rows")
-            if k in d
-        }
+        return rep
 
     return do
+
+
+def _train_stage(
+    cfg: PipelineConfig, tr: TrainRun, pack_dir: Path, out: Path, stages: _Stages, progress: Any
+) -> _Outcome:
+    """One training run, a resumable artifact of the pipeline (``train/<run>``): its key is the
+    packed data's output fingerprint, the target model and the run's settings."""
+    from .artifact import Artifact, fusellm_version, output_sha256
+
+    key = {
+        "pack": output_sha256(pack_dir),
+        "model": stages.fps.model(cfg.target.path),
+        "kind": tr.kind,
+        "seed": tr.seed,
+        "sources": cfg.source_names,
+        "args": cfg.train.args,
+        "overrides": tr.overrides,
+        "num_threads": cfg.num_threads,
+        "fusellm_version": fusellm_version(),
+    }
+    # The fingerprint covers the saved model (the top-level files), not the checkpoints.
+    art = Artifact(out, "train", key, resumable=True, owned=True, fingerprint=("*",))
+    return _pipeline_artifact(art, lambda: _train_run(cfg, tr, pack_dir, out, progress))
+
+
+def _pipeline_artifact(art: Any, fn: Callable[[], dict[str, Any]]) -> _Outcome:
+    """Builds (or resumes, or skips) an output only the pipeline writes; ``fn`` does the work
+    over what an interrupted attempt left and returns its summary, kept in the manifest."""
+    decision = art.decide("replace")
+    if decision.done:
+        art.skipped()
+        return _Outcome(True, dict((decision.manifest or {}).get("summary") or {}))
+    with art.building(decision, {}) as current:
+        if current.done:  # pragma: no cover - the work directory is locked
+            return _Outcome(True, dict((current.manifest or {}).get("summary") or {}))
+        summary = fn()
+        art.complete({"summary": summary})
+    return _Outcome(False, summary)
+
+
+def _finish(
+    cfg: PipelineConfig,
+    wd: Path,
+    stages: _Stages,
+    model_dirs: dict[str, Path],
+    perplexity: dict[str, Any] | None,
+    t0: float,
+    c0: float,
+) -> PipelineResult:
+    """The timings, then the report that shows them."""
+    from .io import atomic_write_json
+    from .report import write_report
+
+    timings = {
+        "stages": {r.stage: round(r.seconds, 3) for r in stages.runs},
+        "cpu_seconds": {r.stage: round(r.cpu_seconds, 3) for r in stages.runs},
+        "status": {r.stage: r.status for r in stages.runs},
+        "this_run": {
+            "wall_seconds": round(time.perf_counter() - t0, 3),
+            "cpu_seconds": round(time.process_time() - c0, 3),
+        },
+    }
+    atomic_write_json(wd / "timings.json", timings, sort_keys=False)
+    tr, cr = time.perf_counter(), time.process_time()
+    report = write_report(wd)
+    stages.runs.append(
+        StageRun("report", "ran", time.perf_counter() - tr, time.process_time() - cr, str(report))
+    )
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    timings["this_run"] = {"wall_seconds": round(wall, 3), "cpu_seconds": round(cpu, 3)}
+    atomic_write_json(wd / "timings.json", timings, sort_keys=False)
+    logger.info("fusellm run: finished in %.1f s (%.1f s CPU); report: %s", wall, cpu, report)
+    return PipelineResult(wd, cfg, stages.runs, model_dirs, perplexity, report, wall, cpu)
 
 
 def evaluation_labels(cfg: PipelineConfig, model_dirs: Mapping[str, Path]) -> dict[str, str]:
@@ -968,12 +835,14 @@ def workdir_models(workdir: str | os.PathLike[str]) -> tuple[dict[str, str], dic
     """The models of a pipeline work directory, as the pipeline evaluates them
     (:func:`evaluation_models`): from its resolved ``config.yaml``, the training runs whose
     stage finished (the others are left out with a warning)."""
+    from .artifact import is_complete
+
     wd = Path(workdir)
     cfg = load_config(wd / "config.yaml")
     done: dict[str, Path] = {}
     for tr in train_runs(cfg):
         path = wd / "train" / tr.name
-        if (path / STAGE_RECORD).is_file():
+        if is_complete(path, "train"):
             done[tr.name] = path
         else:
             logger.warning("%s: training run %s has not finished: not evaluated", wd, tr.name)
@@ -984,24 +853,30 @@ def workdir_models(workdir: str | os.PathLike[str]) -> tuple[dict[str, str], dic
 _BENCHMARK_SETTINGS = ("tasks", "num_fewshot", "limit", "include_path", "tasks_batch_size")
 
 
-def _model_keys(
-    cfg: PipelineConfig, runner: _Runner, models: Mapping[str, str], model_fp: Mapping[str, str]
-) -> dict[str, Any]:
+def _model_keys(cfg: PipelineConfig, stages: _Stages, models: Mapping[str, str]) -> dict[str, Any]:
+    """Label -> what a model's results depend on: a training run's output fingerprint, or the
+    fingerprint of a model directory of the config."""
+    from .artifact import output_sha256
+
+    train = {tr.name for tr in train_runs(cfg)}
     return {
-        label: runner.outputs.get(f"train/{label}") or model_fp.get(_name_of(cfg, label))
-        for label in models
+        label: output_sha256(path) if label in train else stages.fps.model(path)
+        for label, path in models.items()
     }
 
 
 def _evaluate(
     cfg: PipelineConfig,
-    wd: Path,
-    runner: _Runner,
+    out: Path,
+    stages: _Stages,
     model_dirs: Mapping[str, Path],
-    model_fp: Mapping[str, str],
     progress: Any,
 ) -> dict[str, Any]:
-    out = wd / "evaluate" / "perplexity.json"
+    """The held-out perplexity of every evaluated model (``evaluate/perplexity.json``), a
+    resumable artifact of the pipeline: an interrupted attempt keeps the models it finished."""
+    from .artifact import Artifact, fusellm_version
+    from .stages.evaluate import run_evaluate
+
     models, tokenizers = evaluation_models(cfg, model_dirs)
     ev: EvaluateSettings = cfg.evaluate
     settings = {
@@ -1010,21 +885,19 @@ def _evaluate(
         if k != "batch_size" and k not in _BENCHMARK_SETTINGS
     }
     key = {
-        "data": runner.fps.data(cfg.data.heldout),  # type: ignore[arg-type]
+        "data": stages.fps.data(cfg.data.heldout),  # type: ignore[arg-type]
         "text_column": cfg.data.text_column,
         "domain_column": cfg.data.domain_column,
-        "models": _model_keys(cfg, runner, models, model_fp),
+        "models": _model_keys(cfg, stages, models),
         "settings": settings,
         "block_size": cfg.block_size,
         "num_threads": cfg.num_threads,
+        "fusellm_version": fusellm_version(),
     }
-    result: dict[str, Any] = {}
+    art = Artifact(out, "evaluate", key, files=(out.name,), resumable=True, owned=True)
 
     def do() -> dict[str, Any]:
-        from .stages.evaluate import run_evaluate
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        result["value"] = run_evaluate(
+        run_evaluate(
             models,
             cfg.data.heldout,
             out,
@@ -1040,44 +913,40 @@ def _evaluate(
         )
         return {"models": list(models)}
 
-    runner.run("evaluate", [out], key, do, record_dir=out.parent)
-    if "value" in result:
-        return dict(result["value"])
+    stages.run("evaluate", out, lambda: _pipeline_artifact(art, do))
     return dict(json.loads(out.read_text(encoding="utf-8")))
 
 
 def _benchmarks(
     cfg: PipelineConfig,
-    wd: Path,
-    runner: _Runner,
+    out: Path,
+    stages: _Stages,
     model_dirs: Mapping[str, Path],
-    model_fp: Mapping[str, str],
     progress: Any,
 ) -> None:
     """The benchmark tasks (:func:`fusellm.stages.benchmark.run_benchmarks`) on the evaluated
-    models, into ``evaluate/benchmarks/``; an interrupted attempt keeps the models and tasks it
-    finished."""
-    from .stages.benchmark import lm_eval_version
+    models, into ``evaluate/benchmarks/``, a resumable artifact of the pipeline: an interrupted
+    attempt keeps the models and tasks it finished."""
+    from .artifact import Artifact, fusellm_version
+    from .stages.benchmark import lm_eval_version, run_benchmarks
 
-    out = wd / "evaluate" / "benchmarks"
     models, tokenizers = evaluation_models(cfg, model_dirs)
     ev: EvaluateSettings = cfg.evaluate
     key = {
-        "models": _model_keys(cfg, runner, models, model_fp),
+        "models": _model_keys(cfg, stages, models),
         "tasks": list(ev.tasks),
         "num_fewshot": ev.num_fewshot,
         "limit": ev.limit,
-        "include_path": {p: runner.fps.data(p) for p in ev.include_path},
+        "include_path": {p: stages.fps.data(p) for p in ev.include_path},
         "dtype": ev.dtype,
         "device": ev.device,
         "lm_eval": lm_eval_version(),
         "num_threads": cfg.num_threads,
+        "fusellm_version": fusellm_version(),
     }
+    art = Artifact(out, "benchmarks", key, resumable=True, owned=True)
 
     def do() -> dict[str, Any]:
-        from .stages.benchmark import run_benchmarks
-
-        out.mkdir(parents=True, exist_ok=True)
         summary = run_benchmarks(
             models,
             ev.tasks,
@@ -1093,16 +962,7 @@ def _benchmarks(
         )
         return {"models": list(models), "tasks": list(summary.get("tasks") or [])}
 
-    runner.run("evaluate/benchmarks", [out], key, do, record_dir=out)
-
-
-def _name_of(cfg: PipelineConfig, label: str) -> str:
-    if label == "target (before)":
-        return cfg.target.name
-    for s in cfg.sources:
-        if label == source_label(s):
-            return s.name
-    return label
+    stages.run("evaluate/benchmarks", out, lambda: _pipeline_artifact(art, do))
 
 
 # --- the built-in default ------------------------------------------------------------------------

@@ -24,15 +24,6 @@ COMPRESSIONS = ("zstd", "lz4", None)
 # --- argument checks, fingerprints ---------------------------------------------------------------
 
 
-def fusellm_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("fusellm")
-    except PackageNotFoundError:  # pragma: no cover
-        return "unknown"
-
-
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     if value not in choices:
         raise InputError(f"{name} must be one of {list(choices)}, got {value!r}")

@@ -56,7 +56,6 @@ from ._common import (
     check_choice,
     files_fingerprint,
     fixed_width,
-    fusellm_version,
     list_column,
     nested,
     positive_int,
@@ -503,6 +502,7 @@ def align_dataset(
     logits_dtype: str = "float16",
     compression: str | None = "zstd",
     overwrite: bool = False,
+    on_stale: str | None = None,
     progress: bool | None = None,
 ) -> AlignReport:
     """Re-expresses every source's top-K on the target's tokens, row by row (stage 3b).
@@ -529,6 +529,8 @@ def align_dataset(
         logits_dtype: ``"float16"`` (default, as extraction stores them) or ``"float32"``.
         compression: output shard compression (``"zstd"``, ``"lz4"`` or ``None``).
         overwrite: replace an output made from other inputs instead of refusing.
+        on_stale: ``"refuse"`` or ``"replace"`` such an output (default: from ``overwrite``;
+            :mod:`fusellm.artifact`).
         progress: progress bar (default: only on a terminal).
 
     Raises:
@@ -541,14 +543,8 @@ def align_dataset(
     import pyarrow as pa
 
     from ..align import MATCHED, Aligner
-    from ..io import (
-        atomic_dir,
-        atomic_write_json,
-        shard_file_name,
-        write_arrow_shard,
-        write_dataset_metadata,
-        write_manifest,
-    )
+    from ..artifact import Artifact, stale_policy
+    from ..io import atomic_write_json, shard_file_name, write_arrow_shard, write_dataset_metadata
 
     t0 = time.perf_counter()
     check_choice("method", method, ("offsets", "mined"))
@@ -652,15 +648,14 @@ def align_dataset(
         "logits_dtype": logits_dtype,
         "values": values,
     }
-    from ..io import output_state
-
-    state = output_state(out, "align", key, overwrite)
-    if state == "done":
+    art = Artifact(out, "align", key)
+    decision = art.decide(stale_policy(overwrite, on_stale))
+    if decision.done:
         try:
             stats = json.loads((out / ALIGN_STATS_NAME).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise StaleArtifactError(f"{out}: unreadable {ALIGN_STATS_NAME} ({e})") from e
-        logger.info("%s is up to date: skipped", out)
+        art.skipped()
         return AlignReport(
             out,
             stats["method"],
@@ -723,9 +718,10 @@ def align_dataset(
     }  # per blend id (the last slot: ids without a string)
     positions = 0
     files: list[str] = []
+    manifest: dict[str, Any] = {}
     bar = progress_bar(progress, num_rows, "align", "row")
     try:
-        with atomic_dir(out, overwrite=state == "replace") as tmp:
+        with art.build(decision, manifest) as tmp:
             iters = [row_tables(base_ds.batches(), rows_per_batch)] + [
                 row_tables(datasets_[n].batches(), rows_per_batch) for n in names
             ]
@@ -907,13 +903,9 @@ def align_dataset(
                 out, method, vocab, num_rows, positions, counts, teachers=teachers.result()
             )
             atomic_write_json(tmp / ALIGN_STATS_NAME, report.stats(), sort_keys=False)
-            write_manifest(
-                tmp,
+            manifest.update(
                 {
-                    "stage": "align",
                     "format": ALIGN_FORMAT,
-                    "fusellm_version": fusellm_version(),
-                    "key": key,
                     "fingerprints": fps,
                     "inputs": {
                         "base": str(base_path.resolve()),
@@ -927,7 +919,6 @@ def align_dataset(
                     "candidates": [REF, *names],
                     "num_rows": num_rows,
                     "num_shards": len(files),
-                    "complete": True,
                 },
             )
     finally:

@@ -45,11 +45,14 @@ computed in a fixed batch order, so its bytes do not depend on which process com
 A shard is written under a temporary name and renamed, then its sidecar (``shards/*.json``: rows,
 tokens, size, SHA-256) is written; a shard is finished when both exist and agree. A manifest
 (``fusellm_manifest.json``) records the fingerprints of the model (config and weights), the
-tokenizer files and the input's content, and every parameter that changes the bytes; a re-run
-with the same inputs skips finished shards, a run against a directory made from other inputs is
-refused (:class:`StaleArtifactError`) unless ``overwrite=True``. ``shard="i/N"`` (and each rank
-under ``torchrun``) computes only the shards ``s`` with ``s % workers == worker``; whoever finishes
-last checks that all shards exist with the expected row counts and writes the dataset metadata.
+tokenizer files and the input's content, and every parameter that changes the bytes. The output
+is a resumable artifact (:mod:`fusellm.artifact`): a re-run of a complete output with the same
+inputs does nothing (not even loading the weights), a re-run of an interrupted one keeps its
+finished shards (what killed writers left half-written is removed), and a directory made from
+other inputs is refused (:class:`StaleArtifactError`) unless ``overwrite=True``. ``shard="i/N"``
+(and each rank under ``torchrun``) computes only the shards ``s`` with ``s % workers == worker``,
+under a lock of its own slot; whoever finishes last checks that all shards exist with the expected
+row counts, writes the dataset metadata and completes the manifest with the output fingerprint.
 
 All of the above is checked BEFORE anything is written: a missing text column, empty texts, an
 unreadable model directory, a tokenizer that does not match the model's vocabulary, or an output
@@ -59,11 +62,9 @@ directory holding another run's shards raise an error and leave the file system 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -450,6 +451,8 @@ class ExtractReport:
     shards_written: list[int] = field(default_factory=list)
     shards_skipped: list[int] = field(default_factory=list)
     complete: bool = False
+    #: The output was already complete with these inputs: nothing was done.
+    skipped: bool = False
     num_tokens: int = 0
     padded_tokens: int = 0
     num_batches: int = 0
@@ -510,15 +513,6 @@ def _worker_slot(shard: Any) -> tuple[int, int]:
     return i * world + rank, n * world
 
 
-def _fusellm_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("fusellm")
-    except PackageNotFoundError:  # pragma: no cover
-        return "unknown"
-
-
 def _shard_paths(out: Path, index: int, num_shards: int) -> tuple[Path, Path]:
     from ..io import shard_file_name
 
@@ -567,6 +561,26 @@ class _Run:
         self.__dict__.update(kw)
 
 
+@dataclass
+class _Inputs:
+    """The validated inputs of an extraction: rows, model configuration, tokenizer, and the
+    fingerprints and settings that make the output's key."""
+
+    ds: Any
+    table: Any
+    model_dir: Path
+    config: Any
+    vocab_size: int
+    tok: Any
+    num_valid: int
+    holes: list[int]
+    eos: str
+    device: Any
+    dtype: Any
+    fingerprints: dict[str, Any]
+    key: dict[str, Any]
+
+
 def extract_topk(
     data: Any,
     model: str | os.PathLike[str],
@@ -588,6 +602,7 @@ def extract_topk(
     compression: str | None = "zstd",
     shard: Any = None,
     overwrite: bool = False,
+    on_stale: str | None = None,
     check_vocab: bool = True,
     fused_ce: bool | None = None,
     progress: bool | None = None,
@@ -623,6 +638,8 @@ def extract_topk(
         shard: ``"i/N"`` to compute only this worker's shards (several machines); combined with
             ``torchrun``'s ranks.
         overwrite: replace an output directory made from other inputs instead of refusing.
+        on_stale: ``"refuse"`` or ``"replace"`` such an output (default: from ``overwrite``;
+            :mod:`fusellm.artifact`).
         check_vocab: refuse a tokenizer whose size does not fit the model's logits.
         fused_ce: fused compiled cross-entropy (default: on CUDA).
         progress: progress bar (default: only on a terminal).
@@ -630,8 +647,153 @@ def extract_topk(
     Returns:
         An :class:`ExtractReport`; ``report.load()`` opens the dataset once it is complete.
     """
-    import torch
+    from ..artifact import Artifact, stale_policy
 
+    t_start = time.perf_counter()
+    settings = _check_settings(
+        top_k=top_k,
+        add_special_tokens=add_special_tokens,
+        per_step_ce=per_step_ce,
+        values=values,
+        rows_per_shard=rows_per_shard,
+        compression=compression,
+        max_tokens=max_tokens_per_batch,
+        max_batch_size=max_batch_size,
+    )
+    policy = stale_policy(overwrite, on_stale)
+    worker, workers = _worker_slot(shard)
+    out = Path(output_dir)
+    inp = _read_inputs(
+        data,
+        model,
+        out,
+        tokenizer=tokenizer,
+        text_column=text_column,
+        top_k=top_k,
+        dtype=dtype,
+        device=device,
+        append_eos=append_eos,
+        check_vocab=check_vocab,
+        settings=settings,
+    )
+    num_rows, num_shards = inp.key["num_rows"], inp.key["num_shards"]
+    art = Artifact(
+        out, "extract", inp.key, resumable=True, describe="same model, tokenizer, rows and settings"
+    )
+    decision = art.decide(policy)
+    if decision.done:  # nothing to do: do not even load the weights
+        art.skipped()
+        return _skipped_report(out, num_rows, num_shards, (worker, workers), t_start)
+
+    return _extract(
+        art,
+        decision,
+        inp,
+        settings,
+        (worker, workers),
+        data=data,
+        tokenizer=tokenizer,
+        text_column=text_column,
+        top_k=top_k,
+        attn_implementation=attn_implementation,
+        fused_ce=fused_ce,
+        progress=progress,
+        t_start=t_start,
+    )
+
+
+def _extract(
+    art: Any,
+    decision: Any,
+    inp: _Inputs,
+    settings: dict[str, Any],
+    slot: tuple[int, int],
+    *,
+    data: Any,
+    tokenizer: Any,
+    text_column: str,
+    top_k: int,
+    attn_implementation: str | None,
+    fused_ce: bool | None,
+    progress: Any,
+    t_start: float,
+) -> ExtractReport:
+    """Loads the weights and computes this worker's shards, under the output's lock."""
+    out, per_step_ce = art.path, settings["per_step_ce"]
+    num_rows, num_shards = inp.key["num_rows"], inp.key["num_shards"]
+    # The weights (may still fail: nothing is written yet).
+    attn = attn_implementation or _default_attn(inp.device, inp.dtype)
+    lm, attn = load_causal_lm(inp.model_dir, inp.dtype, inp.device, attn)
+    logits_width = lm.get_output_embeddings().weight.shape[0]
+    if logits_width < inp.num_valid:
+        raise InputError(f"the model has {logits_width} logits, fewer than {inp.num_valid} tokens")
+
+    fields = _manifest_fields(inp, lm, int(logits_width), data, tokenizer, top_k, per_step_ce)
+    with art.building(decision, fields, slot=f"{slot[0]}-of-{slot[1]}") as current:
+        if current.done:  # another worker completed it meanwhile
+            return _skipped_report(out, num_rows, num_shards, slot, t_start)
+        run = _Run(
+            out=out,
+            table=inp.table,
+            features=extract_features(inp.ds.features, top_k, per_step_ce),
+            text_column=text_column,
+            tok=inp.tok,
+            eos=inp.eos,
+            num_shards=num_shards,
+            num_rows=num_rows,
+            top_k=top_k,
+            pad_id=int(inp.tok.eos_token_id if inp.tok.eos_token_id is not None else 0),
+            max_positions=getattr(inp.config, "max_position_embeddings", None),
+            **settings,
+        )
+        engine = TopKEngine(
+            lm,
+            top_k=top_k,
+            num_valid=inp.num_valid,
+            invalid_ids=inp.holes,
+            per_step_ce=per_step_ce,
+            values=settings["values"],
+            fused_ce=fused_ce,
+        )
+        report = ExtractReport(out, num_rows, num_shards, slot, device=str(inp.device))
+        report.attn_implementation = attn
+        _run_worker(art, run, engine, report, progress)
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _check_settings(*, top_k: int, **settings: Any) -> dict[str, Any]:
+    """The extraction settings, checked: those that change the bytes (key) and batch limits."""
+    if top_k < 1:
+        raise InputError(f"top_k must be positive, got {top_k}")
+    limits = ("rows_per_shard", "max_tokens", "max_batch_size")
+    if any(settings[k] < 1 for k in limits):
+        raise InputError("rows_per_shard, max_tokens_per_batch and max_batch_size must be positive")
+    if settings["compression"] not in _COMPRESSIONS:
+        raise InputError(
+            f"compression must be one of {list(_COMPRESSIONS)}, got {settings['compression']!r}"
+        )
+    if settings["values"] not in VALUES:
+        raise InputError(f"values must be one of {list(VALUES)}, got {settings['values']!r}")
+    return settings
+
+
+def _read_inputs(
+    data: Any,
+    model: str | os.PathLike[str],
+    out: Path,
+    *,
+    tokenizer: Any,
+    text_column: str,
+    top_k: int,
+    dtype: str,
+    device: Any,
+    append_eos: bool,
+    check_vocab: bool,
+    settings: dict[str, Any],
+) -> _Inputs:
+    """Reads and checks the rows, the model configuration and the tokenizer (read-only), and
+    makes the output's key from their fingerprints and the settings that change the bytes."""
     from ..io import (
         _as_arrow_table,
         fingerprint_dataset,
@@ -642,18 +804,6 @@ def extract_topk(
         tokenizer_object_fingerprint,
     )
 
-    t_start = time.perf_counter()
-    if top_k < 1:
-        raise InputError(f"top_k must be positive, got {top_k}")
-    if rows_per_shard < 1 or max_tokens_per_batch < 1 or max_batch_size < 1:
-        raise InputError("rows_per_shard, max_tokens_per_batch and max_batch_size must be positive")
-    if compression not in _COMPRESSIONS:
-        raise InputError(f"compression must be one of {list(_COMPRESSIONS)}, got {compression!r}")
-    if values not in VALUES:
-        raise InputError(f"values must be one of {list(VALUES)}, got {values!r}")
-    worker, workers = _worker_slot(shard)
-
-    # 1. The input.
     ds = load_text_dataset(data, text_column=text_column)
     clash = [c for c in OUTPUT_COLUMNS if c in ds.column_names]
     if clash:
@@ -663,14 +813,14 @@ def extract_topk(
         raise InputError("the input has no rows")
     _check_texts(table, text_column)
 
-    # 2. The model configuration and tokenizer, their fingerprints, the output directory's
-    #    manifest (all read-only).
     model_dir = Path(model)
     config = load_model_config(model_dir)
     vocab_size = _vocab_size(config)
-    out = Path(output_dir)
-    previous = read_manifest(out) if out.is_dir() else None
-    prev_fp = (previous or {}).get("fingerprints", {})
+    try:  # the previous run's fingerprints: files whose size and time did not change are not read
+        previous = (read_manifest(out) or {}) if out.is_dir() else {}
+    except InputError:
+        previous = {}
+    prev_fp = previous.get("fingerprints", {})
     model_fp = model_fingerprint(model_dir, previous=prev_fp.get("model"))
     tok_source = tokenizer if tokenizer is not None else model_dir
     tok = load_tokenizer(tok_source, fast=True)
@@ -687,218 +837,117 @@ def extract_topk(
         raise InputError("the tokenizer has no EOS token; pass append_eos=False")
     dev = resolve_device(device)
     dtype_ = torch_dtype(dtype, dev)
-
-    input_fp = fingerprint_dataset(table)
     num_rows = table.num_rows
-    num_shards = math.ceil(num_rows / rows_per_shard)
     key = {
         "format": FORMAT,
         "model_sha256": model_fp["sha256"],
         "tokenizer_sha256": tok_fp["sha256"],
-        "input_sha256": input_fp,
+        "input_sha256": fingerprint_dataset(table),
         "num_rows": num_rows,
         "text_column": text_column,
         "top_k": top_k,
         "dtype": str(dtype_).removeprefix("torch."),
         "append_eos": append_eos,
-        "add_special_tokens": add_special_tokens,
-        "per_step_ce": per_step_ce,
-        "values": values,
-        "rows_per_shard": rows_per_shard,
-        "num_shards": num_shards,
-        "compression": compression,
+        "add_special_tokens": settings["add_special_tokens"],
+        "per_step_ce": settings["per_step_ce"],
+        "values": settings["values"],
+        "rows_per_shard": settings["rows_per_shard"],
+        "num_shards": math.ceil(num_rows / settings["rows_per_shard"]),
+        "compression": settings["compression"],
         "num_valid_ids": num_valid,
         "ids_without_token": len(holes),
     }
-    _check_output_dir(out, previous, key, overwrite)
-    if (
-        previous is not None
-        and previous.get("key") == key
-        and previous.get("complete")
-        and all(_shard_done(out, s, num_shards) for s in range(num_shards))
-    ):  # nothing to do: do not even load the weights
-        report = ExtractReport(out, num_rows, num_shards, (worker, workers), complete=True)
-        report.shards_skipped = [s for s in range(num_shards) if s % workers == worker]
-        report.seconds = time.perf_counter() - t_start
-        return report
+    return _Inputs(
+        ds=ds,
+        table=table,
+        model_dir=model_dir,
+        config=config,
+        vocab_size=vocab_size,
+        tok=tok,
+        num_valid=num_valid,
+        holes=holes,
+        eos=eos,
+        device=dev,
+        dtype=dtype_,
+        fingerprints={"model": model_fp, "tokenizer": tok_fp},
+        key=key,
+    )
 
-    # 4. The weights (may still fail: nothing is written yet).
-    attn = attn_implementation or _default_attn(dev, dtype_)
-    lm, attn = load_causal_lm(model_dir, dtype_, dev, attn)
-    logits_width = lm.get_output_embeddings().weight.shape[0]
-    if logits_width < num_valid:
-        raise InputError(f"the model has {logits_width} logits, fewer than {num_valid} tokens")
 
-    # 5. Write: the manifest, then this worker's shards.
-    if previous is not None and previous.get("key") != key:  # overwrite=True
-        _clean_output(out)
-        previous = None
-    manifest = {
-        "stage": "extract",
+def _manifest_fields(
+    inp: _Inputs,
+    lm: Any,
+    logits_width: int,
+    data: Any,
+    tokenizer: Any,
+    top_k: int,
+    per_step_ce: bool,
+) -> dict[str, Any]:
+    """What the manifest records besides the key: fingerprints, model, tokenizer, input."""
+    model_dir = inp.model_dir
+    return {
         "format": FORMAT,
-        "fusellm_version": _fusellm_version(),
-        "key": key,
-        "fingerprints": {"model": model_fp, "tokenizer": tok_fp},
+        "fingerprints": inp.fingerprints,
         "model": {
             "path": str(model_dir.resolve()),
-            "model_type": getattr(config, "model_type", None),
-            "vocab_size": vocab_size,
-            "logits_width": int(logits_width),
+            "model_type": getattr(inp.config, "model_type", None),
+            "vocab_size": inp.vocab_size,
+            "logits_width": logits_width,
             "num_parameters": int(sum(p.numel() for p in lm.parameters())),
         },
         "tokenizer": {
             "path": str(Path(tokenizer).resolve())
             if isinstance(tokenizer, (str, os.PathLike))
             else (str(model_dir.resolve()) if tokenizer is None else type(tokenizer).__name__),
-            "num_ids": len(tok),
-            "eos_token": tok.eos_token,
+            "num_ids": len(inp.tok),
+            "eos_token": inp.tok.eos_token,
         },
         "input": {"source": str(data) if isinstance(data, (str, Path)) else type(data).__name__},
-        "schema_columns": list(extract_features(ds.features, top_k, per_step_ce)),
-        "complete": False,
+        "schema_columns": list(extract_features(inp.ds.features, top_k, per_step_ce)),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    current = read_manifest(out)
-    if current is None or current.get("key") != key:
-        from ..io import write_manifest
 
-        write_manifest(out, manifest)
 
-    run = _Run(
-        out=out,
-        table=table,
-        features=extract_features(ds.features, top_k, per_step_ce),
-        text_column=text_column,
-        tok=tok,
-        eos=eos,
-        add_special_tokens=add_special_tokens,
-        rows_per_shard=rows_per_shard,
-        num_shards=num_shards,
-        num_rows=num_rows,
-        max_tokens=max_tokens_per_batch,
-        max_batch_size=max_batch_size,
-        compression=compression,
-        top_k=top_k,
-        per_step_ce=per_step_ce,
-        pad_id=int(tok.eos_token_id if tok.eos_token_id is not None else 0),
-        max_positions=getattr(config, "max_position_embeddings", None),
-    )
-    engine = TopKEngine(
-        lm,
-        top_k=top_k,
-        num_valid=num_valid,
-        invalid_ids=holes,
-        per_step_ce=per_step_ce,
-        values=values,
-        fused_ce=fused_ce,
-    )
-    report = ExtractReport(
-        out,
-        num_rows,
-        num_shards,
-        (worker, workers),
-        attn_implementation=attn,
-        device=str(dev),
-    )
-    mine = [s for s in range(num_shards) if s % workers == worker]
+def _skipped_report(
+    out: Path, num_rows: int, num_shards: int, slot: tuple[int, int], t_start: float
+) -> ExtractReport:
+    report = ExtractReport(out, num_rows, num_shards, slot, complete=True, skipped=True)
+    report.shards_skipped = [s for s in range(num_shards) if s % slot[1] == slot[0]]
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _run_worker(
+    art: Any, run: _Run, engine: TopKEngine, report: ExtractReport, progress: Any
+) -> None:
+    """Computes this worker's unfinished shards (the finished ones are kept: the resume), and
+    completes the output when every worker's shards are there."""
+    import torch
+
+    worker, workers = report.worker
     todo = []
-    for s in mine:
-        if _shard_done(out, s, num_shards):
+    for s in range(run.num_shards):
+        if s % workers != worker:
+            continue
+        if _shard_done(run.out, s, run.num_shards):
             report.shards_skipped.append(s)
         else:
             todo.append(s)
-    _remove_stale_tmp(out, todo, num_shards)
     t_process, cpu_process = time.perf_counter(), time.process_time()
     _process_shards(run, engine, todo, report, progress)
     report.process_seconds = time.perf_counter() - t_process
     report.process_cpu_seconds = time.process_time() - cpu_process
     report.ce_path = engine.ce_path
-
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    if all(_shard_done(out, s, num_shards) for s in range(num_shards)):
-        finalize_extract(out)
+    if all(_shard_done(run.out, s, run.num_shards) for s in range(run.num_shards)):
+        _finalize(art, art.read_manifest() or {})
         report.complete = True
-    report.seconds = time.perf_counter() - t_start
     if report.nan_rows:
         logger.warning(
             "%d row(s) have no scored token (metric_ce is NaN): %s",
             len(report.nan_rows),
             report.nan_rows[:10],
         )
-    return report
-
-
-def _check_output_dir(
-    out: Path, previous: dict[str, Any] | None, key: dict[str, Any], overwrite: bool
-) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise InputError(f"{out} exists and is not a directory")
-    if previous is None:
-        from ..io import is_tmp_name, read_manifest
-
-        if not any(not is_tmp_name(p.name) for p in out.iterdir()):
-            return  # empty, or only another worker's files being written
-        # Under torchrun another rank may have written the manifest since it was read.
-        previous = read_manifest(out)
-        if previous is None:
-            raise InputError(
-                f"{out} is not empty and holds no fusellm manifest: choose another output directory"
-            )
-    if previous.get("stage") != "extract":
-        raise StaleArtifactError(
-            f"{out} holds the output of stage {previous.get('stage')!r}, not an extraction"
-        )
-    old = previous.get("key", {})
-    if old == key:
-        return
-    diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
-    if overwrite:
-        logger.warning("%s was made from other inputs (%s): overwriting", out, ", ".join(diff))
-        return
-    what = "another model's shards" if "model_sha256" in diff else "another run's shards"
-    raise StaleArtifactError(
-        f"{out} holds {what} (differs in: {', '.join(diff)}); choose another output directory "
-        "or pass overwrite=True (--overwrite)"
-    )
-
-
-def _clean_output(out: Path) -> None:
-    """Removes what an extraction writes (and nothing else)."""
-    from ..io import MANIFEST_NAME
-
-    for p in out.iterdir():
-        name = p.name
-        if (
-            (name.startswith("data-") and name.endswith(".arrow"))
-            or name
-            in (
-                "state.json",
-                "dataset_info.json",
-                MANIFEST_NAME,
-            )
-            or name.startswith(".data-")
-            or (name.startswith(".") and ".tmp-" in name)
-        ):
-            p.unlink()
-    shutil.rmtree(out / SHARD_SIDECARS, ignore_errors=True)
-
-
-def _remove_stale_tmp(out: Path, shards: Sequence[int], num_shards: int) -> None:
-    from ..io import shard_file_name
-
-    prefixes = tuple(f".{shard_file_name(s, num_shards)}.tmp-" for s in shards)
-    if not prefixes:
-        return
-    for d in (out, out / SHARD_SIDECARS):
-        if d.is_dir():
-            for p in d.iterdir():
-                stem = p.name.replace(".json.tmp-", ".arrow.tmp-")
-                if stem.startswith(prefixes):
-                    with contextlib.suppress(FileNotFoundError):
-                        p.unlink()
 
 
 def _tokenize_shard(run: _Run, index: int) -> dict[str, Any]:
@@ -1113,19 +1162,29 @@ def finalize_extract(
     output_dir: str | os.PathLike[str], *, verify_hashes: bool = False
 ) -> dict[str, Any]:
     """Checks that every shard of an extraction exists with the expected rows, then writes the
-    ``save_to_disk`` metadata and completes the manifest. Returns the manifest.
+    ``save_to_disk`` metadata and completes the manifest (with the output fingerprint,
+    :meth:`fusellm.artifact.Artifact.complete`). Returns the manifest.
 
     Raises :class:`FuseLLMError` listing missing shards, or :class:`StaleArtifactError` when a
     shard does not match its sidecar (size, row range, or SHA-256 with ``verify_hashes``).
     """
-    import datasets
-
-    from ..io import read_manifest, shard_file_name, write_dataset_metadata, write_manifest
+    from ..artifact import Artifact
+    from ..io import read_manifest
 
     out = Path(output_dir)
     manifest = read_manifest(out)
     if manifest is None or manifest.get("stage") != "extract":
         raise FuseLLMError(f"{out} is not an extraction output (no extract manifest)")
+    art = Artifact(out, "extract", manifest["key"], resumable=True)
+    return _finalize(art, manifest, verify_hashes=verify_hashes)
+
+
+def _finalize(art: Any, manifest: dict[str, Any], *, verify_hashes: bool = False) -> dict[str, Any]:
+    import datasets
+
+    from ..io import shard_file_name, write_dataset_metadata
+
+    out = art.path
     key = manifest["key"]
     num_shards, rows_per_shard, num_rows = key["num_shards"], key["rows_per_shard"], key["num_rows"]
     missing, infos = [], []
@@ -1160,20 +1219,18 @@ def finalize_extract(
     )
     total_tokens = sum(i["num_tokens"] for i in infos)
     total_bytes = sum(i["bytes"] for i in infos)
-    manifest["complete"] = True
-    manifest["totals"] = {
+    totals = {
         "num_rows": num_rows,
         "num_tokens": total_tokens,
         "bytes": total_bytes,
         "bytes_per_token": total_bytes / max(total_tokens, 1),
         "nan_rows": [r for i in infos for r in i["nan_rows"]],
     }
-    manifest["shards"] = [
+    shards = [
         {k: i[k] for k in ("index", "row_start", "num_rows", "num_tokens", "bytes", "sha256")}
         for i in infos
     ]
-    write_manifest(out, manifest)
-    return manifest
+    return dict(art.complete({"totals": totals, "shards": shards}))
 
 
 def _sha256_file(path: Path) -> str:
@@ -1278,6 +1335,9 @@ def _extract_cli(args: argparse.Namespace) -> int:
         check_vocab=not args.no_check_vocab,
         progress=False if args.no_progress else None,
     )
+    if report.skipped:
+        print(f"{args.output}: up to date (same model, tokenizer, rows and settings); skipped")
+        return 0
     state = "complete" if report.complete else "partial (other shards pending)"
     print(
         f"{args.output}: {state}; wrote {len(report.shards_written)} shard(s), skipped "

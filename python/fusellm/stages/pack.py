@@ -43,7 +43,6 @@ from ._common import (
     check_choice,
     files_fingerprint,
     fixed_width,
-    fusellm_version,
     list_column,
     nested,
     positive_int,
@@ -296,6 +295,7 @@ def pack_dataset(
     compat: str | None = None,
     compression: str | None = "zstd",
     overwrite: bool = False,
+    on_stale: str | None = None,
     progress: bool | None = None,
 ) -> PackReport:
     """Packs an aligned dataset into training blocks (stage 4; see the module docstring).
@@ -317,18 +317,14 @@ def pack_dataset(
             kept as a short block. ``None``: one concatenation across the whole dataset.
         compression: output shard compression (``"zstd"``, ``"lz4"`` or ``None``).
         overwrite: replace an output made from other inputs instead of refusing.
+        on_stale: ``"refuse"`` or ``"replace"`` such an output (default: from ``overwrite``;
+            :mod:`fusellm.artifact`).
         progress: progress bar (default: only on a terminal).
     """
     import datasets
 
-    from ..io import (
-        atomic_dir,
-        read_manifest,
-        shard_file_name,
-        write_arrow_shard,
-        write_dataset_metadata,
-        write_manifest,
-    )
+    from ..artifact import Artifact, stale_policy
+    from ..io import read_manifest, shard_file_name, write_arrow_shard, write_dataset_metadata
     from ..pack import pack
 
     t0 = time.perf_counter()
@@ -373,11 +369,11 @@ def pack_dataset(
         "chunk_tokens": chunk_tokens if mode == "bfd" else None,
         "group_rows": REFERENCE_PACK_ROWS if compat == "fusellm" else None,
     }
-    from ..io import output_state
-
-    state = output_state(out, "pack", key, overwrite)
-    if state == "done":
-        m = read_manifest(out) or {}
+    art = Artifact(out, "pack", key)
+    decision = art.decide(stale_policy(overwrite, on_stale))
+    if decision.done:
+        art.skipped()
+        m = decision.manifest or {}
         t = m.get("totals", {})
         return PackReport(
             out,
@@ -409,9 +405,10 @@ def pack_dataset(
     num_rows = (src_manifest or {}).get("num_rows")
 
     rows = tokens = blocks_total = nan_total = 0
+    manifest: dict[str, Any] = {}
     bar = progress_bar(progress, num_rows or 0, "pack", "row")
     try:
-        with atomic_dir(out, overwrite=state == "replace") as tmp:
+        with art.build(decision, manifest) as tmp:
             written: list[Path] = []
             carry: _Chunk | None = None
             pending: list[_Chunk] = []
@@ -477,13 +474,9 @@ def pack_dataset(
                 "nan_rows": nan_total,
                 "fill": tokens / (blocks_total * block_size),
             }
-            write_manifest(
-                tmp,
+            manifest.update(
                 {
-                    "stage": "pack",
                     "format": PACK_FORMAT,
-                    "fusellm_version": fusellm_version(),
-                    "key": key,
                     "fingerprints": {"aligned": fp},
                     "inputs": {"aligned": str(src.resolve())},
                     "parameters": {"compression": compression, "chunk_tokens": chunk_tokens},
@@ -491,7 +484,6 @@ def pack_dataset(
                     "values": values,
                     "domains": domains,
                     "totals": totals,
-                    "complete": True,
                 },
             )
     finally:

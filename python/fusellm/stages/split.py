@@ -513,6 +513,7 @@ def run_split(
     tokenizers: Any,
     *,
     overwrite: bool = False,
+    on_stale: str | None = None,
     num_shards: int | None = None,
     text_column: str = "text",
     **kwargs: Any,
@@ -522,20 +523,13 @@ def run_split(
     fingerprint and the tokenizers. Returns the statistics.
 
     A rerun with the same documents, tokenizers and settings skips (and says so); an output made
-    from other inputs raises :class:`~fusellm.StaleArtifactError` unless ``overwrite``. Input
-    whose documents are all empty is an :class:`~fusellm.InputError`, and nothing is written."""
-    from importlib.metadata import PackageNotFoundError, version
+    from other inputs raises :class:`~fusellm.StaleArtifactError` unless ``overwrite`` (or
+    ``on_stale="replace"``, :mod:`fusellm.artifact`). Input whose documents are all empty is an
+    :class:`~fusellm.InputError`, and nothing is written."""
+    from ..artifact import Artifact, stale_policy
+    from ..io import fingerprint_dataset, load_text_dataset, tokenizer_object_fingerprint
 
-    from ..io import (
-        atomic_dir,
-        fingerprint_dataset,
-        load_text_dataset,
-        output_state,
-        read_manifest,
-        tokenizer_object_fingerprint,
-        write_manifest,
-    )
-
+    policy = stale_policy(overwrite, on_stale)
     out_path = Path(output_dir)
     ds = load_text_dataset(data, text_column=text_column)
     toks = load_tokenizers(tokenizers)
@@ -554,27 +548,13 @@ def run_split(
         "tokenizers": [t["sha256"] for t in tok_records],
         "num_shards": num_shards,
     }
-    state = output_state(out_path, "split", key, overwrite)
-    if state == "done":
-        previous = read_manifest(out_path) or {}
-        logger.info("%s is up to date (same documents, tokenizers and settings): skipped", out_path)
-        return SplitStats(**{**previous.get("stats", {}), "skipped": True})
-    out, stats = split_texts(ds, toks, text_column=text_column, return_stats=True, **kwargs)
-    if len(out) == 0:
-        raise InputError(
-            f"{data if isinstance(data, (str, Path)) else 'the input'} gives no rows: its "
-            f"{len(ds)} document(s) in column {text_column!r} are all empty"
-        )
-    try:
-        fusellm_version = version("fusellm")
-    except PackageNotFoundError:  # pragma: no cover
-        fusellm_version = "unknown"
-    manifest = {
-        "stage": "split",
+    art = Artifact(out_path, "split", key, describe="same documents, tokenizers and settings")
+    decision = art.decide(policy)
+    if decision.done:
+        art.skipped()
+        return SplitStats(**{**(decision.manifest or {}).get("stats", {}), "skipped": True})
+    fields: dict[str, Any] = {
         "format": SPLIT_FORMAT,
-        "key": key,
-        "complete": True,
-        "fusellm_version": fusellm_version,
         "params": params,
         "input": {
             "source": str(data) if isinstance(data, (str, Path)) else type(data).__name__,
@@ -582,12 +562,16 @@ def run_split(
             "sha256": input_sha,
         },
         "tokenizers": tok_records,
-        "output": {"num_rows": len(out)},
-        "stats": stats.to_dict(),
     }
-    with atomic_dir(out_path, overwrite=state == "replace") as tmp:
+    with art.build(decision, fields) as tmp:
+        out, stats = split_texts(ds, toks, text_column=text_column, return_stats=True, **kwargs)
+        if len(out) == 0:
+            raise InputError(
+                f"{data if isinstance(data, (str, Path)) else 'the input'} gives no rows: its "
+                f"{len(ds)} document(s) in column {text_column!r} are all empty"
+            )
+        fields.update(num_rows=len(out), stats=stats.to_dict())
         out.save_to_disk(str(tmp), num_shards=num_shards)
-        write_manifest(tmp, manifest)
     return stats
 
 

@@ -13,18 +13,49 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..checks import check_num_threads
 from ..config import VocabMapSettings, add_settings_arguments, settings_from_args
-from ..errors import InputError, StaleArtifactError
+from ..errors import InputError
 from ..loading import load_tokenizer
 from ._common import check_choice
 
-__all__ = ["add_vocab_map_parser", "run_vocab_map"]
+__all__ = ["VOCAB_MAP_FORMAT", "VocabMapReport", "add_vocab_map_parser", "run_vocab_map"]
 
 logger = logging.getLogger(__name__)
+
+
+#: Format tag of the key of a vocabulary-map output.
+VOCAB_MAP_FORMAT = "fusellm.vocab_map/1"
+
+
+@dataclass
+class VocabMapReport:
+    """What :func:`run_vocab_map` produced (or found already done)."""
+
+    output: Path
+    method: str
+    #: The map (loaded, not rebuilt, when the output was up to date).
+    vocab_map: Any
+    skipped: bool = False
+    seconds: float = 0.0
+
+    def stats(self) -> dict[str, Any]:
+        """The map's statistics (:meth:`fusellm.VocabMap.stats`)."""
+        return dict(self.vocab_map.stats())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": str(self.output),
+            "method": self.method,
+            "stats": self.stats(),
+            "skipped": self.skipped,
+            "seconds": self.seconds,
+        }
 
 
 def run_vocab_map(
@@ -36,32 +67,40 @@ def run_vocab_map(
     num_threads: int | None = None,
     max_distance: int | None = None,
     overwrite: bool = False,
-) -> Any:
+    on_stale: str | None = None,
+) -> VocabMapReport:
     """Builds and saves the map of every blend token onto the base vocabulary (stage 3a).
 
     Args:
         base_tokenizer, blend_tokenizer: tokenizer directories, ``"bundled:NAME"``, or tokenizer
             objects.
         output: the map file (``.json``, the reference format); :meth:`fusellm.VocabMap.save`
-            also writes ``<output>.meta.json`` (method, markers, statistics, checksums).
+            also writes ``<output>.meta.json`` (method, markers, statistics, checksums), and the
+            artifact manifest ``<output>.fusellm_manifest.json`` records what it was made from
+            (:mod:`fusellm.artifact`).
         method: ``"surface"`` (default), ``"mined"`` (the reference map) or ``"exact"``.
         num_threads: worker threads (default: ``FUSELLM_NUM_THREADS`` or all cores).
         max_distance: leave unmapped the tokens whose nearest base string is more edits away
             (:meth:`fusellm.VocabMap.build`; ``None``: no cap).
-        overwrite: replace an existing map built for other vocabularies or another method.
+        overwrite: replace an existing map built for other vocabularies or settings.
+        on_stale: ``"refuse"`` or ``"replace"`` such a map (default: from ``overwrite``).
 
     Returns:
-        The :class:`fusellm.VocabMap` (loaded, not rebuilt, when ``output`` already holds this
-        map for these vocabularies and method).
+        A :class:`VocabMapReport`; its ``vocab_map`` is loaded, not rebuilt, when ``output``
+        already holds this map for these vocabularies and settings (``skipped``).
 
     Raises:
-        StaleArtifactError: ``output`` holds a map for other vocabularies, another method, or
-            without its sidecar, and ``overwrite`` is false.
+        StaleArtifactError: ``output`` holds a map for other vocabularies or settings, a map
+            changed after it was written, or a map without a manifest, and ``overwrite`` is
+            false.
     """
+    from ..artifact import Artifact, stale_policy
     from ..tokenization import tokenizer_marker, tokenizer_vocab
-    from ..vocab import VocabMap
+    from ..vocab import VocabMap, vocab_checksum
 
+    t0 = time.perf_counter()
     check_choice("method", method, ("exact", "mined", "surface"))
+    policy = stale_policy(overwrite, on_stale)
     threads = check_num_threads(num_threads)
     out = Path(output)
     if out.suffix.lower() != ".json":
@@ -73,47 +112,36 @@ def run_vocab_map(
     base_vocab, blend_vocab = tokenizer_vocab(base), tokenizer_vocab(blend)
     base_marker = tokenizer_marker(base_vocab)
     blend_marker = tokenizer_marker(blend_vocab)
-    meta = out.with_name(out.name + ".meta.json")
-    if out.exists() or meta.exists():
-        try:
-            vm = VocabMap.load(out, base_vocab, blend_vocab)
-        except (StaleArtifactError, FileNotFoundError, ValueError) as e:
-            if not overwrite:
-                raise StaleArtifactError(
-                    f"{out} holds another vocabulary map ({e}); pass overwrite=True "
-                    "(--overwrite) to rebuild it"
-                ) from e
-        else:
-            same = (vm.method, vm.max_distance, vm.base_marker, vm.blend_marker) == (
-                method,
-                max_distance,
-                base_marker,
-                blend_marker,
-            )
-            if same:
-                logger.info("%s is up to date (%s map): skipped", out, method)
-                return vm
-            if not overwrite:
-                what = (
-                    f"a {vm.method!r} map, not {method!r}"
-                    if vm.method != method
-                    else f"a map with max_distance {vm.max_distance}, not {max_distance}"
-                )
-                raise StaleArtifactError(
-                    f"{out} holds {what}; pass overwrite=True (--overwrite) to rebuild it"
-                )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    vm = VocabMap.build(
-        base_vocab,
-        blend_vocab,
-        base_marker=base_marker,
-        blend_marker=blend_marker,
-        method=method,  # type: ignore[arg-type]
-        num_threads=threads,
-        max_distance=max_distance,
-    )
-    vm.save(out)
-    return vm
+    key = {
+        "format": VOCAB_MAP_FORMAT,
+        "base_vocab_sha256": vocab_checksum(base_vocab),
+        "blend_vocab_sha256": vocab_checksum(blend_vocab),
+        "base_marker": base_marker,
+        "blend_marker": blend_marker,
+        "method": method,
+        "max_distance": max_distance,
+    }
+    files = (out.name, out.name + ".meta.json")
+    art = Artifact(out, "vocab_map", key, files=files, describe="same tokenizers and settings")
+    decision = art.decide(policy)
+    if decision.done:
+        art.skipped()
+        vm = VocabMap.load(out, base_vocab, blend_vocab)
+        return VocabMapReport(out, method, vm, skipped=True, seconds=time.perf_counter() - t0)
+    fields: dict[str, Any] = {}
+    with art.build(decision, fields) as tmp:
+        vm = VocabMap.build(
+            base_vocab,
+            blend_vocab,
+            base_marker=base_marker,
+            blend_marker=blend_marker,
+            method=method,  # type: ignore[arg-type]
+            num_threads=threads,
+            max_distance=max_distance,
+        )
+        fields["stats"] = vm.stats()
+        vm.save(tmp / out.name)
+    return VocabMapReport(out, method, vm, seconds=time.perf_counter() - t0)
 
 
 # --- command line --------------------------------------------------------------------------------
@@ -150,17 +178,15 @@ def add_vocab_map_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _vocab_map_cli(args: argparse.Namespace) -> int:
-    out = Path(args.output)
-    before = out.stat().st_mtime_ns if out.is_file() else None
-    vm = run_vocab_map(
+    report = run_vocab_map(
         args.base_tokenizer,
         args.blend_tokenizer,
         args.output,
         **settings_from_args(args, VocabMapSettings),
         overwrite=args.overwrite,
     )
-    s = vm.stats()
-    if before is not None and out.stat().st_mtime_ns == before:
+    s = report.stats()
+    if report.skipped:
         print(f"{args.output}: up to date (same tokenizers and settings); skipped")
     print(
         f"{args.output}: {s['blend_tokens']} source tokens ({args.method}): {s['exact']} exact, "
