@@ -204,7 +204,7 @@ def test_pack_stage_vs_kernel(benchmark: Any, setup: dict[str, Any]) -> None:
 CODECS = [(None, None), ("lz4", None), ("zstd", 1), ("zstd", 3), ("zstd", 9)]
 
 
-def test_shard_compression(setup: dict[str, Any], tmp_path: Path) -> None:
+def test_shard_compression(benchmark: Any, setup: dict[str, Any], tmp_path: Path) -> None:
     """Which shard compression keeps up: the aligned dataset (the largest stage output, 3
     candidates) written and read back as one Arrow IPC stream per codec and level, the time of
     each against the uncompressed write in the same process, and its bytes per target token."""
@@ -243,6 +243,17 @@ def test_shard_compression(setup: dict[str, Any], tmp_path: Path) -> None:
             reads.append(time.perf_counter() - t0)
         assert back.equals(table)  # lossless, whatever the codec
         rows.append((codec, level, path.stat().st_size, min(writes), min(reads)))
+    # the stages' default (zstd at Arrow's default level) under pytest-benchmark too
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+
+    def write_default() -> None:
+        with (
+            pa.OSFile(str(tmp_path / "default.arrow"), "wb") as sink,
+            pa.ipc.new_stream(sink, table.schema, options=options) as writer,
+        ):
+            writer.write_table(table)
+
+    benchmark.pedantic(write_default, rounds=3, iterations=1)
     base_write = rows[0][3]
     for codec, level, size, w, r in rows:
         report(
