@@ -559,23 +559,6 @@ def _previous(path: Path, key_sha: str) -> dict[str, Any] | None:
     return entry if isinstance(entry, dict) else None
 
 
-def _model_paths(models: Any) -> dict[str, Path]:
-    if not isinstance(models, Mapping):
-        raise InputTypeError(f"models must be a mapping label -> directory, got {type(models)}")
-    if not models:
-        raise InputError("no model to evaluate")
-    out = {}
-    for label, path in models.items():
-        if not isinstance(label, str) or not label.strip():
-            raise InputError(f"model labels must be non-empty strings, got {label!r}")
-        if not isinstance(path, (str, os.PathLike)):
-            raise InputTypeError(
-                f"model {label!r}: expected a directory, got {type(path).__name__}"
-            )
-        out[label] = Path(path)
-    return out
-
-
 def _read_summary(path: Path | None) -> dict[str, Any]:
     from ..io import read_json_object
 
@@ -624,6 +607,7 @@ def run_benchmarks(
         FuseLLMError: lm-evaluation-harness is not installed, or it failed.
     """
     from ..io import atomic_write_bytes
+    from .evaluate import _model_paths
 
     specs = parse_task_specs(tasks, num_fewshot=num_fewshot)
     _count("limit", limit, 1)

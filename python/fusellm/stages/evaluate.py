@@ -240,13 +240,49 @@ def _evaluate(
     progress: bool | None,
     desc: str,
 ) -> _Result:
-    import torch
-
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     for name, value in (("max_length", max_length), ("stride", stride)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise InputTypeError(f"{name} must be an integer, got {value!r}")
+    tok, lm, dev, dtype_ = _model_and_tokenizer(model, tokenizer, device, dtype, progress)
+    max_length, stride = _window_settings(lm, max_length, stride)
+    ids_list = _token_ids(texts.texts, tok, lm, append_eos)
+    windows = [
+        (doc, s, e, f)
+        for doc, ids in enumerate(ids_list)
+        for s, e, f in plan_windows(len(ids), max_length, stride)
+    ]
+    # Longest first (ties in document order): the first batch shows an out-of-memory at once.
+    windows.sort(key=lambda w: (-(w[2] - w[1]), w[0], w[1]))
+    pad_id = tok.eos_token_id if tok.eos_token_id is not None else 0
+    doc_nll, doc_tokens = _score_windows(
+        lm, ids_list, windows, batch_size, pad_id, dev, dtype_, progress, desc
+    )
+    nbytes = [len(t.encode("utf-8")) for t in texts.texts]
+    members: dict[str, list[int]] = {}
+    if texts.domains is not None:
+        for i, d in enumerate(texts.domains):
+            members.setdefault(d, []).append(i)
+    members = dict(sorted(members.items()))
+    members[GROUP_ALL] = list(range(len(texts.texts)))
+    groups = {}
+    for name, idx in members.items():
+        groups[name] = _group_stats(
+            sum(doc_tokens[i] for i in idx),
+            math.fsum(doc_nll[i] for i in idx),
+            sum(nbytes[i] for i in idx),
+            len(idx),
+        )
+    return _Result(groups, max_length, stride, str(dtype_).removeprefix("torch."))
+
+
+def _model_and_tokenizer(
+    model: Any, tokenizer: Any, device: Any, dtype: Any, progress: bool | None
+) -> tuple[Any, Any, Any, Any]:
+    """The tokenizer (checked before the weights are read), the model, its device and dtype."""
+    import torch
+
     dev = resolve_device(device)
     dtype_ = torch_dtype(dtype, dev)
     if isinstance(model, (str, os.PathLike)):
@@ -254,18 +290,20 @@ def _evaluate(
         if tokenizer is None:
             tokenizer = path
         tok = load_tokenizer(tokenizer)  # cheap checks before the weights are read
-        lm = _load_model(path, dtype_, dev, progress)
-    else:
-        if not isinstance(model, torch.nn.Module):
-            raise InputTypeError(
-                f"model must be a model directory or a torch module, got {type(model).__name__}"
-            )
-        if tokenizer is None:
-            raise InputError("pass tokenizer= with a model object")
-        tok = load_tokenizer(tokenizer)
-        lm = model
-        dev = next(lm.parameters()).device
-        dtype_ = next(lm.parameters()).dtype
+        return tok, _load_model(path, dtype_, dev, progress), dev, dtype_
+    if not isinstance(model, torch.nn.Module):
+        raise InputTypeError(
+            f"model must be a model directory or a torch module, got {type(model).__name__}"
+        )
+    if tokenizer is None:
+        raise InputError("pass tokenizer= with a model object")
+    param = next(model.parameters())
+    return load_tokenizer(tokenizer), model, param.device, param.dtype
+
+
+def _window_settings(lm: Any, max_length: int | None, stride: int | None) -> tuple[int, int]:
+    """``max_length`` (default: the model's context) and ``stride`` (default
+    ``max_length - 1``), checked."""
     context = _context_length(lm)
     if max_length is None:
         if context is None:
@@ -278,7 +316,11 @@ def _evaluate(
     if stride is None:
         stride = max_length - 1
     plan_windows(2, max_length, stride)  # validates stride
+    return max_length, stride
 
+
+def _token_ids(texts: list[str], tok: Any, lm: Any, append_eos: bool) -> list[list[int]]:
+    """Each text + EOS tokenized without special tokens, checked against the model's logits."""
     eos = ""
     if append_eos:
         eos = tok.eos_token
@@ -286,8 +328,8 @@ def _evaluate(
             raise InputError("the tokenizer has no EOS token; pass append_eos=False")
     ids_list: list[list[int]] = []
     step = 1000
-    for s in range(0, len(texts.texts), step):
-        chunk = [t + eos for t in texts.texts[s : s + step]]
+    for s in range(0, len(texts), step):
+        chunk = [t + eos for t in texts[s : s + step]]
         ids_list.extend(tok(chunk, add_special_tokens=False)["input_ids"])
     width = _logits_width(lm)
     top = max((max(ids) for ids in ids_list if ids), default=-1)
@@ -296,17 +338,25 @@ def _evaluate(
             f"the tokenizer produces id {top} but the model has {width} logits: "
             "tokenizer and model do not match"
         )
+    return ids_list
 
-    windows = [
-        (doc, s, e, f)
-        for doc, ids in enumerate(ids_list)
-        for s, e, f in plan_windows(len(ids), max_length, stride)
-    ]
-    # Longest first (ties in document order): the first batch shows an out-of-memory at once.
-    windows.sort(key=lambda w: (-(w[2] - w[1]), w[0], w[1]))
+
+def _score_windows(
+    lm: Any,
+    ids_list: list[list[int]],
+    windows: list[tuple[int, int, int, int]],
+    batch_size: int,
+    pad_id: int,
+    dev: Any,
+    dtype_: Any,
+    progress: bool | None,
+    desc: str,
+) -> tuple[list[float], list[int]]:
+    """The summed NLL and the scored tokens of every document, over its windows in batches."""
+    import torch
+
     doc_nll = [0.0] * len(ids_list)
     doc_tokens = [0] * len(ids_list)
-    pad_id = tok.eos_token_id if tok.eos_token_id is not None else 0
     bar = progress_bar(progress, len(windows), desc, "window")
     try:
         with torch.inference_mode():
@@ -333,23 +383,7 @@ def _evaluate(
                 bar.update(len(batch))
     finally:
         bar.close()
-
-    nbytes = [len(t.encode("utf-8")) for t in texts.texts]
-    members: dict[str, list[int]] = {}
-    if texts.domains is not None:
-        for i, d in enumerate(texts.domains):
-            members.setdefault(d, []).append(i)
-    members = dict(sorted(members.items()))
-    members[GROUP_ALL] = list(range(len(texts.texts)))
-    groups = {}
-    for name, idx in members.items():
-        groups[name] = _group_stats(
-            sum(doc_tokens[i] for i in idx),
-            math.fsum(doc_nll[i] for i in idx),
-            sum(nbytes[i] for i in idx),
-            len(idx),
-        )
-    return _Result(groups, max_length, stride, str(dtype_).removeprefix("torch."))
+    return doc_nll, doc_tokens
 
 
 def evaluate_perplexity(
@@ -429,6 +463,35 @@ def _read_existing(path: Path) -> dict[str, Any] | None:
     return obj
 
 
+def _model_paths(models: Any) -> dict[str, Path]:
+    """Label -> model directory, checked."""
+    if not isinstance(models, Mapping):
+        raise InputTypeError(f"models must be a mapping label -> directory, got {type(models)}")
+    if not models:
+        raise InputError("no model to evaluate")
+    paths: dict[str, Path] = {}
+    for label, path in models.items():
+        if not isinstance(label, str) or not label.strip():
+            raise InputError(f"model labels must be non-empty strings, got {label!r}")
+        if not isinstance(path, (str, os.PathLike)):
+            raise InputTypeError(
+                f"model {label!r}: expected a directory path, got {type(path).__name__}"
+            )
+        paths[label] = Path(path)
+    return paths
+
+
+def _previous_results(out_path: Path | None, data_fingerprint: str) -> dict[str, Any]:
+    """The models already in ``out_path`` when it was computed on the same data (else none)."""
+    existing = _read_existing(out_path) if out_path is not None else None
+    if existing is None:
+        return {}
+    if (existing.get("data") or {}).get("fingerprint") == data_fingerprint:
+        return dict(existing.get("models") or {})
+    logger.warning("%s was computed on other data: its results are replaced", out_path)
+    return {}
+
+
 def run_evaluate(
     models: Mapping[str, str | os.PathLike[str]],
     data: Any,
@@ -469,19 +532,7 @@ def run_evaluate(
     """
     from ..io import atomic_write_json, fingerprint_dataset, model_fingerprint
 
-    if not isinstance(models, Mapping):
-        raise InputTypeError(f"models must be a mapping label -> directory, got {type(models)}")
-    if not models:
-        raise InputError("no model to evaluate")
-    paths: dict[str, Path] = {}
-    for label, path in models.items():
-        if not isinstance(label, str) or not label.strip():
-            raise InputError(f"model labels must be non-empty strings, got {label!r}")
-        if not isinstance(path, (str, os.PathLike)):
-            raise InputTypeError(
-                f"model {label!r}: expected a directory path, got {type(path).__name__}"
-            )
-        paths[label] = Path(path)
+    paths = _model_paths(models)
     tokenizers = dict(tokenizers or {})
     unknown = sorted(set(tokenizers) - set(paths))
     if unknown:
@@ -497,15 +548,8 @@ def run_evaluate(
         "fingerprint": fingerprint_dataset(texts.dataset, columns),
     }
     out_path = Path(output) if output is not None else None
-    existing = _read_existing(out_path) if out_path is not None else None
     result: dict[str, Any] = {"format": _FORMAT, "version": _VERSION, "data": data_info}
-    result["models"] = {}
-    if existing is not None:
-        old_fp = (existing.get("data") or {}).get("fingerprint")
-        if old_fp == data_info["fingerprint"]:
-            result["models"] = dict(existing.get("models") or {})
-        else:
-            logger.warning("%s was computed on other data: its results are replaced", out_path)
+    result["models"] = _previous_results(out_path, data_info["fingerprint"])
 
     for label, path in paths.items():
         previous = result["models"].get(label)

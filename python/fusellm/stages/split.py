@@ -372,12 +372,42 @@ def split_texts(
         A ``datasets.Dataset`` with the input's columns (``text_column`` holding the rows) plus
         ``doc_index`` (int64) and ``chunk_index`` (int32); or ``(dataset, stats)``.
     """
-    import datasets
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     from ..io import load_text_dataset
 
+    limit = _check_split_settings(boundary, block_size, margin, max_backoff, batch_size)
+    ds = load_text_dataset(data, text_column=text_column)
+    for extra in ("doc_index", "chunk_index"):
+        if extra in ds.column_names:
+            raise InputError(
+                f"the input already has a {extra!r} column (is it a split output?); remove or "
+                "rename it first"
+            )
+    toks = _as_toks(tokenizers)
+    table = _table_of(ds)
+    column = _text_column(table, text_column)
+
+    t0 = time.perf_counter()
+    stats = SplitStats(num_docs=table.num_rows, max_tokens={t.name: 0 for t in toks})
+    splitter = _Splitter(toks, limit, boundary, max_backoff, stats)
+    new_text, rows_per_doc = _split_column(column, splitter, drop_empty, batch_size, progress)
+    out = _split_dataset(ds, table, text_column, new_text, rows_per_doc, keep_columns)
+    stats.num_rows = len(out)
+    stats.seconds = time.perf_counter() - t0
+    logger.info(
+        "split %d documents into %d rows (%d cut, %d empty dropped) in %.1f s",
+        stats.num_docs,
+        stats.num_rows,
+        stats.num_split_docs,
+        stats.num_empty_dropped,
+        stats.seconds,
+    )
+    return (out, stats) if return_stats else out
+
+
+def _check_split_settings(
+    boundary: str, block_size: int, margin: int, max_backoff: float, batch_size: int
+) -> int:
+    """The settings of :func:`split_texts`, checked; returns the row limit in tokens."""
     if boundary not in BOUNDARIES:
         raise InputError(f"boundary must be one of {list(BOUNDARIES)}, got {boundary!r}")
     limit = int(block_size) - int(margin)
@@ -390,15 +420,14 @@ def split_texts(
         raise InputError(f"max_backoff must be in [0, 1), got {max_backoff}")
     if batch_size < 1:
         raise InputError(f"batch_size must be positive, got {batch_size}")
-    ds = load_text_dataset(data, text_column=text_column)
-    for extra in ("doc_index", "chunk_index"):
-        if extra in ds.column_names:
-            raise InputError(
-                f"the input already has a {extra!r} column (is it a split output?); remove or "
-                "rename it first"
-            )
-    toks = _as_toks(tokenizers)
-    table = _table_of(ds)
+    return limit
+
+
+def _text_column(table: Any, text_column: str) -> Any:
+    """The documents' column: strings, no nulls."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     column = table.column(text_column)
     if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
         raise InputTypeError(f"column {text_column!r} holds {column.type}, not strings")
@@ -407,11 +436,19 @@ def split_texts(
         raise InputError(
             f"column {text_column!r} has {column.null_count} null(s), first at row {first}"
         )
+    return column
 
-    t0 = time.perf_counter()
-    stats = SplitStats(num_docs=table.num_rows, max_tokens={t.name: 0 for t in toks})
-    splitter = _Splitter(toks, limit, boundary, max_backoff, stats)
-    rows_per_doc = np.ones(table.num_rows, dtype=np.int64)
+
+def _split_column(
+    column: Any, splitter: _Splitter, drop_empty: bool, batch_size: int, progress: bool | None
+) -> tuple[Any, np.ndarray]:
+    """The rows of every document, in order, as one Arrow column (runs of documents within the
+    limit are copied through zero-copy), and the number of rows of each document."""
+    import pyarrow as pa
+
+    toks, limit, stats = splitter.toks, splitter.limit, splitter.stats
+    num_docs = len(column)
+    rows_per_doc = np.ones(num_docs, dtype=np.int64)
     out_chunks: list[Any] = []  # pyarrow arrays, in row order
     run_start = 0  # start of the current run of documents copied unchanged
 
@@ -419,9 +456,9 @@ def split_texts(
         if stop > run_start:
             out_chunks.extend(column.slice(run_start, stop - run_start).chunks)
 
-    bar = progress_bar(progress, table.num_rows, "split", "doc")
+    bar = progress_bar(progress, num_docs, "split", "doc")
     try:
-        for start in range(0, table.num_rows, batch_size):
+        for start in range(0, num_docs, batch_size):
             texts: list[str] = column.slice(start, batch_size).to_pylist()
             counts = np.asarray([tok.count(texts) for tok in toks], dtype=np.int64).reshape(
                 len(toks), len(texts)
@@ -452,11 +489,25 @@ def split_texts(
                         rows_per_doc[doc] = 0
                         stats.num_empty_dropped += 1
             bar.update(len(texts))
-        flush(table.num_rows)
+        flush(num_docs)
     finally:
         bar.close()
+    return pa.chunked_array(out_chunks, type=column.type), rows_per_doc
 
-    new_text = pa.chunked_array(out_chunks, type=column.type)
+
+def _split_dataset(
+    ds: Any,
+    table: Any,
+    text_column: str,
+    new_text: Any,
+    rows_per_doc: np.ndarray,
+    keep_columns: bool,
+) -> Any:
+    """The output dataset: the rows, the input's other columns repeated per row of their
+    document (with ``keep_columns``), ``doc_index`` and ``chunk_index``."""
+    import datasets
+    import pyarrow as pa
+
     num_rows = int(rows_per_doc.sum())
     doc_index = np.repeat(np.arange(table.num_rows, dtype=np.int64), rows_per_doc)
     first_row = np.cumsum(rows_per_doc) - rows_per_doc
@@ -484,21 +535,10 @@ def split_texts(
             "chunk_index": datasets.Value("int32"),
         }
     )
-    out = datasets.Dataset(
+    return datasets.Dataset(
         datasets.table.InMemoryTable(out_table.cast(features.arrow_schema)),
         info=datasets.DatasetInfo(features=features),
     )
-    stats.num_rows = num_rows
-    stats.seconds = time.perf_counter() - t0
-    logger.info(
-        "split %d documents into %d rows (%d cut, %d empty dropped) in %.1f s",
-        stats.num_docs,
-        stats.num_rows,
-        stats.num_split_docs,
-        stats.num_empty_dropped,
-        stats.seconds,
-    )
-    return (out, stats) if return_stats else out
 
 
 def _table_of(ds: Any) -> Any:
