@@ -1348,12 +1348,11 @@ def _extract_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fusellm.stages.extract`` (e.g. under ``torchrun``)."""
-    parser = argparse.ArgumentParser(prog="python -m fusellm.stages.extract")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_extract_parser(sub)
-    args = parser.parse_args(["extract", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args))
+    """``python -m fusellm.stages.extract`` (e.g. under ``torchrun``): ``fusellm extract``,
+    its errors included."""
+    from ..cli import main as cli_main
+
+    return cli_main(["extract", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

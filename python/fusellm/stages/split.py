@@ -38,6 +38,7 @@ import argparse
 import inspect
 import logging
 import re
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -686,12 +687,10 @@ def _split_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fusellm.stages.split``."""
-    parser = argparse.ArgumentParser(prog="python -m fusellm.stages.split")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_split_parser(sub)
-    args = parser.parse_args(["split", *(argv if argv is not None else __import__("sys").argv[1:])])
-    return int(args.func(args))
+    """``python -m fusellm.stages.split``: ``fusellm split``, its errors included."""
+    from ..cli import main as cli_main
+
+    return cli_main(["split", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
