@@ -595,14 +595,14 @@ def fusion_loss(
     with torch.no_grad():
         rows = _teacher_rows(teacher_ids, teacher_logits, temperature, ref_index, teacher, compat)
         block = torch.where(cmask, _rewards(teacher_scores, compat), -math.inf)  # [B, C]
-        # CLM target of position t: labels[t + 1].
-        nxt = torch.full_like(labels, -100)
+        nxt = torch.full_like(labels, -100)  # the CLM target of position t: labels[t + 1]
         nxt[:, :-1] = labels[:, 1:]
         clm_mask = nxt != -100
         s = _candidate_scores(rows, block, cmask, nxt, selection, teacher_matched, logits.shape[-1])
         sel_ids, q, in_row, q_tail, weights = _fused_target(rows, s, fusion)
         index = torch.cat([nxt.clamp_min(0).unsqueeze(-1), sel_ids], dim=-1)
         m = attention_mask.float()
+        hit = in_row & (sel_ids == nxt[..., None])  # the fused row lists the next token there
         if distill_loss == "kl":
             neg_ent = _neg_entropy(sel_ids, q) + (_xlogx(q_tail) if calibrated else 0.0)
 
@@ -611,7 +611,7 @@ def fusion_loss(
         logp, log_tail = log_softmax_gather(
             logits, index, in_row=flags, chunk_elements=chunk_elements
         )
-        tail_term = _tail_term(teacher_tail, sel_ids, in_row, q_tail, logp, log_tail, nxt)
+        tail_term = _tail_term(teacher_tail, hit, in_row, q_tail, logp, log_tail, nxt)
     else:
         logp = log_softmax_gather(logits, index, chunk_elements=chunk_elements)
         log_tail, tail_term = None, torch.zeros((), device=device)
@@ -623,7 +623,7 @@ def fusion_loss(
 
     lm_w = _clm_weights(
         combine, lm_loss_weight, progress, block, logp, log_tail, nxt, m, block_bytes,
-        (sel_ids, q, in_row, q_tail, weights), teacher_matched,
+        (hit, q, q_tail, weights), teacher_matched,
     )  # fmt: skip
     student = torch.zeros(b, length, dtype=torch.bool, device=device)
     if with_student:
@@ -650,7 +650,7 @@ def _clm_weights(
     nxt: torch.Tensor,
     m: torch.Tensor,
     block_bytes: torch.Tensor | None,
-    fused: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    fused: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     teacher_matched: torch.Tensor | None,
 ) -> torch.Tensor:
     """``[B]`` the CLM term's weight per block, by ``combine`` (module docstring)."""
@@ -665,12 +665,12 @@ def _clm_weights(
         mine = _student_block_reward(-logp[..., 0].detach(), clm_mask, block_bytes)
         return (mine / block.amax(1).clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
     if combine == "gated":
-        sel_ids, q, in_row, q_tail, weights = fused
+        hit, q, q_tail, weights = fused
         assert log_tail is not None  # calibrated rows (checked)
         judged = clm_mask & (m > 0)
         if teacher_matched is not None:  # alignment fallbacks are one-hots of the true token
             judged = judged & ((weights > 0) & teacher_matched.bool()).any(1)
-        wins = _teacher_gains(sel_ids, q, in_row, q_tail, logp, log_tail, nxt, judged)
+        wins = _teacher_gains(hit, q, q_tail, logp, log_tail, judged)
         return torch.where(wins, lm_w, torch.ones_like(lm_w))
     return lm_w
 
@@ -728,7 +728,7 @@ def _candidate_mask(
 
 def _tail_term(
     teacher_tail: str,
-    sel_ids: torch.Tensor,
+    hit: torch.Tensor,
     in_row: torch.Tensor,
     q_tail: torch.Tensor,
     logp: torch.Tensor,
@@ -740,27 +740,23 @@ def _tail_term(
     not list it."""
     log_rest = log_tail
     if teacher_tail == "label":
-        hit = in_row & (sel_ids == nxt[..., None])
         outside = (nxt != -100) & in_row.any(-1) & ~hit.any(-1)
         log_rest = torch.where(outside, logp[..., 0], log_tail)
     return torch.where(q_tail > 0, q_tail * log_rest, torch.zeros((), device=q_tail.device))
 
 
 def _teacher_gains(
-    sel_ids: torch.Tensor,
+    hit: torch.Tensor,
     q: torch.Tensor,
-    in_row: torch.Tensor,
     q_tail: torch.Tensor,
     logp: torch.Tensor,
     log_tail: torch.Tensor,
-    nxt: torch.Tensor,
     mask: torch.Tensor,
 ) -> torch.Tensor:
     """``[B]`` whether the fused target predicts the block's next tokens better than the student
     does now, both judged on the target's own coarsening (its row's ids and the tail bin): the
     mean log-probability of the bin holding the true next token (no grad)."""
     with torch.no_grad():
-        hit = in_row & (sel_ids == nxt[..., None])
         listed = hit.any(-1)
         p_true = (q * hit).sum(-1)
         tiny = torch.finfo(torch.float32).tiny

@@ -723,7 +723,7 @@ def _extract(
     num_rows, num_shards = inp.key["num_rows"], inp.key["num_shards"]
     # The weights (may still fail: nothing is written yet).
     attn = attn_implementation or _default_attn(inp.device, inp.dtype)
-    lm, attn = load_causal_lm(inp.model_dir, inp.dtype, inp.device, attn)
+    lm, attn = load_causal_lm(inp.model_dir, inp.dtype, inp.device, attn, progress=progress)
     logits_width = lm.get_output_embeddings().weight.shape[0]
     if logits_width < inp.num_valid:
         raise InputError(f"the model has {logits_width} logits, fewer than {inp.num_valid} tokens")
