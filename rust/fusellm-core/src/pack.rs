@@ -208,16 +208,22 @@ impl PackPlan {
     }
 
     /// [`PackPlan::gather`] into a caller-provided buffer of `num_tokens() * width` values.
-    pub fn gather_into<T: Copy>(&self, src: &[T], width: usize, out: &mut [T]) -> Result<()> {
+    /// Checks that a column of `src_len` values holds `width` values per token of the rows;
+    /// returns the number of values the blocks need (no allocation, no overflow).
+    pub fn check_column(&self, src_len: usize, width: usize) -> Result<usize> {
         let total = *self.row_offsets.last().unwrap_or(&0) as usize;
-        if src.len() != total * width {
+        if total.checked_mul(width) != Some(src_len) {
             return Err(Error::Shape(format!(
-                "a column holds {} values, but the rows hold {total} tokens x {width} values per \
-                 token = {}",
-                src.len(),
-                total * width
+                "a column holds {src_len} values, but the rows hold {total} tokens x {width} \
+                 values per token"
             )));
         }
+        // src_len = total * width did not overflow and num_tokens <= total
+        Ok(self.num_tokens() * width)
+    }
+
+    pub fn gather_into<T: Copy>(&self, src: &[T], width: usize, out: &mut [T]) -> Result<()> {
+        self.check_column(src.len(), width)?;
         if out.len() != self.num_tokens() * width {
             return Err(Error::Shape(format!(
                 "the output buffer holds {} values, the blocks need {}",

@@ -24,7 +24,9 @@ fn gather<'py, T: numpy::Element + Copy + Send + Sync>(
     width: usize,
 ) -> PyResult<Bound<'py, PyArray1<T>>> {
     let src = contiguous(src.as_slice(), "column")?;
-    let out = PyArray1::<T>::zeros(py, plan.num_tokens() * width, false);
+    // checked before the allocation, whose size the caller's width drives
+    let len = plan.check_column(src.len(), width).map_err(to_py)?;
+    let out = PyArray1::<T>::zeros(py, len, false);
     {
         let mut rw = out.readwrite();
         let dst = rw
