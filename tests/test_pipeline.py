@@ -141,13 +141,16 @@ def test_every_stage_output_has_its_schema(reference: dict[str, Any]) -> None:
         assert s["matched"] + s["empty"] + s["fallback"] + s["masked"] == stats["base_positions"]
         assert s["matched"] > 0
 
-    packed = load(wd / "pack")
+    from fusellm.stages.pack import PlannedBlocks, load_packed
+
+    packed = load_packed(wd / "pack")
+    assert isinstance(packed, PlannedBlocks)  # the default layout
     vocab = json.loads((wd / "models" / "target" / "config.json").read_text())["vocab_size"]
     stack = validate_packed(
         packed, sources=list(SOURCES), with_ref=True, score="ce_per_byte", vocab_size=vocab
     )
     assert stack == ["ref", *SOURCES]
-    lengths = [len(x) for x in packed["input_ids"]]
+    lengths = [len(b["input_ids"]) for b in packed]
     assert max(lengths) == block
     assert sum(lengths) == sum(len(x) for x in aligned["input_ids"])
 

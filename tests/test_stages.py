@@ -36,7 +36,7 @@ from fusellm.fuse import validate_packed  # noqa: E402
 from fusellm.report import write_report  # noqa: E402
 from fusellm.stages.align import ALIGN_STATS_NAME, add_align_parser, align_dataset  # noqa: E402
 from fusellm.stages.extract import extract_topk  # noqa: E402
-from fusellm.stages.pack import add_pack_parser, pack_dataset  # noqa: E402
+from fusellm.stages.pack import add_pack_parser, load_packed, pack_dataset  # noqa: E402
 from fusellm.stages.vocab_map import add_vocab_map_parser, run_vocab_map  # noqa: E402
 
 TEXTS = [
@@ -549,7 +549,9 @@ def test_teacher_diagnostics_equal_a_direct_computation(domain_aligned: Path) ->
 
 
 def test_pack_gives_each_block_its_commonest_domain(domain_aligned: Path, tmp_path: Path) -> None:
-    report = pack_dataset(domain_aligned, tmp_path / "packed", block_size=24, progress=False)
+    report = pack_dataset(
+        domain_aligned, tmp_path / "packed", block_size=24, progress=False, layout="copy"
+    )
     rows = load_rows(domain_aligned)
     token_domain = [d for r in rows for d in [r["domain"]] * len(r["input_ids"])]
     blocks = datasets.load_from_disk(str(tmp_path / "packed"))
@@ -563,6 +565,9 @@ def test_pack_gives_each_block_its_commonest_domain(domain_aligned: Path, tmp_pa
         assert block["domain"] == max(counts, key=lambda d: (counts[d], d == "a")), counts
         start += n
     assert start == report.tokens
+    plan = load_packed(pack_dataset(domain_aligned, tmp_path / "plan", block_size=24).output_dir)
+    assert [b["domain"] for b in plan] == blocks["domain"]
+    assert sorted(plan.unique("domain")) == ["a", "b"]
 
 
 def test_bad_inputs_write_nothing(
@@ -670,7 +675,12 @@ def test_pack_concat_keeps_every_token_in_order(
     out = tmp_path / "packed"
     bs = 64
     report = pack_dataset(
-        aligned.output_dir, out, block_size=bs, chunk_tokens=chunk_tokens, progress=False
+        aligned.output_dir,
+        out,
+        block_size=bs,
+        chunk_tokens=chunk_tokens,
+        layout="copy",
+        progress=False,
     )
     ds = datasets.load_from_disk(str(out))
     assert validate_packed(
@@ -711,7 +721,9 @@ def test_pack_compat_reproduces_the_reference_batch_boundaries(
     monkeypatch.setattr(pack_stage, "REFERENCE_PACK_ROWS", group)
     bs = 16
     out = tmp_path / "packed"
-    report = pack_dataset(aligned.output_dir, out, block_size=bs, compat="fusellm", progress=False)
+    report = pack_dataset(
+        aligned.output_dir, out, block_size=bs, compat="fusellm", progress=False, layout="copy"
+    )
     rows = load_rows(aligned.output_dir)
     lengths = [len(x) for x in rows["input_ids"]]
     pieces: list[list[tuple]] = []
@@ -739,7 +751,7 @@ def test_pack_compat_reproduces_the_reference_batch_boundaries(
 def test_pack_bfd_keeps_documents_whole(aligned: Any, tmp_path: Path) -> None:
     out = tmp_path / "bfd"
     bs = 80
-    pack_dataset(aligned.output_dir, out, block_size=bs, mode="bfd", progress=False)
+    pack_dataset(aligned.output_dir, out, block_size=bs, mode="bfd", progress=False, layout="copy")
     ds = datasets.load_from_disk(str(out))
     validate_packed(ds, sources=list(SOURCES), with_ref=True, score="ce", vocab_size=32000)
     rows = load_rows(aligned.output_dir)
@@ -790,7 +802,6 @@ def test_pack_skips_refuses_and_trains(
     assert (again.skipped, again.blocks) == (False, first.blocks)
 
     from fusellm import FusionConfig, run_train
-    from fusellm.train import load_packed
 
     assert len(load_packed(out)) == first.blocks
     config = FusionConfig(
@@ -810,6 +821,133 @@ def test_pack_skips_refuses_and_trains(
     assert trainer.state.global_step == 1
     assert math.isfinite(logs[0]["loss"])
     assert math.isfinite(logs[0]["fusion_loss"])
+
+
+# --- the plan layout -----------------------------------------------------------------------------
+
+
+def same_values(a: Any, b: Any) -> bool:
+    x, y = np.asarray(a), np.asarray(b)
+    if x.shape != y.shape:
+        return False
+    if x.dtype.kind in "fc" or y.dtype.kind in "fc":
+        x, y = x.astype(np.float64), y.astype(np.float64)
+        return bool(((x == y) | (np.isnan(x) & np.isnan(y))).all())
+    return bool((x == y).all())
+
+
+@pytest.mark.parametrize(
+    ("mode", "compat", "chunk_tokens"),
+    [
+        ("concat", None, 1 << 21),
+        ("concat", None, 23),
+        ("bfd", None, 1 << 21),
+        ("concat", "fusellm", 23),
+    ],
+)
+def test_pack_plan_gives_the_copy_layouts_blocks(
+    aligned: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, compat: Any,
+    chunk_tokens: int,
+) -> None:  # fmt: skip
+    """Every block a plan-layout pack reads from the aligned rows equals the copy layout's
+    block, column for column and value for value; small chunks carry row remainders (concat)
+    across chunks, and a small reference group cuts them (compat)."""
+    import fusellm.stages.pack as pack_stage
+    from fusellm.fuse import FusionCollator
+    from fusellm.stages.pack import PlannedBlocks
+
+    monkeypatch.setattr(pack_stage, "REFERENCE_PACK_ROWS", 2)
+    bs = 80 if mode == "bfd" else 16  # bfd never splits a row
+    kw = {"block_size": bs, "mode": mode, "compat": compat, "chunk_tokens": chunk_tokens}
+    copy = pack_dataset(aligned.output_dir, tmp_path / "copy", **kw, progress=False, layout="copy")
+    plan = pack_dataset(aligned.output_dir, tmp_path / "plan", **kw)  # the default layout
+    assert (plan.layout, plan.blocks, plan.tokens) == ("plan", copy.blocks, copy.tokens)
+    a = load_packed(copy.output_dir).with_format("numpy")
+    b = load_packed(plan.output_dir)
+    assert isinstance(b, PlannedBlocks)
+    assert len(b) == len(a) == copy.blocks
+    assert b.column_names == a.column_names
+    for i in range(len(a)):
+        x, y = a[i], b[i]
+        assert list(y) == list(x)
+        for k in x:
+            assert same_values(x[k], y[k]), (i, k)
+    # The collator makes the same batches of both, and the training checks pass on both.
+    collate = FusionCollator(list(SOURCES), teacher="calibrated")
+    for lo in range(0, len(a), 5):
+        idx = range(lo, min(lo + 5, len(a)))
+        p, q = collate([a[i] for i in idx]), collate([b[i] for i in idx])
+        assert p.keys() == q.keys()
+        for k in p:
+            assert torch.equal(p[k], q[k]), k
+    for ds in (a, b):
+        stack = validate_packed(ds, sources=list(SOURCES), with_ref=True, score="ce_per_byte",
+                                vocab_size=32000, teacher="calibrated", batch_size=4)  # fmt: skip
+        assert stack == ["ref", *SOURCES]
+
+    # The plan holds no token (here, with 16-token blocks and K = 4: under half the bytes).
+    def shard_bytes(path: Path) -> int:
+        return sum(f.stat().st_size for f in path.glob("data-*.arrow"))
+
+    assert shard_bytes(plan.output_dir) < shard_bytes(copy.output_dir) / 2
+
+
+def test_pack_plan_trains_like_the_copy(
+    aligned: Any, models: dict[str, TinyModel], tmp_path: Path
+) -> None:
+    from fusellm import FusionConfig, run_train
+
+    logs = {}
+    for layout in ("copy", "plan"):
+        out = tmp_path / layout
+        pack_dataset(aligned.output_dir, out, block_size=32, layout=layout, progress=False)
+        config = FusionConfig(
+            output_dir=str(tmp_path / f"run-{layout}"),
+            sources=list(SOURCES),
+            teacher="calibrated",
+            use_cpu=True,
+            report_to="none",
+            per_device_train_batch_size=2,
+            max_steps=3,
+            logging_steps=1,
+            save_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            seed=3,
+        )
+        with quiet():
+            trainer = run_train(config, out, models["llama"].path, print_logs=False)
+        logs[layout] = [
+            (h["loss"], h["fusion_loss"]) for h in trainer.state.log_history if "loss" in h
+        ]
+    assert len(logs["plan"]) == 3
+    assert logs["plan"] == logs["copy"]
+
+
+def test_pack_plan_protocol_and_a_changed_input(aligned: Any, tmp_path: Path) -> None:
+    """A plan reruns as skipped, another layout in its place is stale, and a plan whose
+    aligned data changed since packing is refused when read."""
+    from fusellm.stages.pack import PlannedBlocks
+
+    src = tmp_path / "aligned"
+    shutil.copytree(aligned.output_dir, src)
+    out = tmp_path / "plan"
+    first = pack_dataset(src, out, block_size=16, layout="plan", progress=False)
+    again = pack_dataset(src, out, block_size=16, layout="plan", progress=False)
+    assert again.skipped
+    assert (again.blocks, again.layout) == (first.blocks, "plan")
+    with pytest.raises(StaleArtifactError, match="layout"):
+        pack_dataset(src, out, block_size=16, progress=False, layout="copy")
+    assert len(load_packed(out)) == first.blocks
+    state = src / "state.json"
+    state.write_text(state.read_text(encoding="utf-8") + "\n", encoding="utf-8")
+    with pytest.raises(InputError, match="changed since it was packed; pack again"):
+        PlannedBlocks(out)
+    shutil.rmtree(src)
+    with pytest.raises(InputError, match="does not exist"):
+        load_packed(out)
+    with pytest.raises(InputError, match="not a plan-layout pack output"):
+        PlannedBlocks(aligned.output_dir)
 
 
 def synthetic_aligned(path: Path, ce: dict[str, list[float]], lengths: list[int]) -> Path:
@@ -841,7 +979,7 @@ def test_pack_excludes_nan_rows_from_every_candidate(tmp_path: Path) -> None:
     src = synthetic_aligned(
         tmp_path / "al", {"ref": [1.0, 2.0, 3.0], "a": [4.0, float("nan"), 6.0]}, lengths
     )
-    report = pack_dataset(src, tmp_path / "p", block_size=100, progress=False)
+    report = pack_dataset(src, tmp_path / "p", block_size=100, progress=False, layout="copy")
     assert report.nan_rows == 1
     (block,) = datasets.load_from_disk(str(tmp_path / "p"))
     # Row 1 (NaN for "a") is left out of ref's score too.
@@ -849,7 +987,9 @@ def test_pack_excludes_nan_rows_from_every_candidate(tmp_path: Path) -> None:
     assert block["a_metric_ce"] == pytest.approx((5 * 4.0 + 4 * 6.0) / 9)
     assert block["ref_metric_ce_per_byte"] == pytest.approx((1.0 * 5 + 3.0 * 4) / (16 + 13))
     assert block["num_bytes"] == pytest.approx(16 + 10 + 13)
-    prop = pack_dataset(src, tmp_path / "q", block_size=100, nan_rows="propagate", progress=False)
+    prop = pack_dataset(
+        src, tmp_path / "q", block_size=100, nan_rows="propagate", progress=False, layout="copy"
+    )
     assert prop.nan_rows == 1
     (block,) = datasets.load_from_disk(str(tmp_path / "q"))
     assert math.isnan(block["a_metric_ce"])
@@ -936,7 +1076,7 @@ def test_cli_hooks(
     args = parser.parse_args(["pack", str(al), str(pk), "--block-size", "32", "--no-progress"])
     assert args.func(args) == 0
     assert "blocks of 32" in capsys.readouterr().out
-    assert max(len(x) for x in datasets.load_from_disk(str(pk))["input_ids"]) == 32
+    assert max(len(b["input_ids"]) for b in load_packed(pk)) == 32  # the default plan layout
 
     args = parser.parse_args(["align", str(extracts["llama"]), "--source", "neox", str(al)])
     with pytest.raises(InputError, match="NAME=PATH"):

@@ -308,6 +308,14 @@ class PackSettings:
             "split a row, with position ids restarting per document."
         ),
     )
+    layout: Literal["copy", "plan"] = field(
+        default="plan",
+        metadata=_help(
+            "copy: every block's tokens and teacher rows written out; plan: only where each "
+            "block's pieces are in the aligned data (and its scores), which training reads "
+            "from there (no second copy of the data; the aligned data must stay in place)."
+        ),
+    )
     nan_rows: Literal["exclude", "propagate"] = field(
         default="exclude",
         metadata=_help(

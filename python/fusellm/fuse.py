@@ -953,7 +953,7 @@ def _rows(where: np.ndarray, offset: int) -> str:
 
 
 def validate_packed(
-    dataset: datasets.Dataset,
+    dataset: Any,
     *,
     sources: Sequence[str],
     with_ref: bool,
@@ -964,7 +964,9 @@ def validate_packed(
     teacher: Teacher = "renormalized",
     ignore: Sequence[str] = (),
 ) -> list[str]:
-    """Check a packed dataset against the training configuration before the first step.
+    """Check a packed dataset (a ``datasets.Dataset`` of blocks, or the
+    :class:`fusellm.stages.pack.PlannedBlocks` of a plan-layout pack) against the training
+    configuration before the first step.
 
     Raises :class:`InputError` naming the column and rows when: a configured candidate is missing
     or the data holds candidates the configuration lists neither in ``sources`` nor in
@@ -1015,10 +1017,13 @@ def validate_packed(
     if not full:
         return stack
 
-    view = dataset.select_columns(sorted(needed)).with_format("arrow")
+    if hasattr(dataset, "iter_tables"):  # fusellm.stages.pack.PlannedBlocks
+        tables = dataset.iter_tables(sorted(needed), batch_size)
+    else:
+        tables = dataset.select_columns(sorted(needed)).with_format("arrow").iter(batch_size)
     offset = 0
     ks: dict[str, int] = {}
-    for table in view.iter(batch_size=batch_size):
+    for table in tables:
         lengths = _list_lengths(table.column("input_ids"))
         for leaf in _flat_chunks(table.column("input_ids")):
             x = leaf.to_numpy(zero_copy_only=False)

@@ -14,6 +14,7 @@ from typing import Any
 
 __all__ = [
     "DOMAIN_COLUMN",
+    "PLAN_COLUMNS",
     "REF",
     "SPANS_COLUMN",
     "align_features",
@@ -26,6 +27,9 @@ __all__ = [
 REF = "ref"
 #: Each row's (and packed block's majority) domain, when the input has one.
 DOMAIN_COLUMN = "domain"
+#: A plan-layout pack output's columns: per block, the aligned rows its pieces come from, each
+#: piece's first token in its row and its length.
+PLAN_COLUMNS = ("segment_rows", "segment_starts", "segment_lengths")
 #: Per token of an extraction, its character span ``[start, end)`` in ``text + eos``
 #: (:func:`fusellm.tokenization.char_spans`): the offsets alignment reads it instead of
 #: tokenizing the texts again.
@@ -111,22 +115,30 @@ def pack_features(
     *,
     position_ids: bool,
     has_domain: bool,
+    layout: str = "copy",
 ) -> Any:
     """Stage 4, the training schema: per block its tokens, mask, position ids (``bfd``), bytes
     of text, majority domain, then per candidate (name -> (K, logits dtype, has status)) its
-    columns with block scores."""
+    columns with block scores. With ``layout="plan"``, instead of the per-token columns, the
+    pieces of aligned rows the block is made of (:data:`PLAN_COLUMNS`: the aligned row, its
+    first token, its length), in order."""
     import datasets
     from datasets import List, Value
 
-    feats: dict[str, Any] = {
-        "input_ids": List(Value("int32")),
-        "attention_mask": List(Value("int8")),
-    }
-    if position_ids:
-        feats["position_ids"] = List(Value("int32"))
+    feats: dict[str, Any] = {}
+    if layout == "plan":
+        feats.update({name: List(Value("int64")) for name in PLAN_COLUMNS})
+    else:
+        feats["input_ids"] = List(Value("int32"))
+        feats["attention_mask"] = List(Value("int8"))
+        if position_ids:
+            feats["position_ids"] = List(Value("int32"))
     feats["num_bytes"] = Value("float64")
     if has_domain:
         feats[DOMAIN_COLUMN] = Value("string")
     for name, (k, logits_dtype, status) in candidates.items():
-        feats.update(candidate_features(name, k, logits_dtype, status=status, scores="block"))
+        cols = candidate_features(name, k, logits_dtype, status=status, scores="block")
+        if layout == "plan":
+            cols = {c: f for c, f in cols.items() if c.endswith(("_metric_ce", "_per_byte"))}
+        feats.update(cols)
     return datasets.Features(feats)

@@ -52,6 +52,7 @@ from .fuse import (
     fusion_loss,
     validate_packed,
 )
+from .stages.pack import PlannedBlocks, load_packed
 
 __all__ = [
     "DEEPSPEED_CONFIGS",
@@ -543,16 +544,19 @@ class FusionTrainer(Trainer):
 
 
 def _datasets(*items: Any) -> list[Any]:
+    """The packed datasets among ``items`` (``datasets.Dataset``, :class:`PlannedBlocks`, or
+    dicts of them)."""
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is in the train extra
         return []
+    kinds = (datasets.Dataset, PlannedBlocks)
     out = []
     for x in items:
-        if isinstance(x, datasets.Dataset):
+        if isinstance(x, kinds):
             out.append(x)
         elif isinstance(x, dict):
-            out.extend(v for v in x.values() if isinstance(v, datasets.Dataset))
+            out.extend(v for v in x.values() if isinstance(v, kinds))
     return out
 
 
@@ -583,24 +587,6 @@ def _attn_implementation(config: FusionConfig) -> str:
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
-
-
-def load_packed(data: Any) -> Any:
-    """A packed dataset from a directory written by ``datasets.save_to_disk`` (or as is)."""
-    import datasets
-
-    if isinstance(data, (str, Path)):
-        path = Path(data)
-        if not path.exists():
-            raise InputError(f"packed dataset directory {str(path)!r} does not exist")
-        data = datasets.load_from_disk(str(path))
-    if isinstance(data, datasets.DatasetDict):
-        if "train" not in data:
-            raise InputError(f"packed DatasetDict has no 'train' split: {list(data)}")
-        data = data["train"]
-    if not isinstance(data, datasets.Dataset):
-        raise InputTypeError(f"expected a datasets.Dataset, got {type(data).__name__}")
-    return data
 
 
 def run_train(

@@ -85,13 +85,23 @@ class DiskDataset:
     def column_names(self) -> list[str]:
         return list(self.schema.names)
 
-    def batches(self) -> Iterator[Any]:
+    def batches(self, columns: Sequence[str] | None = None) -> Iterator[Any]:
+        """The record batches in order; with ``columns``, only those columns are read (the
+        other columns' buffers are neither decompressed nor copied)."""
         import pyarrow as pa
 
+        options, expected = None, self.schema
+        if columns is not None:
+            missing = [c for c in columns if c not in self.schema.names]
+            if missing:
+                raise InputError(f"{self.what}: {self.path} lacks column(s) {missing}")
+            fields = sorted(self.schema.get_field_index(c) for c in set(columns))
+            options = pa.ipc.IpcReadOptions(included_fields=fields)
+            expected = pa.schema([self.schema.field(i) for i in fields], self.schema.metadata)
         for f in self.files:
             try:
-                reader = pa.ipc.open_stream(pa.memory_map(str(f)))
-                if reader.schema != self.schema:
+                reader = pa.ipc.open_stream(pa.memory_map(str(f)), options=options)
+                if reader.schema != expected:
                     raise InputError(f"{self.what}: {f.name} has another schema than the first")
                 yield from reader
             except pa.ArrowInvalid as e:

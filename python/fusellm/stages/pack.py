@@ -34,7 +34,7 @@ import numpy as np
 from ..config import PackSettings, PipelineConfig, add_settings_arguments, settings_from_args
 from ..errors import FuseLLMError, InputError, InputTypeError
 from ..progress import progress_bar
-from ..schema import DOMAIN_COLUMN, REF, pack_features
+from ..schema import DOMAIN_COLUMN, PLAN_COLUMNS, REF, pack_features
 from ._common import (
     CANDIDATE_SUFFIXES,
     COMPRESSIONS,
@@ -50,11 +50,21 @@ from ._common import (
     scalar_column,
 )
 
-__all__ = ["REFERENCE_PACK_ROWS", "PackReport", "add_pack_parser", "pack_dataset"]
+__all__ = [
+    "LAYOUTS",
+    "REFERENCE_PACK_ROWS",
+    "PackReport",
+    "PlannedBlocks",
+    "add_pack_parser",
+    "load_packed",
+    "pack_dataset",
+]
 
 logger = logging.getLogger(__name__)
 
 PACK_FORMAT = "fusellm.pack/1"
+#: ``layout`` of :func:`pack_dataset`: the blocks written out, or only where they are.
+LAYOUTS = ("copy", "plan")
 _BLOCK_SIZE = next(f.default for f in dataclasses.fields(PipelineConfig) if f.name == "block_size")
 
 
@@ -76,6 +86,27 @@ class PackReport:
     nan_rows: int = 0
     skipped: bool = False
     seconds: float = 0.0
+    #: ``"copy"`` or ``"plan"`` (:func:`pack_dataset`).
+    layout: str = "copy"
+
+    @classmethod
+    def from_manifest(
+        cls, out: Path, manifest: Mapping[str, Any], *, t0: float, skipped: bool
+    ) -> PackReport:
+        t, key = manifest.get("totals", {}), manifest.get("key", {})
+        return cls(
+            out,
+            str(key.get("mode", "concat")),
+            int(key.get("block_size", 0)),
+            int(t.get("rows", 0)),
+            int(t.get("tokens", 0)),
+            int(t.get("blocks", 0)),
+            list(manifest.get("candidates", [])),
+            nan_rows=int(t.get("nan_rows", 0)),
+            skipped=skipped,
+            seconds=time.perf_counter() - t0,
+            layout=str(key.get("layout", "copy")),
+        )
 
     @property
     def fill(self) -> float:
@@ -89,10 +120,8 @@ class PackReport:
         return d
 
     def load(self) -> Any:
-        """The packed dataset (``datasets.load_from_disk``)."""
-        import datasets
-
-        return datasets.load_from_disk(str(self.output_dir))
+        """The packed blocks: a ``datasets.Dataset`` (copy layout) or :class:`PlannedBlocks`."""
+        return load_packed(self.output_dir)
 
 
 def _pack_candidates(ds: DiskDataset, manifest: Mapping[str, Any] | None) -> list[str]:
@@ -137,7 +166,9 @@ def _row_groups(tables: Iterator[Any], group: int | None) -> Iterator[Any]:
 
 
 class _Chunk:
-    """Flat per-token columns plus row offsets and per-row score inputs."""
+    """Flat per-token columns plus row offsets and per-row score inputs, and where each row's
+    tokens are in the aligned data: ``rows`` its row there, ``starts`` its first token in that
+    row (non-zero only for the remainder of a row carried into the next chunk)."""
 
     def __init__(
         self,
@@ -145,11 +176,15 @@ class _Chunk:
         offsets: np.ndarray,
         scores: dict[str, np.ndarray],
         nan: np.ndarray,
+        rows: np.ndarray,
+        starts: np.ndarray,
     ) -> None:
         self.columns = columns
         self.offsets = offsets
         self.scores = scores
         self.nan = nan
+        self.rows = rows
+        self.starts = starts
 
     @property
     def num_tokens(self) -> int:
@@ -169,6 +204,8 @@ class _Chunk:
             np.concatenate(offsets),
             {k: np.concatenate([p.scores[k] for p in parts]) for k in parts[0].scores},
             np.concatenate([p.nan for p in parts]),
+            np.concatenate([p.rows for p in parts]),
+            np.concatenate([p.starts for p in parts]),
         )
 
     def tail(self, cut: int) -> _Chunk:
@@ -180,17 +217,36 @@ class _Chunk:
         lengths = ends - starts
         new_off = np.zeros(lengths.size + 1, dtype=np.int64)
         np.cumsum(lengths, out=new_off[1:])
+        row_starts = self.starts[r0:].copy()
+        row_starts[0] += cut - int(off[r0])
         return _Chunk(
             {k: v[cut:].copy() for k, v in self.columns.items()},
             new_off,
             {k: v[r0:].copy() for k, v in self.scores.items()},
             self.nan[r0:].copy(),
+            self.rows[r0:].copy(),
+            row_starts,
         )
 
 
+def _read_columns(cands: list[str], domains: Sequence[str], layout: str) -> list[str] | None:
+    """The aligned columns a layout reads (None: all); the plan reads no per-candidate token."""
+    if layout == "copy":
+        return None
+    cols = ["input_ids", "num_bytes", *([DOMAIN_COLUMN] if domains else [])]
+    return cols + [f"{c}_{s}" for c in cands for s in ("metric_ce", "num_tokens")]
+
+
 def _read_chunk(
-    table: Any, cands: list[str], nan_rows: str, first_row: int, domains: Sequence[str]
+    table: Any,
+    cands: list[str],
+    nan_rows: str,
+    first_row: int,
+    domains: Sequence[str],
+    tokens: bool = True,
 ) -> _Chunk:
+    """One table of aligned rows as a chunk; without ``tokens``, of the per-token columns only
+    ``input_ids`` (the plan layout)."""
     offsets, ids = list_column(table.column("input_ids"), "input_ids")
     columns: dict[str, np.ndarray] = {"input_ids": ids}
     lengths = np.diff(offsets).astype(np.float64)
@@ -207,21 +263,8 @@ def _read_chunk(
     nan = np.zeros(len(lengths), dtype=bool)
     per_c = {}
     for c in cands:
-        for s in ("ids", "logits"):
-            name = f"{c}_{s}"
-            o, v = list_column(table.column(name), name)
-            if not np.array_equal(o, offsets):
-                bad = np.flatnonzero(np.diff(o) != np.diff(offsets))
-                raise InputError(
-                    f"{name}: rows {(first_row + bad[:5]).tolist()} do not have one entry per "
-                    "input_ids token"
-                )
-            columns[name] = v
-        if f"{c}_status" in table.column_names:
-            o, v = list_column(table.column(f"{c}_status"), f"{c}_status")
-            if not np.array_equal(o, offsets):
-                raise InputError(f"{c}_status: rows do not have one entry per input_ids token")
-            columns[f"{c}_status"] = v
+        if tokens:
+            columns.update(_token_columns(table, c, offsets, first_row))
         ce = scalar_column(table, f"{c}_metric_ce", np.float64)
         n_tok = scalar_column(table, f"{c}_num_tokens", np.float64)
         per_c[c] = (ce, n_tok)
@@ -237,37 +280,42 @@ def _read_chunk(
         scores[f"{c}__ce"] = ce
         scores[f"{c}__ce_sum"] = a
         scores[f"{c}__bytes"] = b
-    return _Chunk(columns, offsets, scores, nan)
+    rows = np.arange(first_row, first_row + len(lengths), dtype=np.int64)
+    return _Chunk(columns, offsets, scores, nan, rows, np.zeros(len(lengths), np.int64))
 
 
-def _pack_table(
-    blocks: Any,
-    cands: list[str],
-    schema: Any,
-    mode: str,
-    first_block: int,
-    nan_rows: str,
-    domains: Sequence[str],
-) -> Any:
+def _token_columns(
+    table: Any, c: str, offsets: np.ndarray, first_row: int
+) -> dict[str, np.ndarray]:
+    """Candidate ``c``'s per-token columns (ids, logits, status), checked against the rows."""
+    out = {}
+    for s in ("ids", "logits", "status"):
+        name = f"{c}_{s}"
+        if s == "status" and name not in table.column_names:
+            continue
+        o, v = list_column(table.column(name), name)
+        if not np.array_equal(o, offsets):
+            bad = np.flatnonzero(np.diff(o) != np.diff(offsets))
+            raise InputError(
+                f"{name}: rows {(first_row + bad[:5]).tolist()} do not have one entry per "
+                "input_ids token"
+            )
+        out[name] = v
+    return out
+
+
+def _score_columns(
+    blocks: Any, cands: list[str], first_block: int, nan_rows: str, domains: Sequence[str]
+) -> dict[str, Any]:
+    """Both layouts' per-block columns: bytes of text, majority domain, candidate scores."""
     import pyarrow as pa
 
-    bo = blocks.block_offsets
-    lengths = np.diff(bo)
-    cols: dict[str, Any] = {
-        "input_ids": nested(bo, blocks.columns["input_ids"]),
-        "attention_mask": nested(bo, np.ones(int(bo[-1]), dtype=np.int8)),
-    }
-    if mode == "bfd":
-        cols["position_ids"] = nested(bo, blocks.position_ids)
-    cols["num_bytes"] = pa.array(blocks.scores["__bytes"] * lengths)
+    lengths = np.diff(blocks.block_offsets)
+    cols: dict[str, Any] = {"num_bytes": pa.array(blocks.scores["__bytes"] * lengths)}
     if domains:  # the block's commonest domain by tokens (ties: the first in name order)
         shares = np.stack([blocks.scores[f"__domain_{d}"] for d in domains], axis=1)
         cols[DOMAIN_COLUMN] = pa.array([domains[i] for i in shares.argmax(1).tolist()])
     for c in cands:
-        cols[f"{c}_ids"] = nested(bo, blocks.columns[f"{c}_ids"])
-        cols[f"{c}_logits"] = nested(bo, blocks.columns[f"{c}_logits"])
-        if f"{c}_status" in blocks.columns:
-            cols[f"{c}_status"] = nested(bo, blocks.columns[f"{c}_status"])
         ce = blocks.scores[f"{c}__ce"]
         with np.errstate(invalid="ignore", divide="ignore"):
             per_byte = blocks.scores[f"{c}__ce_sum"] / blocks.scores[f"{c}__bytes"]
@@ -281,7 +329,143 @@ def _pack_table(
                 )
         cols[f"{c}_metric_ce"] = pa.array(ce.astype(np.float32))
         cols[f"{c}_metric_ce_per_byte"] = pa.array(per_byte.astype(np.float32))
+    return cols
+
+
+def _block_table(
+    blocks: Any, chunk: _Chunk, cands: list[str], schema: Any, mode: str, first_block: int,
+    nan_rows: str, domains: Sequence[str], layout: str,
+) -> Any:  # fmt: skip
+    """The output table of packed blocks: their tokens (copy) or where they are (plan)."""
+    import pyarrow as pa
+
+    cols = _score_columns(blocks, cands, first_block, nan_rows, domains)
+    if layout == "plan":
+        so, seg = blocks.segment_offsets, blocks.segment_rows
+        cols["segment_rows"] = nested(so, chunk.rows[seg])
+        cols["segment_starts"] = nested(so, chunk.starts[seg] + blocks.segment_starts)
+        cols["segment_lengths"] = nested(so, blocks.segment_lengths)
+    else:
+        bo = blocks.block_offsets
+        cols["input_ids"] = nested(bo, blocks.columns["input_ids"])
+        cols["attention_mask"] = nested(bo, np.ones(int(bo[-1]), dtype=np.int8))
+        if mode == "bfd":
+            cols["position_ids"] = nested(bo, blocks.position_ids)
+        for name, v in blocks.columns.items():
+            if name != "input_ids":
+                cols[name] = nested(bo, v)
     return pa.Table.from_arrays([cols[f.name].cast(f.type) for f in schema], schema=schema)
+
+
+@dataclass
+class _PackOptions:
+    block_size: int
+    mode: str
+    nan_rows: str
+    layout: str
+    compression: str | None
+    cands: list[str]
+    domains: list[str]
+    schema: Any
+
+
+class _Packer:
+    """Chunks of aligned rows in, shards of blocks out: pending chunks are packed together
+    once they hold ``chunk_tokens``; in concat mode the unfinished last block is carried into
+    the next pack, so the blocks are those of one pass over everything."""
+
+    def __init__(self, tmp: Path, opts: _PackOptions) -> None:
+        self.tmp, self.opts = tmp, opts
+        self.written: list[Path] = []
+        self.blocks = self.tokens = 0
+        self.carry: _Chunk | None = None
+        self.pending: list[_Chunk] = []
+        self.pending_tokens = 0
+
+    def add(self, chunk: _Chunk) -> None:
+        self.pending.append(chunk)
+        self.pending_tokens += chunk.num_tokens
+
+    def flush(self, final: bool) -> None:
+        from ..io import write_arrow_shard
+        from ..pack import pack
+
+        o = self.opts
+        parts = ([self.carry] if self.carry is not None else []) + self.pending
+        self.pending, self.pending_tokens, self.carry = [], 0, None
+        if not parts:
+            return
+        chunk = _Chunk.concat(parts)
+        if chunk.num_tokens == 0:
+            return
+        packed = pack(
+            chunk.columns,
+            chunk.offsets,
+            block_size=o.block_size,
+            scores=chunk.scores,
+            mode=o.mode,  # type: ignore[arg-type]
+            nan_scores="omit" if o.nan_rows == "exclude" else "propagate",
+        )
+        keep = packed.num_blocks
+        if o.mode == "concat" and not final and packed.block_lengths[-1] < o.block_size:
+            keep -= 1
+            self.carry = chunk.tail(int(packed.block_offsets[keep]))
+        if keep == 0:
+            return
+        if keep < packed.num_blocks:
+            packed = _first_blocks(packed, keep)
+        table = _block_table(
+            packed, chunk, o.cands, o.schema, o.mode, self.blocks, o.nan_rows, o.domains, o.layout
+        )
+        path = self.tmp / f".part-{len(self.written):05d}.arrow"
+        write_arrow_shard(table, path, compression=o.compression)
+        self.written.append(path)
+        self.blocks += keep
+        self.tokens += int(packed.block_offsets[-1])
+
+
+def _check_input(aligned: Any, output_dir: Any) -> tuple[Path, Path, dict[str, Any] | None]:
+    """The aligned directory, the output directory and the aligned data's manifest."""
+    from ..io import read_manifest
+
+    if not isinstance(aligned, (str, os.PathLike)):
+        raise InputTypeError(f"aligned must be a directory, got {type(aligned).__name__}")
+    src = Path(aligned)
+    if not src.is_dir():
+        raise InputError(f"aligned dataset directory {src} does not exist")
+    out = Path(output_dir)
+    if src.resolve() == out.resolve():
+        raise InputError(f"output_dir {out} is the input")
+    try:
+        src_manifest = read_manifest(src)
+    except FuseLLMError as e:
+        raise InputError(f"{src}: {e}") from e
+    if src_manifest is not None and src_manifest.get("stage") not in ("align", None):
+        raise InputError(f"{src} holds the output of stage {src_manifest.get('stage')!r}")
+    if src_manifest is not None and not src_manifest.get("complete"):
+        raise InputError(f"{src}: the aligned dataset is not complete")
+    return src, out, src_manifest
+
+
+def _output_features(
+    ds: DiskDataset, cands: list[str], mode: str, layout: str, has_domain: bool
+) -> Any:
+    import datasets
+
+    in_features = datasets.Features.from_arrow_schema(ds.schema)
+    return pack_features(
+        {
+            c: (
+                fixed_width(ds.schema.field(f"{c}_ids").type) or 0,
+                in_features[f"{c}_logits"].feature.feature.dtype,
+                f"{c}_status" in in_features,
+            )
+            for c in cands
+        },
+        position_ids=mode == "bfd",
+        has_domain=has_domain,
+        layout=layout,
+    )
 
 
 def pack_dataset(
@@ -290,6 +474,7 @@ def pack_dataset(
     *,
     block_size: int = 2048,
     mode: str = "concat",
+    layout: str = "plan",
     chunk_tokens: int = 1 << 21,
     nan_rows: str = "exclude",
     compat: str | None = None,
@@ -307,6 +492,10 @@ def pack_dataset(
         block_size: tokens per block.
         mode: ``"concat"`` (the reference: concatenate and cut, keep the remainder) or ``"bfd"``
             (whole documents, best-fit decreasing, ``position_ids`` per document).
+        layout: ``"plan"`` (only where each block's tokens are in the aligned data, and its
+            scores; :func:`load_packed` gives the :class:`PlannedBlocks` that read the blocks
+            from the aligned data, which must stay in place) or ``"copy"`` (every block's
+            tokens and teacher rows written out: the training schema of ``docs/training.md``).
         chunk_tokens: tokens packed at a time (memory bound; in concat mode the result does not
             depend on it; in bfd mode documents are only packed with documents of their chunk).
         nan_rows: ``"exclude"`` (rows without a scored token are left out of every candidate's
@@ -321,16 +510,13 @@ def pack_dataset(
             :mod:`fusellm.artifact`).
         progress: progress bar (default: only on a terminal).
     """
-    import datasets
-
     from ..artifact import Artifact, stale_policy
-    from ..io import read_manifest, shard_file_name, write_arrow_shard, write_dataset_metadata
-    from ..pack import pack
 
     t0 = time.perf_counter()
     block_size = positive_int("block_size", block_size)
     chunk_tokens = positive_int("chunk_tokens", chunk_tokens)
     check_choice("mode", mode, ("concat", "bfd"))
+    check_choice("layout", layout, LAYOUTS)
     check_choice("nan_rows", nan_rows, ("exclude", "propagate"))
     check_choice("compat", compat, (None, "fusellm"))
     if compat == "fusellm" and mode != "concat":
@@ -338,33 +524,16 @@ def pack_dataset(
             f"compat='fusellm' reproduces the reference's concat packing, not mode {mode!r}"
         )
     check_choice("compression", compression, COMPRESSIONS)
-    if not isinstance(aligned, (str, os.PathLike)):
-        raise InputTypeError(f"aligned must be a directory, got {type(aligned).__name__}")
-    src = Path(aligned)
-    if not src.is_dir():
-        raise InputError(f"aligned dataset directory {src} does not exist")
-    out = Path(output_dir)
-    if src.resolve() == out.resolve():
-        raise InputError(f"output_dir {out} is the input")
-    try:
-        src_manifest = read_manifest(src)
-    except FuseLLMError as e:
-        raise InputError(f"{src}: {e}") from e
-    if src_manifest is not None and src_manifest.get("stage") not in ("align", None):
-        raise InputError(f"{src} holds the output of stage {src_manifest.get('stage')!r}")
-    if src_manifest is not None and not src_manifest.get("complete"):
-        raise InputError(f"{src}: the aligned dataset is not complete")
+    src, out, src_manifest = _check_input(aligned, output_dir)
     ds = DiskDataset(src, "aligned")
     cands = _pack_candidates(ds, src_manifest)
-    values = str(((src_manifest or {}).get("key") or {}).get("values", "logits"))
-    domains = _domains(ds)
-
     fp = files_fingerprint(src, previous_fingerprints(out).get("aligned"))
     key = {
         "format": PACK_FORMAT,
         "aligned_sha256": fp["sha256"],
         "block_size": block_size,
         "mode": mode,
+        "layout": layout,
         "nan_rows": nan_rows,
         "chunk_tokens": chunk_tokens if mode == "bfd" else None,
         "group_rows": REFERENCE_PACK_ROWS if compat == "fusellm" else None,
@@ -373,106 +542,32 @@ def pack_dataset(
     decision = art.decide(stale_policy(overwrite, on_stale))
     if decision.done:
         art.skipped()
-        m = decision.manifest or {}
-        t = m.get("totals", {})
-        return PackReport(
-            out,
-            mode,
-            block_size,
-            int(t.get("rows", 0)),
-            int(t.get("tokens", 0)),
-            int(t.get("blocks", 0)),
-            list(m.get("candidates", cands)),
-            nan_rows=int(t.get("nan_rows", 0)),
-            skipped=True,
-            seconds=time.perf_counter() - t0,
-        )
+        return PackReport.from_manifest(out, decision.manifest or {}, t0=t0, skipped=True)
 
-    in_features = datasets.Features.from_arrow_schema(ds.schema)
-    features = pack_features(
-        {
-            c: (
-                fixed_width(ds.schema.field(f"{c}_ids").type) or 0,
-                in_features[f"{c}_logits"].feature.feature.dtype,
-                f"{c}_status" in in_features,
-            )
-            for c in cands
-        },
-        position_ids=mode == "bfd",
-        has_domain=bool(domains),
+    domains = _domains(ds)
+    features = _output_features(ds, cands, mode, layout, bool(domains))
+    opts = _PackOptions(
+        block_size, mode, nan_rows, layout, compression, cands, domains, features.arrow_schema
     )
-    schema = features.arrow_schema
     num_rows = (src_manifest or {}).get("num_rows")
-
-    rows = tokens = blocks_total = nan_total = 0
     manifest: dict[str, Any] = {}
     bar = progress_bar(progress, num_rows or 0, "pack", "row")
     try:
         with art.build(decision, manifest) as tmp:
-            written: list[Path] = []
-            carry: _Chunk | None = None
-            pending: list[_Chunk] = []
-            pending_tokens = 0
-
-            def flush(final: bool) -> None:
-                nonlocal carry, pending, pending_tokens, blocks_total, tokens
-                parts = ([carry] if carry is not None else []) + pending
-                pending, pending_tokens, carry = [], 0, None
-                if not parts:
-                    return
-                chunk = _Chunk.concat(parts)
-                if chunk.num_tokens == 0:
-                    return
-                packed = pack(
-                    chunk.columns,
-                    chunk.offsets,
-                    block_size=block_size,
-                    scores=chunk.scores,
-                    mode=mode,  # type: ignore[arg-type]
-                    nan_scores="omit" if nan_rows == "exclude" else "propagate",
-                )
-                keep = packed.num_blocks
-                if mode == "concat" and not final and packed.block_lengths[-1] < block_size:
-                    keep -= 1
-                    carry = chunk.tail(int(packed.block_offsets[keep]))
-                if keep == 0:
-                    return
-                if keep < packed.num_blocks:
-                    packed = _first_blocks(packed, keep)
-                table = _pack_table(packed, cands, schema, mode, blocks_total, nan_rows, domains)
-                path = tmp / f".part-{len(written):05d}.arrow"
-                write_arrow_shard(table, path, compression=compression)
-                written.append(path)
-                blocks_total += keep
-                tokens += int(packed.block_offsets[-1])
-
+            packer = _Packer(tmp, opts)
             group = REFERENCE_PACK_ROWS if compat == "fusellm" else None
-            for table in _row_groups(ds.batches(), group):
-                chunk = _read_chunk(table, cands, nan_rows, rows, domains)
-                rows += table.num_rows
-                nan_total += int(np.count_nonzero(chunk.nan))
-                pending.append(chunk)
-                pending_tokens += chunk.num_tokens
-                if group is not None and rows % group == 0:
-                    flush(final=True)  # the group's remainder stays a short block
-                elif pending_tokens >= chunk_tokens:
-                    flush(final=False)
-                bar.update(table.num_rows)
-            flush(final=True)
+            rows, nan_total = _pack_rows(ds, packer, group, chunk_tokens, bar)
             if num_rows is not None and rows != num_rows:
                 raise InputError(f"{src} holds {rows} rows but its manifest says {num_rows}")
-            if blocks_total == 0:
+            if packer.blocks == 0:
                 raise InputError(f"{src} holds no tokens")
-            names = [shard_file_name(i, len(written)) for i in range(len(written))]
-            for p, name in zip(written, names, strict=True):
-                os.replace(p, tmp / name)
-            write_dataset_metadata(tmp, features, names, fingerprint=fp["sha256"])
+            _commit_shards(tmp, packer.written, features, fp["sha256"])
             totals = {
                 "rows": rows,
-                "tokens": tokens,
-                "blocks": blocks_total,
+                "tokens": packer.tokens,
+                "blocks": packer.blocks,
                 "nan_rows": nan_total,
-                "fill": tokens / (blocks_total * block_size),
+                "fill": packer.tokens / (packer.blocks * block_size),
             }
             manifest.update(
                 {
@@ -481,7 +576,7 @@ def pack_dataset(
                     "inputs": {"aligned": str(src.resolve())},
                     "parameters": {"compression": compression, "chunk_tokens": chunk_tokens},
                     "candidates": cands,
-                    "values": values,
+                    "values": str(((src_manifest or {}).get("key") or {}).get("values", "logits")),
                     "domains": domains,
                     "totals": totals,
                 },
@@ -490,17 +585,38 @@ def pack_dataset(
         bar.close()
     if nan_total:
         logger.warning("%d row(s) without a scored token were left out of the scores", nan_total)
-    return PackReport(
-        out,
-        mode,
-        block_size,
-        rows,
-        tokens,
-        blocks_total,
-        cands,
-        nan_rows=nan_total,
-        seconds=time.perf_counter() - t0,
-    )
+    return PackReport.from_manifest(out, {**manifest, "key": key}, t0=t0, skipped=False)
+
+
+def _pack_rows(
+    ds: DiskDataset, packer: _Packer, group: int | None, chunk_tokens: int, bar: Any
+) -> tuple[int, int]:
+    """Every aligned row through ``packer``; returns the rows read and those without a score."""
+    o = packer.opts
+    rows = nan_total = 0
+    batches = ds.batches(_read_columns(o.cands, o.domains, o.layout))
+    for table in _row_groups(batches, group):
+        chunk = _read_chunk(table, o.cands, o.nan_rows, rows, o.domains, o.layout == "copy")
+        rows += table.num_rows
+        nan_total += int(np.count_nonzero(chunk.nan))
+        packer.add(chunk)
+        if group is not None and rows % group == 0:
+            packer.flush(final=True)  # the group's remainder stays a short block
+        elif packer.pending_tokens >= chunk_tokens:
+            packer.flush(final=False)
+        bar.update(table.num_rows)
+    packer.flush(final=True)
+    return rows, nan_total
+
+
+def _commit_shards(tmp: Path, written: list[Path], features: Any, fingerprint: str) -> None:
+    """The part files renamed to their shard names, and the dataset's metadata."""
+    from ..io import shard_file_name, write_dataset_metadata
+
+    names = [shard_file_name(i, len(written)) for i in range(len(written))]
+    for p, name in zip(written, names, strict=True):
+        os.replace(p, tmp / name)
+    write_dataset_metadata(tmp, features, names, fingerprint=fingerprint)
 
 
 def _domains(ds: DiskDataset) -> list[str]:
@@ -534,6 +650,203 @@ def _first_blocks(packed: Any, keep: int) -> Any:
         segment_lengths=packed.segment_lengths[:seg_end],
         segment_offsets=packed.segment_offsets[: keep + 1],
     )
+
+
+# --- reading a pack output -----------------------------------------------------------------------
+
+
+def load_packed(data: Any) -> Any:
+    """The training blocks of a pack output directory (or ``data`` as is): a
+    ``datasets.Dataset`` for the copy layout (``save_to_disk``; a ``DatasetDict``'s ``train``
+    split), :class:`PlannedBlocks` for the plan layout."""
+    import datasets
+
+    from ..io import read_manifest
+
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.exists():
+            raise InputError(f"packed dataset directory {str(path)!r} does not exist")
+        try:
+            manifest = read_manifest(path) if path.is_dir() else None
+        except FuseLLMError as e:
+            raise InputError(f"{path}: {e}") from e
+        if manifest is not None and (manifest.get("key") or {}).get("layout") == "plan":
+            return PlannedBlocks(path)
+        data = datasets.load_from_disk(str(path))
+    if isinstance(data, datasets.DatasetDict):
+        if "train" not in data:
+            raise InputError(f"packed DatasetDict has no 'train' split: {list(data)}")
+        data = data["train"]
+    if not isinstance(data, (datasets.Dataset, PlannedBlocks)):
+        raise InputTypeError(f"expected a datasets.Dataset, got {type(data).__name__}")
+    return data
+
+
+class _Column:
+    """One per-token column of the aligned data: per record batch its row offsets and flat
+    values (numpy views of the Arrow buffers)."""
+
+    def __init__(self, name: str, tables: Sequence[Any]) -> None:
+        self.parts = [list_column(t.column(name), name) for t in tables]
+
+    def gather(self, chunks: np.ndarray, rows: np.ndarray, starts: np.ndarray, lengths: Any) -> Any:
+        pieces = []
+        for c, r, s, n in zip(
+            chunks.tolist(), rows.tolist(), starts.tolist(), lengths.tolist(), strict=True
+        ):
+            off, values = self.parts[c]
+            lo = int(off[r]) + s
+            if s < 0 or n < 0 or lo + n > int(off[r + 1]):
+                raise InputError(f"a plan's piece (start {s}, length {n}) is outside its row")
+            pieces.append(values[lo : lo + n])
+        return np.concatenate(pieces) if pieces else None
+
+
+class PlannedBlocks:
+    """The blocks of a ``layout="plan"`` pack output, read from the aligned rows it points to.
+
+    ``blocks[i]`` is the dict that row ``i`` of the same pack in the copy layout holds in numpy
+    format, column for column and value for value, so a :class:`fusellm.FusionCollator` makes
+    the same batches of it (and :class:`fusellm.FusionTrainer` accepts it as a dataset). The
+    aligned data is opened once (memory-mapped, or decompressed into memory when its shards
+    are compressed) and must be what was packed: its fingerprint is checked against the
+    manifest's.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        from ..io import read_manifest
+
+        self.path = Path(path)
+        try:
+            manifest = read_manifest(self.path)
+        except FuseLLMError as e:
+            raise InputError(f"{self.path}: {e}") from e
+        key = (manifest or {}).get("key") or {}
+        if not manifest or manifest.get("stage") != "pack" or key.get("layout") != "plan":
+            raise InputError(f"{self.path} is not a plan-layout pack output")
+        if not manifest.get("complete"):
+            raise InputError(f"{self.path}: the pack is not complete")
+        src = Path(str((manifest.get("inputs") or {}).get("aligned", "")))
+        packed_fp = (manifest.get("fingerprints") or {}).get("aligned") or {}
+        if not src.is_dir():
+            raise InputError(f"{self.path}: its aligned data {src} does not exist")
+        if files_fingerprint(src, packed_fp)["sha256"] != packed_fp.get("sha256"):
+            raise InputError(
+                f"{self.path}: its aligned data {src} changed since it was packed; pack again"
+            )
+        self.mode = str(key.get("mode", "concat"))
+        self.candidates = [str(c) for c in manifest.get("candidates", [])]
+        self.domains = [str(d) for d in manifest.get("domains", [])]
+        aligned = DiskDataset(src, "aligned")
+        plan = DiskDataset(self.path, "packed plan")
+        token_cols = ["input_ids"] + [
+            f"{c}_{s}"
+            for c in self.candidates
+            for s in ("ids", "logits", "status")
+            if f"{c}_{s}" in aligned.column_names
+        ]
+        tables = list(aligned.batches(token_cols))
+        self._columns = {name: _Column(name, tables) for name in token_cols}
+        self._batch_rows = np.cumsum([0] + [t.num_rows for t in tables])
+        self._plan = _PlanTable(list(plan.batches()), int(self._batch_rows[-1]))
+        self.column_names = _copy_layout_names(token_cols, self.mode, plan.column_names)
+
+    def __len__(self) -> int:
+        return self._plan.num_blocks
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for lo in range(0, len(self), 256):
+            yield from self.blocks(lo, min(lo + 256, len(self)))
+
+    def unique(self, column: str) -> list[Any]:
+        """The distinct values of a per-block column (``datasets.Dataset.unique``)."""
+        return list(dict.fromkeys(self._plan.scalars[column].tolist()))
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        n = len(self)
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -n <= i < n:
+            raise IndexError(f"block {i!r} out of range for {n} blocks")
+        return self.blocks(int(i) % n, int(i) % n + 1)[0]
+
+    def blocks(self, lo: int, hi: int) -> list[dict[str, Any]]:
+        """Blocks ``lo..hi-1`` as dicts (see the class docstring)."""
+        p = self._plan
+        out = []
+        for b in range(lo, hi):
+            seg = slice(int(p.offsets[b]), int(p.offsets[b + 1]))
+            rows, starts, lengths = p.rows[seg], p.starts[seg], p.lengths[seg]
+            chunk = np.searchsorted(self._batch_rows, rows, side="right") - 1
+            local = rows - self._batch_rows[chunk]
+            d: dict[str, Any] = {
+                name: col.gather(chunk, local, starts, lengths)
+                for name, col in self._columns.items()
+            }
+            n = int(lengths.sum())
+            d["attention_mask"] = np.ones(n, dtype=np.int8)
+            if self.mode == "bfd":
+                d["position_ids"] = np.concatenate(
+                    [
+                        np.arange(s, s + k, dtype=np.int32)
+                        for s, k in zip(starts, lengths, strict=True)
+                    ]
+                )
+            d.update({k: v[b] for k, v in p.scalars.items()})
+            out.append({k: d[k] for k in self.column_names})
+        return out
+
+    def iter_tables(self, columns: Sequence[str], batch_size: int) -> Iterator[Any]:
+        """The blocks as ``pyarrow`` tables of ``columns`` (the copy layout's types), up to
+        ``batch_size`` blocks each (what :func:`fusellm.fuse.validate_packed` scans)."""
+        import pyarrow as pa
+
+        for lo in range(0, len(self), batch_size):
+            blocks = self.blocks(lo, min(lo + batch_size, len(self)))
+            offsets = np.cumsum([0] + [b["input_ids"].shape[0] for b in blocks])
+            cols = {}
+            for name in columns:
+                if name in self._plan.scalars:
+                    cols[name] = pa.array(np.asarray([b[name] for b in blocks]))
+                else:
+                    cols[name] = nested(offsets, np.concatenate([b[name] for b in blocks]))
+            yield pa.table(cols)
+
+
+class _PlanTable:
+    """A plan's pieces (flat, with per-block offsets) and per-block scalar columns."""
+
+    def __init__(self, tables: Sequence[Any], aligned_rows: int) -> None:
+        import pyarrow as pa
+
+        table = pa.Table.from_batches(tables) if tables else None
+        if table is None or table.num_rows == 0:
+            raise InputError("the packed plan holds no blocks")
+        self.offsets, self.rows = list_column(table.column("segment_rows"), "segment_rows")
+        o_s, self.starts = list_column(table.column("segment_starts"), "segment_starts")
+        o_l, self.lengths = list_column(table.column("segment_lengths"), "segment_lengths")
+        if not (np.array_equal(o_s, self.offsets) and np.array_equal(o_l, self.offsets)):
+            raise InputError("the packed plan's piece columns disagree in length")
+        if self.rows.size and (self.rows.min() < 0 or self.rows.max() >= aligned_rows):
+            raise InputError(
+                f"the packed plan names rows outside the aligned data's {aligned_rows}"
+            )
+        self.num_blocks = table.num_rows
+        self.scalars = {
+            name: arrow_array(table.column(name)).to_numpy(zero_copy_only=False)
+            for name in table.column_names
+            if name not in PLAN_COLUMNS
+        }
+
+
+def _copy_layout_names(token_cols: Sequence[str], mode: str, plan_cols: Sequence[str]) -> list[str]:
+    """The copy layout's column order (``pack_features``) for these columns."""
+    names = ["input_ids", "attention_mask"] + (["position_ids"] if mode == "bfd" else [])
+    scalars = [c for c in plan_cols if c not in PLAN_COLUMNS]
+    names += [c for c in scalars if not c.endswith(("_metric_ce", "_per_byte"))]
+    for c in [n[: -len("_ids")] for n in token_cols if n.endswith("_ids") and n != "input_ids"]:
+        names += [n for n in (f"{c}_ids", f"{c}_logits", f"{c}_status") if n in token_cols]
+        names += [f"{c}_metric_ce", f"{c}_metric_ce_per_byte"]
+    return names
 
 
 # --- command line --------------------------------------------------------------------------------
