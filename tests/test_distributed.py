@@ -1,0 +1,71 @@
+"""The Ray runner of sharded stages (fusellm.distributed, the fusellm[ray] extra): on a local
+Ray instance its output is byte for byte the single-process one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fusellm import FuseLLMError, InputError
+from fusellm.distributed import run_sharded
+from fusellm.samples import SAMPLE_TEXTS
+from models import TinyModel, build_named, quiet
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("torch")
+
+from fusellm.stages.extract import extract_topk  # noqa: E402
+
+TEXTS = [*SAMPLE_TEXTS, "A second, longer line of text.", SAMPLE_TEXTS[0][:40], "Numbers: 1, 22."]
+EXTRACT = {"top_k": 4, "rows_per_shard": 2, "max_tokens_per_batch": 256, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Any:
+    """One local Ray instance for the module (run_sharded leaves a running instance up)."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    return build_named("llama", tmp_path_factory.mktemp("models"))
+
+
+def data_files(out: Path) -> dict[str, bytes]:
+    """The output's data shards, shard sidecars and dataset metadata, by name."""
+    keep = [*out.glob("data-*.arrow"), *out.glob("shards/*.json"), out / "dataset_info.json"]
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(keep)}
+
+
+def test_extract_as_ray_tasks_is_byte_identical(
+    local_ray: Any, tiny: TinyModel, tmp_path: Path
+) -> None:
+    with quiet():
+        single = extract_topk(TEXTS, tiny.path, tmp_path / "single", **EXTRACT)
+    reports = run_sharded("extract", TEXTS, tiny.path, tmp_path / "ray", tasks=3, **EXTRACT)
+    assert [r.worker for r in reports] == [(0, 3), (1, 3), (2, 3)]
+    assert sorted(s for r in reports for s in r.shards_written) == list(range(single.num_shards))
+    assert any(r.complete for r in reports)
+    assert data_files(tmp_path / "ray") == data_files(single.output_dir)
+    assert len(data_files(single.output_dir)) > 3
+    # A rerun skips every shard.
+    again = run_sharded("extract", TEXTS, tiny.path, tmp_path / "ray", tasks=2, **EXTRACT)
+    assert all(r.skipped for r in again)
+
+
+def test_bad_arguments_and_task_errors(local_ray: Any, tiny: TinyModel, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="stage must be one of"):
+        run_sharded("train", tasks=2)
+    with pytest.raises(InputError, match="tasks must be between 1 and"):
+        run_sharded("extract", tasks=0)
+    with pytest.raises(InputError, match="tasks must be between 1 and"):
+        run_sharded("extract", tasks=1 << 40)
+    with pytest.raises(InputError, match="do not pass shard"):
+        run_sharded("extract", TEXTS, tiny.path, tmp_path / "x", tasks=2, shard="0/2")
+    # A task's own typed error reaches the caller as itself.
+    with pytest.raises(FuseLLMError, match="empty text"):
+        run_sharded("extract", ["fine", ""], tiny.path, tmp_path / "y", tasks=2, **EXTRACT)
