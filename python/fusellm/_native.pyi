@@ -14,6 +14,7 @@ def mined_base_to_blend(
     base_marker: str,
     blend_marker: str,
 ) -> list[list[int]]: ...
+def default_num_threads() -> int: ...
 
 @final
 class Aligner:
@@ -56,6 +57,25 @@ class Aligner:
             int,
             int,
         ]
+    ]: ...
+    def align_flat(
+        self,
+        base_ids: npt.NDArray[np.int32],
+        base_rows: npt.NDArray[np.int64],
+        blend_ids: npt.NDArray[np.int32],
+        blend_rows: npt.NDArray[np.int64],
+        topk_ids: npt.NDArray[np.int32],
+        topk_logits: npt.NDArray[np.float32],
+        base_offsets: npt.NDArray[np.int64] | None,
+        blend_offsets: npt.NDArray[np.int64] | None,
+        method: str,
+        vocab: str,
+        num_threads: int | None,
+    ) -> tuple[
+        npt.NDArray[np.int32],
+        npt.NDArray[np.float32],
+        npt.NDArray[np.uint8],
+        dict[str, int | None],
     ]: ...
 
 def build_vocab_map(

@@ -53,6 +53,7 @@ __all__ = [
     "FALLBACK",
     "MASKED",
     "MATCHED",
+    "AlignedBatch",
     "AlignedRow",
     "Aligner",
     "align_batch",
@@ -111,6 +112,28 @@ class AlignedRow:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class AlignedBatch:
+    """A batch aligned by :meth:`Aligner.align_flat`: the rows of every sequence, one after the
+    other (the base side's row offsets index them).
+
+    Attributes:
+        ids: ``int32 [N_base, K]`` base token ids, ``-1`` padded.
+        logits: ``float32 [N_base, K]`` matching logits, ``-inf`` padded, descending per row.
+        status: ``uint8 [N_base]`` status per position.
+        counts: the batch's sums: ``matched``, ``empty``, ``fallback``, ``masked`` (positions by
+            status), ``unknown_ids``, ``unmapped_ids``, ``duplicate_ids`` (as in
+            :class:`AlignedRow`), ``topk_entries`` (entries kept in matched rows) and
+            ``exact_span`` (offsets method: matched positions whose source token has the base
+            token's span; ``None`` for MinED).
+    """
+
+    ids: npt.NDArray[np.int32]
+    logits: npt.NDArray[np.float32]
+    status: npt.NDArray[np.uint8]
+    counts: dict[str, int | None]
+
+
 def _as_int32(x: Any, name: str, ndim: int) -> npt.NDArray[np.int32]:
     a = np.asarray(x)
     if a.dtype == np.int32 and a.ndim == ndim and a.flags.c_contiguous:
@@ -144,6 +167,15 @@ def _as_offsets(x: Any, name: str) -> npt.NDArray[np.int64]:
         raise InputTypeError(f"{name} must have shape [L, 2], got shape {a.shape}")
     if a.size and a.dtype.kind not in "iu":
         raise InputTypeError(f"{name} must hold integer character offsets, got dtype {a.dtype}")
+    if a.size and a.dtype.kind == "u" and int(a.max()) > np.iinfo(np.int64).max:
+        raise InputError(f"{name} holds offset {int(a.max())}, beyond the int64 range")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def _as_rows(x: Any, name: str) -> npt.NDArray[np.int64]:
+    a = np.asarray(x)
+    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+        raise InputTypeError(f"{name} must be 1-D integer row offsets, got {a.dtype} {a.shape}")
     if a.size and a.dtype.kind == "u" and int(a.max()) > np.iinfo(np.int64).max:
         raise InputError(f"{name} holds offset {int(a.max())}, beyond the int64 range")
     return np.ascontiguousarray(a, dtype=np.int64)
@@ -324,6 +356,52 @@ class Aligner:
             b_ids, x_ids, t_ids, t_logits, b_off, x_off, method, vocab, num_threads
         )
         return [AlignedRow(*r) for r in raw]
+
+    def align_flat(
+        self,
+        base_ids: Any,
+        base_rows: Any,
+        blend_ids: Any,
+        blend_rows: Any,
+        blend_topk_ids: Any,
+        blend_topk_logits: Any,
+        *,
+        method: Method = "mined",
+        vocab: VocabMode = "hard",
+        base_offsets: Any = None,
+        blend_offsets: Any = None,
+        num_threads: int | None = None,
+    ) -> AlignedBatch:
+        """:meth:`align_batch` on a batch in flat buffers, as an Arrow list column holds it: the
+        values of every sequence one after the other, and row offsets (``n + 1``, from 0) where
+        sequence ``r`` is ``values[rows[r]:rows[r + 1]]``. One call per batch, no per-sequence
+        arrays; the rows come back flat too (:class:`AlignedBatch`, indexed by ``base_rows``).
+
+        Args:
+            base_ids: ``[N_base]`` base token ids of every sequence; ``base_rows`` their offsets.
+            blend_ids: ``[N_blend]`` blend token ids; ``blend_rows`` their offsets.
+            blend_topk_ids: ``[N_blend, K]`` top-K ids; ``blend_topk_logits`` the matching logits.
+            base_offsets: ``[N_base, 2]`` character spans (``"offsets"`` only);
+                ``blend_offsets`` the same for the blend side.
+            method, vocab, num_threads: as for :meth:`align_batch`. Errors name the failing
+                sequence (``sequence r``).
+        """
+        num_threads = check_num_threads(num_threads)
+        self._check_vocab_mode(vocab)
+        raw = self._native.align_flat(
+            _as_int32(base_ids, "base_ids", 1),
+            _as_rows(base_rows, "base_rows"),
+            _as_int32(blend_ids, "blend_ids", 1),
+            _as_rows(blend_rows, "blend_rows"),
+            _as_int32(blend_topk_ids, "blend_topk_ids", 2),
+            _as_float32(blend_topk_logits, "blend_topk_logits"),
+            None if base_offsets is None else _as_offsets(base_offsets, "base_offsets"),
+            None if blend_offsets is None else _as_offsets(blend_offsets, "blend_offsets"),
+            method,
+            vocab,
+            num_threads,
+        )
+        return AlignedBatch(*raw)
 
 
 def align_batch(

@@ -5,6 +5,7 @@
 //! - [`offsets`]: linear-time alignment by shared end offsets.
 //! - [`aligner`]: re-expression of top-K distributions on the target's tokens and vocabulary.
 //! - [`batch`]: fork-safe rayon pools and batch entry points.
+//! - [`flat`]: ragged batches in flat buffers (values + row offsets), as a stage reads them.
 //! - [`vocab_map`]: exact MinED / surface vocabulary maps.
 //! - [`pack`]: packing rows into training blocks (reference concat, best-fit decreasing).
 //!
@@ -14,6 +15,7 @@ pub mod aligner;
 pub mod batch;
 pub mod dtw;
 pub mod error;
+pub mod flat;
 pub mod levenshtein;
 pub mod offsets;
 pub mod pack;
@@ -23,5 +25,6 @@ pub mod vocab_map;
 pub use aligner::{Aligner, Fallback, Method, SeqInput, SeqOutput, Vocab, VocabMode};
 pub use dtw::{mined_base_to_blend, Alignment};
 pub use error::{Error, Result, Side};
+pub use flat::{align_flat, BatchCounts, FlatBatch, FlatOutput};
 pub use pack::{NanScores, PackMode, PackPlan};
 pub use vocab_map::{build_vocab_map, MapMethod, NearestIndex, VocabMapping};

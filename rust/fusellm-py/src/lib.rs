@@ -12,7 +12,7 @@ use numpy::{
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyInt, PyType};
+use pyo3::types::{PyDict, PyInt, PyType};
 
 mod pack;
 mod vocab;
@@ -102,6 +102,13 @@ fn mined_base_to_blend(
         core::mined_base_to_blend(&base, &blend, base_marker, blend_marker).map(|a| a.to_lists())
     })
     .map_err(to_py)
+}
+
+/// The thread count a batch runs on when none is given (`FUSELLM_NUM_THREADS`, else
+/// `RAYON_NUM_THREADS`, else the available cores).
+#[pyfunction]
+fn default_num_threads() -> usize {
+    core::batch::default_num_threads()
 }
 
 /// The native aligner of one tokenizer pair (see `fusellm.Aligner`).
@@ -227,14 +234,7 @@ impl Aligner {
         num_threads: Option<Size>,
     ) -> PyResult<Vec<AlignedRow<'py>>> {
         let num_threads = num_threads.map(|n| n.0);
-        let method = parse(
-            "method",
-            method,
-            &[
-                ("mined", core::Method::Mined),
-                ("offsets", core::Method::Offsets),
-            ],
-        )?;
+        let method = parse_method(method)?;
         let mode = parse_vocab(vocab)?;
         let n = base_ids.len();
         let counts = [
@@ -284,16 +284,10 @@ impl Aligner {
         outputs
             .into_iter()
             .map(|o| {
-                let rows = o.status.len();
-                // Built 2-D at once (a reshape would make a second array object per output).
-                let shape = (rows, o.k);
+                let (ids, logits) = rows_2d(py, o.ids, o.logits, o.status.len(), o.k)?;
                 Ok((
-                    Array2::from_shape_vec(shape, o.ids)
-                        .map_err(shape_error)?
-                        .into_pyarray(py),
-                    Array2::from_shape_vec(shape, o.logits)
-                        .map_err(shape_error)?
-                        .into_pyarray(py),
+                    ids,
+                    logits,
                     o.status.into_pyarray(py),
                     o.num_unknown,
                     o.num_unmapped,
@@ -301,6 +295,129 @@ impl Aligner {
                 ))
             })
             .collect()
+    }
+
+    /// Aligns a batch given as flat buffers with row offsets (see `fusellm-core`'s `flat`).
+    #[pyo3(signature = (base_ids, base_rows, blend_ids, blend_rows, topk_ids, topk_logits, base_offsets, blend_offsets, method, vocab, num_threads))]
+    #[allow(clippy::too_many_arguments)]
+    fn align_flat<'py>(
+        &self,
+        py: Python<'py>,
+        base_ids: PyReadonlyArray1<'py, i32>,
+        base_rows: PyReadonlyArray1<'py, i64>,
+        blend_ids: PyReadonlyArray1<'py, i32>,
+        blend_rows: PyReadonlyArray1<'py, i64>,
+        topk_ids: PyReadonlyArray2<'py, i32>,
+        topk_logits: PyReadonlyArray2<'py, f32>,
+        base_offsets: Option<PyReadonlyArray2<'py, i64>>,
+        blend_offsets: Option<PyReadonlyArray2<'py, i64>>,
+        method: &str,
+        vocab: &str,
+        num_threads: Option<Size>,
+    ) -> PyResult<FlatRows<'py>> {
+        let method = parse_method(method)?;
+        let mode = parse_vocab(vocab)?;
+        if topk_ids.shape() != topk_logits.shape() {
+            return Err(input_error(format!(
+                "blend_topk_ids has shape {:?} but blend_topk_logits has {:?}",
+                topk_ids.shape(),
+                topk_logits.shape()
+            )));
+        }
+        let batch = core::FlatBatch {
+            values: core::SeqInput {
+                base_ids: values(&base_ids, "base_ids")?,
+                blend_ids: values(&blend_ids, "blend_ids")?,
+                topk_ids: values(&topk_ids, "blend_topk_ids")?,
+                topk_logits: values(&topk_logits, "blend_topk_logits")?,
+                k: topk_ids.shape()[1],
+                base_offsets: spans(&base_offsets, "base_offsets")?,
+                blend_offsets: spans(&blend_offsets, "blend_offsets")?,
+            },
+            base_rows: values(&base_rows, "base_rows")?,
+            blend_rows: values(&blend_rows, "blend_rows")?,
+        };
+        let inner = &self.inner;
+        let threads = num_threads.map(|n| n.0);
+        let out = py
+            .detach(|| core::align_flat(inner, &batch, method, mode, threads))
+            .map_err(to_py)?;
+        let rows = out.rows;
+        let (ids, logits) = rows_2d(py, rows.ids, rows.logits, rows.status.len(), rows.k)?;
+        Ok((
+            ids,
+            logits,
+            rows.status.into_pyarray(py),
+            counts_dict(py, &out.counts)?,
+        ))
+    }
+}
+
+type Rows2d<'py> = (Bound<'py, PyArray2<i32>>, Bound<'py, PyArray2<f32>>);
+
+/// Aligned `[rows, k]` ids and logits as numpy arrays, built 2-D at once (a reshape would make
+/// a second array object per output); the vectors are moved, not copied.
+fn rows_2d<'py>(
+    py: Python<'py>,
+    ids: Vec<i32>,
+    logits: Vec<f32>,
+    rows: usize,
+    k: usize,
+) -> PyResult<Rows2d<'py>> {
+    Ok((
+        Array2::from_shape_vec((rows, k), ids)
+            .map_err(shape_error)?
+            .into_pyarray(py),
+        Array2::from_shape_vec((rows, k), logits)
+            .map_err(shape_error)?
+            .into_pyarray(py),
+    ))
+}
+
+/// A flat batch's counts as a dict (`exact_span` is `None` without spans).
+fn counts_dict<'py>(py: Python<'py>, c: &core::BatchCounts) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (name, v) in [
+        ("matched", c.matched),
+        ("empty", c.empty),
+        ("fallback", c.fallback),
+        ("masked", c.masked),
+        ("unknown_ids", c.unknown_ids),
+        ("unmapped_ids", c.unmapped_ids),
+        ("duplicate_ids", c.duplicate_ids),
+        ("topk_entries", c.topk_entries),
+    ] {
+        d.set_item(name, v)?;
+    }
+    d.set_item("exact_span", c.exact_span)?;
+    Ok(d)
+}
+
+type FlatRows<'py> = (
+    Bound<'py, PyArray2<i32>>,
+    Bound<'py, PyArray2<f32>>,
+    Bound<'py, PyArray1<u8>>,
+    Bound<'py, PyDict>,
+);
+
+/// A C-contiguous array's values, or an `InputTypeError` naming it.
+fn values<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
+    a: &'a numpy::PyReadonlyArray<'_, T, D>,
+    what: &str,
+) -> PyResult<&'a [T]> {
+    a.as_slice()
+        .map_err(|_| type_error(format!("{what} must be C-contiguous")))
+}
+
+/// `[N, 2]` character spans, or an `InputTypeError`.
+fn spans<'a>(a: &'a Option<PyReadonlyArray2<'_, i64>>, what: &str) -> PyResult<Option<&'a [i64]>> {
+    match a {
+        None => Ok(None),
+        Some(a) if a.shape()[1] != 2 => Err(type_error(format!(
+            "{what} must have shape [N, 2], got {:?}",
+            a.shape()
+        ))),
+        Some(a) => values(a, what).map(Some),
     }
 }
 
@@ -310,6 +427,17 @@ fn slice<'a, T>(
     what: &str,
 ) -> PyResult<&'a [T]> {
     r.map_err(|_| type_error(format!("sequence {seq}: {what} must be C-contiguous")))
+}
+
+fn parse_method(method: &str) -> PyResult<core::Method> {
+    parse(
+        "method",
+        method,
+        &[
+            ("mined", core::Method::Mined),
+            ("offsets", core::Method::Offsets),
+        ],
+    )
 }
 
 fn parse_vocab(vocab: &str) -> PyResult<core::VocabMode> {
@@ -329,6 +457,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("_debug", cfg!(debug_assertions))?;
     m.add("MAX_THREADS", core::batch::MAX_THREADS)?;
     m.add_function(wrap_pyfunction!(mined_base_to_blend, m)?)?;
+    m.add_function(wrap_pyfunction!(default_num_threads, m)?)?;
     m.add_class::<Aligner>()?;
     vocab::register(m)?;
     pack::register(m)?;
