@@ -283,7 +283,11 @@ class AlignSettings:
         ),
     )
     num_threads: int | None = field(
-        default=None, metadata=_help("Threads (default: the top-level num_threads, else all).")
+        default=None,
+        metadata=_help(
+            "Threads of the aligner, and shards aligned at once (default: the top-level "
+            "num_threads, else all)."
+        ),
     )
     rows_per_batch: int = field(
         default=256, metadata=_help("Rows aligned per batch, and per output shard.")

@@ -206,3 +206,139 @@ def nested(offsets: np.ndarray, values: np.ndarray) -> Any:
     flat = pa.array(np.ascontiguousarray(values).reshape(-1))
     inner = pa.FixedSizeListArray.from_arrays(flat, values.shape[1]) if values.ndim == 2 else flat
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), inner)
+
+
+# --- sharded outputs: workers i/N over one directory ---------------------------------------------
+#
+# A sharded output is built in place (a resumable artifact, :mod:`fusellm.artifact`): shard ``s``
+# always holds the rows ``[s R, (s + 1) R)``; it is written under a temporary name and renamed,
+# then its sidecar (``shards/*.json``: rows, size, SHA-256 and what the stage records per shard)
+# is written, and a shard is finished when both exist and agree in size. Worker ``i`` of ``N``
+# (``shard="i/N"``, times the ranks of a torchrun launch) computes the shards ``s`` with
+# ``s % N == i`` under a lock of its own slot; whoever finds every shard finished completes the
+# output.
+
+#: The directory of a sharded output's per-shard sidecars.
+SHARD_SIDECARS = "shards"
+
+
+def parse_shard(shard: Any) -> tuple[int, int]:
+    """``(i, N)`` from ``"i/N"`` or a pair (``None``: the whole output, ``(0, 1)``)."""
+    if shard is None:
+        return 0, 1
+    if isinstance(shard, str):
+        try:
+            i_text, n_text = shard.split("/")
+            i, n = int(i_text), int(n_text)
+        except ValueError:
+            raise InputError(f"shard must look like 'i/N', got {shard!r}") from None
+    else:
+        try:
+            i, n = (int(v) for v in shard)
+        except (TypeError, ValueError):
+            raise InputError(f"shard must look like 'i/N' or (i, N), got {shard!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise InputError(f"shard i/N needs 0 <= i < N, got {i}/{n}")
+    return i, n
+
+
+def worker_slot(shard: Any) -> tuple[int, int]:
+    """``(worker, workers)`` from ``shard="i/N"`` and the torchrun environment (``RANK``,
+    ``WORLD_SIZE``: each rank of worker ``i`` is a worker of its own)."""
+    import os
+
+    i, n = parse_shard(shard)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world < 1 or not 0 <= rank < world:
+        raise InputError(f"bad RANK/WORLD_SIZE: {rank}/{world}")
+    return i * world + rank, n * world
+
+
+def worker_shards(slot: tuple[int, int], num_shards: int) -> list[int]:
+    """The shards worker ``slot[0]`` of ``slot[1]`` computes."""
+    return [s for s in range(num_shards) if s % slot[1] == slot[0]]
+
+
+def shard_paths(out: Path, index: int, num_shards: int) -> tuple[Path, Path]:
+    """A shard's data file and its sidecar."""
+    from ..io import shard_file_name
+
+    name = shard_file_name(index, num_shards)
+    return out / name, out / SHARD_SIDECARS / (name[: -len(".arrow")] + ".json")
+
+
+def shard_done(out: Path, index: int, num_shards: int) -> dict[str, Any] | None:
+    """A finished shard's sidecar (``None`` if the shard is not finished)."""
+    arrow, sidecar = shard_paths(out, index, num_shards)
+    try:
+        info = json.loads(sidecar.read_text(encoding="utf-8"))
+        size = arrow.stat().st_size
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and info.get("bytes") == size else None
+
+
+def write_shard(
+    out: Path,
+    index: int,
+    num_shards: int,
+    table: Any,
+    compression: str | None,
+    info: dict[str, Any],
+    *,
+    sort_keys: bool = True,
+) -> dict[str, Any]:
+    """Writes a shard's data file, then its sidecar: ``info`` with the file's ``bytes`` and
+    ``sha256`` (``sort_keys=False`` keeps the keys' order; JSON floats read back exactly)."""
+    from ..io import atomic_write_json, write_arrow_shard
+
+    arrow, sidecar = shard_paths(out, index, num_shards)
+    written = write_arrow_shard(table, arrow, compression=compression)
+    info = {**info, "bytes": written["bytes"], "sha256": written["sha256"]}
+    atomic_write_json(sidecar, info, sort_keys=sort_keys)
+    return info
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def finished_shards(
+    out: Path, num_shards: int, rows_per_shard: int, num_rows: int, *, verify_hashes: bool = False
+) -> list[dict[str, Any]]:
+    """Every shard's sidecar, in shard order, checked: each shard holds its rows (and, with
+    ``verify_hashes``, the recorded bytes). Raises :class:`FuseLLMError` listing missing shards,
+    :class:`StaleArtifactError` for a shard that does not match its sidecar."""
+    from ..errors import StaleArtifactError
+
+    missing, infos = [], []
+    for s in range(num_shards):
+        info = shard_done(out, s, num_shards)
+        if info is None:
+            missing.append(s)
+            continue
+        want_start = s * rows_per_shard
+        want_rows = min(rows_per_shard, num_rows - want_start)
+        if info.get("row_start") != want_start or info.get("num_rows") != want_rows:
+            raise StaleArtifactError(
+                f"shard {s} holds rows {info.get('row_start')}+{info.get('num_rows')}, expected "
+                f"{want_start}+{want_rows}"
+            )
+        if verify_hashes and sha256_file(shard_paths(out, s, num_shards)[0]) != info.get("sha256"):
+            raise StaleArtifactError(f"shard {s} does not match its recorded SHA-256")
+        infos.append(info)
+    if missing:
+        raise FuseLLMError(
+            f"{out}: {len(missing)} of {num_shards} shard(s) missing: {missing[:20]}"
+            + (" ..." if len(missing) > 20 else "")
+        )
+    if sum(i["num_rows"] for i in infos) != num_rows:
+        raise StaleArtifactError(f"{out}: the shards do not hold the {num_rows} input rows")
+    return infos

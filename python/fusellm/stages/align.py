@@ -12,6 +12,21 @@ packed training schema names its candidates. ``align_stats.json`` counts, per so
 positions by status (matched, empty, fallback, masked; they sum to ``base_positions``), the
 dropped top-K entries and the kept ones.
 
+Speed and layout. Each shard (``rows_per_batch`` rows) crosses into Rust once per source: its
+Arrow list columns go in as flat numpy views (values plus row offsets,
+:meth:`fusellm.Aligner.align_flat`) and the aligned rows and their counts come back flat, with no
+per-row Python work. Shards are read in lockstep and aligned, scored and written on a bounded
+pool of ``num_threads`` threads (numpy, Arrow and the kernel release the interpreter); their
+counts and teacher sums are added up in shard order, so the output does not depend on the
+thread count. Shards are written with ``compression`` (:class:`fusellm.config.AlignSettings`,
+default zstd; lz4 writes faster and larger files, ``None`` fastest and largest). Beside each data
+file, ``shards/*.json`` records its rows, size, SHA-256, counts and teacher sums. One process
+builds the output under a temporary directory renamed into place (a failure leaves nothing);
+``shard="i/N"`` workers (``fusellm align --shard i/N``) each build their shards ``s % N == i``
+in place under their own lock, as ``fusellm extract`` does, and whoever finds every shard done
+writes the statistics and completes the manifest; a run started over a partial output resumes
+from its finished shards.
+
 ``method="offsets"`` (default) reads every token's character span from the extraction (or, for
 an extraction made before fusellm stored them, re-tokenizes every text with character offsets
 and checks that the ids are the stored ones, so the offsets describe exactly the tokens the
@@ -55,6 +70,7 @@ from ._common import (
     arrow_array,
     check_choice,
     files_fingerprint,
+    finished_shards,
     fixed_width,
     list_column,
     nested,
@@ -62,6 +78,10 @@ from ._common import (
     previous_fingerprints,
     row_tables,
     scalar_column,
+    shard_done,
+    worker_shards,
+    worker_slot,
+    write_shard,
 )
 
 __all__ = ["ALIGN_STATS_NAME", "AlignReport", "add_align_parser", "align_dataset"]
@@ -223,6 +243,9 @@ class AlignReport:
     teachers: dict[str, Any] = field(default_factory=dict)
     skipped: bool = False
     seconds: float = 0.0
+    #: False for a worker (``shard="i/N"``) whose shards are done while others' are not: then
+    #: ``rows``, ``base_positions`` and ``sources`` count this worker's shards only.
+    complete: bool = True
 
     def stats(self) -> dict[str, Any]:
         """The content of ``align_stats.json``."""
@@ -279,7 +302,7 @@ def _resolve_maps(
     sides: Mapping[str, _Side],
     *,
     vocab: str,
-    num_threads: int,
+    num_threads: int | None,
 ) -> dict[str, Any]:
     """name -> VocabMap (or None), each checked against both vocabularies. With
     ``vocab="soft"``, a source without a map gets the default one (:class:`VocabMapSettings`),
@@ -408,32 +431,37 @@ def _scan_texts(base: _Side, base_ds: DiskDataset, name: str, side: _Side, ds: D
 def _spans_of(
     side: _Side,
     table: Any,
-    texts: list[str],
+    text: Any,
     ids: np.ndarray,
     offsets: np.ndarray,
     first_row: int,
     what: str,
-) -> list[np.ndarray]:
-    """Character spans of every stored token: the extraction's ``token_spans`` column, or (an
-    extraction made before fusellm stored it) from tokenizing the texts again."""
+) -> np.ndarray:
+    """``int64 [N, 2]``: the character span of every stored token, the extraction's
+    ``token_spans`` column (checked in one pass over the batch), or (an extraction made before
+    fusellm stored it) from tokenizing the texts (``text``, an Arrow column) again."""
+    import pyarrow.compute as pc
+
     if SPANS_COLUMN not in table.column_names:
-        return _encode_with_offsets(side, texts, ids, offsets, first_row, what)
+        texts = arrow_array(text).to_pylist()
+        rows = _encode_with_offsets(side, texts, ids, offsets, first_row, what)
+        return np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 2), np.int64)
     sp_off, spans = list_column(table.column(SPANS_COLUMN), f"{what} {SPANS_COLUMN}")
     if not np.array_equal(sp_off, offsets) or spans.ndim != 2 or spans.shape[1] != 2:
         raise InputError(
             f"the {what} extraction's {SPANS_COLUMN} do not match its input_ids near row "
             f"{first_row}"
         )
-    # Checked in one pass over the batch: within a row the ends never decrease and no span
-    # starts after its end; the last token ends at the text's end (one character after it with
-    # the EOS, the virtual character).
+    # Within a row the ends never decrease and no span starts after its end; the last token
+    # ends at the text's end (one character after it with the EOS, the virtual character).
     spans = spans.astype(np.int64)
     ends = spans[:, 1]
     lengths = np.diff(offsets)
     row = np.repeat(np.arange(len(lengths)), lengths)
     bad = spans[:, 0] > ends
     bad[1:] |= (ends[1:] < ends[:-1]) & (row[1:] == row[:-1])
-    end = np.fromiter((len(t) for t in texts), np.int64, len(texts)) + (1 if side.eos else 0)
+    chars = pc.utf8_length(arrow_array(text)).to_numpy(zero_copy_only=False)
+    end = chars.astype(np.int64) + (1 if side.eos else 0)
     last = np.where(lengths > 0, ends[np.maximum(offsets[1:] - 1, 0)], end)
     bad_rows = np.bincount(row[bad], minlength=len(lengths)) > 0
     bad_rows |= (last != end) if side.eos else (last > end)
@@ -444,7 +472,7 @@ def _spans_of(
             f"(spans in order, the last ending at character {int(end[r])}): the extraction was "
             "changed after it was written"
         )
-    return [spans[offsets[r] : offsets[r + 1]] for r in range(len(offsets) - 1)]
+    return spans
 
 
 def _encode_with_offsets(
@@ -473,16 +501,77 @@ def _encode_with_offsets(
     return out
 
 
-def _exact_spans(
-    base_spans: np.ndarray, src_spans: np.ndarray, status: np.ndarray, matched: int
-) -> int:
-    m = np.flatnonzero(status == matched)
-    if not m.size:
-        return 0
-    ends = src_spans[:, 1]
-    j = np.searchsorted(ends, base_spans[m, 1], side="right") - 1
-    ok = (j >= 0) & (ends[np.maximum(j, 0)] == base_spans[m, 1])
-    return int(np.count_nonzero(ok & (src_spans[np.maximum(j, 0), 0] == base_spans[m, 0])))
+@dataclass
+class _Inputs:
+    """The validated inputs of an alignment: both sides' extractions, tokenizers and maps."""
+
+    base_path: Path
+    base: _Side
+    sides: dict[str, _Side]
+    base_ds: DiskDataset
+    datasets: dict[str, DiskDataset]
+    values: str
+    maps: dict[str, Any]
+
+
+@dataclass
+class _Job:
+    """What every shard of one alignment reads (never written while the shards run)."""
+
+    base: _Side
+    sides: dict[str, _Side]
+    aligners: dict[str, Any]
+    #: Per source, per blend id whether its top-K entry maps to a target token (the last slot:
+    #: ids without a string).
+    kept_ids: dict[str, np.ndarray]
+    method: str
+    vocab: str
+    threads: int | None
+    workers: int
+    features: Any
+    logits_dtype: str
+    has_domain: bool
+    logprobs: bool
+    compression: str | None
+    rows_per_batch: int
+    num_rows: int
+    num_shards: int
+
+    @property
+    def schema(self) -> Any:
+        return self.features.arrow_schema
+
+
+@dataclass
+class _BaseRows:
+    """One shard's target rows, as flat arrays (``offsets``: row offsets into every per-token
+    array), and the output columns they give."""
+
+    offsets: np.ndarray
+    ids: np.ndarray
+    spans: np.ndarray | None
+    ref_ids: np.ndarray
+    ref_values: np.ndarray
+    next_ids: np.ndarray
+    domains: np.ndarray
+    domain_names: list[str]
+    text: Any
+    num_bytes: np.ndarray
+    cols: dict[str, Any]
+
+
+#: The per-source counts of ``align_stats.json``, in their order there.
+_COUNT_KEYS = (
+    "matched",
+    "empty",
+    "fallback",
+    "masked",
+    "exact_span",
+    "unknown_ids",
+    "unmapped_ids",
+    "duplicate_ids",
+    "topk_entries",
+)
 
 
 def align_dataset(
@@ -493,17 +582,18 @@ def align_dataset(
     base_tokenizer: Any = None,
     source_tokenizers: Mapping[str, Any] | None = None,
     vocab_maps: Mapping[str, Any] | None = None,
-    method: str = "offsets",
-    vocab: str = "soft",
-    compat: str | None = None,
-    fallback: str = "next",
-    num_threads: int | None = None,
-    rows_per_batch: int = 256,
-    logits_dtype: str = "float16",
-    compression: str | None = "zstd",
+    method: str = AlignSettings.method,
+    vocab: str = AlignSettings.vocab,
+    compat: str | None = AlignSettings.compat,
+    fallback: str = AlignSettings.fallback,
+    num_threads: int | None = AlignSettings.num_threads,
+    rows_per_batch: int = AlignSettings.rows_per_batch,
+    logits_dtype: str = AlignSettings.logits_dtype,
+    compression: str | None = AlignSettings.compression,
     overwrite: bool = False,
     on_stale: str | None = None,
     progress: bool | None = None,
+    shard: Any = None,
 ) -> AlignReport:
     """Re-expresses every source's top-K on the target's tokens, row by row (stage 3b).
 
@@ -519,19 +609,17 @@ def align_dataset(
             :func:`run_vocab_map`, or a reference ``{string: string}`` dict; used by
             ``vocab="soft"`` (a source without one gets the default ``"surface"`` map, built
             in memory).
-        method: ``"offsets"`` (shared end offsets, default) or ``"mined"`` (reference DTW).
-        vocab: ``"soft"`` (through the map, default, as in both presets) or ``"hard"`` (exact
-            strings only).
-        compat: ``"fusellm"`` for the reference pipeline's rows (spec section 6).
-        fallback: ``"next"`` (one-hot on the next target token) or ``"mask"``.
-        num_threads: aligner threads (default: ``FUSELLM_NUM_THREADS`` or all cores).
-        rows_per_batch: rows aligned per batch, and per output shard.
-        logits_dtype: ``"float16"`` (default, as extraction stores them) or ``"float32"``.
-        compression: output shard compression (``"zstd"``, ``"lz4"`` or ``None``).
+        method, vocab, compat, fallback, num_threads, rows_per_batch, logits_dtype,
+            compression: see :class:`fusellm.config.AlignSettings` (their defaults are its).
+            ``num_threads`` also bounds the shards aligned at once.
         overwrite: replace an output made from other inputs instead of refusing.
         on_stale: ``"refuse"`` or ``"replace"`` such an output (default: from ``overwrite``;
             :mod:`fusellm.artifact`).
         progress: progress bar (default: only on a terminal).
+        shard: ``"i/N"`` to align only this worker's shards (the shards ``s`` with
+            ``s % N == i``; several processes or machines over one output directory, as
+            ``fusellm extract`` does); whoever finds every shard done completes the output.
+            A killed run resumes from its finished shards.
 
     Raises:
         InputError: row counts or texts differ (naming the first row), a tokenizer does not match
@@ -540,11 +628,7 @@ def align_dataset(
         StaleArtifactError: a vocabulary map was built for other vocabularies, or ``output_dir``
             holds an output made from other inputs.
     """
-    import pyarrow as pa
-
-    from ..align import MATCHED, Aligner
     from ..artifact import Artifact, stale_policy
-    from ..io import atomic_write_json, shard_file_name, write_arrow_shard, write_dataset_metadata
 
     t0 = time.perf_counter()
     check_choice("method", method, ("offsets", "mined"))
@@ -555,15 +639,113 @@ def align_dataset(
     check_choice("compression", compression, COMPRESSIONS)
     rows_per_batch = positive_int("rows_per_batch", rows_per_batch)
     threads = check_num_threads(num_threads)
+    slot = worker_slot(shard)
+    out = Path(output_dir)
+    inp = _read_inputs(
+        base,
+        sources,
+        out,
+        base_tokenizer=base_tokenizer,
+        source_tokenizers=source_tokenizers,
+        vocab_maps=vocab_maps,
+        method=method,
+        vocab=vocab,
+        compat=compat,
+        threads=threads,
+    )
+    fps, key = _output_key(inp, out, method, vocab, compat, fallback, logits_dtype)
+    art = Artifact(out, "align", key, resumable=True)
+    decision = art.decide(stale_policy(overwrite, on_stale))
+    if decision.done:
+        art.skipped()
+        return _done_report(out, t0)
+    job = _make_job(
+        inp,
+        method=method,
+        vocab=vocab,
+        compat=compat,
+        fallback=fallback,
+        threads=threads,
+        rows_per_batch=rows_per_batch,
+        logits_dtype=logits_dtype,
+        compression=compression,
+    )
+    build = _Build(art, decision, _manifest_fields(job, inp, fps), key)
+    if slot == (0, 1) and decision.state != "resume":
+        report = _build_whole(build, job, inp, progress)
+    else:
+        report = _build_shards(build, job, inp, slot, progress)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+@dataclass
+class _Build:
+    """The output being built: its artifact, the decision, the manifest's fields and the key."""
+
+    art: Any
+    decision: Any
+    fields: dict[str, Any]
+    key: dict[str, Any]
+
+
+def _build_whole(build: _Build, job: _Job, inp: _Inputs, progress: bool | None) -> AlignReport:
+    """One process, every shard: built under a temporary directory renamed into place at the
+    end (a failure leaves nothing behind)."""
+    bar = progress_bar(progress, job.num_rows, "align", "row")
+    try:
+        with build.art.build(build.decision, build.fields) as tmp:
+            _align_shards(job, inp, tmp, set(range(job.num_shards)), bar)
+            return _commit(job, tmp, build.art.path, build.key)
+    finally:
+        bar.close()
+
+
+def _build_shards(
+    build: _Build, job: _Job, inp: _Inputs, slot: tuple[int, int], progress: bool | None
+) -> AlignReport:
+    """Worker ``slot`` (or a process resuming a partial output): its unfinished shards, built in
+    place under the lock of its slot; it completes the output if it finds every shard done."""
+    art, out = build.art, build.art.path
+    with art.building(build.decision, build.fields, slot=f"{slot[0]}-of-{slot[1]}") as current:
+        if current.done:  # completed by another worker meanwhile
+            return _done_report(out, time.perf_counter())
+        todo = [
+            s for s in worker_shards(slot, job.num_shards) if not shard_done(out, s, job.num_shards)
+        ]
+        rows = sum(min(job.rows_per_batch, job.num_rows - s * job.rows_per_batch) for s in todo)
+        bar = progress_bar(progress, rows, "align", "row")
+        try:
+            infos = _align_shards(job, inp, out, set(todo), bar)
+        finally:
+            bar.close()
+        if not all(shard_done(out, s, job.num_shards) for s in range(job.num_shards)):
+            return _partial_report(job, out, infos)
+        report = _commit(job, out, out, build.key)
+        art.complete(build.fields)
+        return report
+
+
+def _read_inputs(
+    base: Any,
+    sources: Any,
+    out: Path,
+    *,
+    base_tokenizer: Any,
+    source_tokenizers: Mapping[str, Any] | None,
+    vocab_maps: Any,
+    method: str,
+    vocab: str,
+    compat: str | None,
+    threads: int | None,
+) -> _Inputs:
+    """Manifests, columns, tokenizers, row counts and texts of every input (read-only)."""
     src_dirs = _check_sources(sources)
     names = list(src_dirs)
     tok_specs = dict(source_tokenizers or {})
     unknown = [n for n in tok_specs if n not in src_dirs]
     if unknown:
         raise InputError(f"source_tokenizers names unknown source(s) {unknown}; sources: {names}")
-    out = Path(output_dir)
-
-    # 1. Inputs: manifests, columns, tokenizers, row counts (read-only).
     base_path, base_manifest = _open_extract(base, "base")
     paths: dict[str, tuple[Path, dict[str, Any]]] = {
         n: _open_extract(p, f"source {n!r}") for n, p in src_dirs.items()
@@ -586,6 +768,19 @@ def align_dataset(
             )
     if base_side.num_rows < 1:
         raise InputError("the target's extraction has no rows")
+    values = _check_values(base_manifest, sides, compat)
+    maps = _resolve_maps(vocab_maps, names, base_side, sides, vocab=vocab, num_threads=threads)
+    if method == "offsets":
+        base_side.backend = _backend(base_side.tokenizer, "base")
+        for n, s in sides.items():
+            s.backend = _backend(s.tokenizer, f"source {n!r}")
+    inp = _Inputs(base_path, base_side, sides, base_ds, datasets_, values, maps)
+    _check_same_texts(inp)
+    return inp
+
+
+def _check_values(base_manifest: Mapping[str, Any], sides: Mapping[str, _Side], compat: Any) -> str:
+    """What every extraction's top-K values are (the same for all), checked against ``compat``."""
     values = _values_of(base_manifest)
     for n, s in sides.items():
         if _values_of(s.manifest) != values:
@@ -598,16 +793,14 @@ def align_dataset(
             "compat='fusellm' reproduces the reference rows, which are raw logits; these "
             "extractions hold log-probabilities (extract with values='logits')"
         )
-    maps = _resolve_maps(vocab_maps, names, base_side, sides, vocab=vocab, num_threads=threads)
-    if method == "offsets":
-        base_side.backend = _backend(base_side.tokenizer, "base")
-        for n, s in sides.items():
-            s.backend = _backend(s.tokenizer, f"source {n!r}")
+    return values
 
-    # 2. Texts: the same rows in the same order. Extractions of the same input content carry
-    #    the same input fingerprint; others are compared row by row.
-    base_key = base_manifest.get("key", {})
-    for n, s in sides.items():
+
+def _check_same_texts(inp: _Inputs) -> None:
+    """The same rows in the same order: extractions of the same input content carry the same
+    input fingerprint; others are compared row by row."""
+    base_key = inp.base.manifest.get("key", {})
+    for n, s in inp.sides.items():
         src_key = s.manifest.get("key", {})
         same_input = (
             src_key.get("input_sha256") is not None
@@ -615,21 +808,31 @@ def align_dataset(
             and src_key.get("text_column") == base_key.get("text_column")
         )
         if not same_input:
-            _scan_texts(base_side, base_ds, n, s, datasets_[n])
+            _scan_texts(inp.base, inp.base_ds, n, s, inp.datasets[n])
 
-    # 3. The output's key, and the skip / stale decision.
+
+def _output_key(
+    inp: _Inputs,
+    out: Path,
+    method: str,
+    vocab: str,
+    compat: str | None,
+    fallback: str,
+    logits_dtype: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The inputs' fingerprints, and the output's key (everything that changes its bytes)."""
     from ..vocab import vocab_checksum
 
     prev_fp = previous_fingerprints(out)
-    fps = {REF: files_fingerprint(base_path, prev_fp.get(REF))}
-    for n, s in sides.items():
+    fps = {REF: files_fingerprint(inp.base_path, prev_fp.get(REF))}
+    for n, s in inp.sides.items():
         fps[n] = files_fingerprint(s.path, prev_fp.get(n))
     key: dict[str, Any] = {
         "format": ALIGN_FORMAT,
         "base": {
             "data_sha256": fps[REF]["sha256"],
-            "vocab_sha256": vocab_checksum(base_side.vocab),
-            "marker": base_side.marker,
+            "vocab_sha256": vocab_checksum(inp.base.vocab),
+            "marker": inp.base.marker,
         },
         "sources": [
             {
@@ -637,294 +840,430 @@ def align_dataset(
                 "data_sha256": fps[n]["sha256"],
                 "vocab_sha256": vocab_checksum(s.vocab),
                 "marker": s.marker,
-                "vocab_map_sha256": None if maps[n] is None else _map_sha256(maps[n]),
+                "vocab_map_sha256": None if inp.maps[n] is None else _map_sha256(inp.maps[n]),
             }
-            for n, s in sides.items()
+            for n, s in inp.sides.items()
         ],
         "method": method,
         "vocab": vocab,
         "compat": compat,
         "fallback": fallback,
         "logits_dtype": logits_dtype,
-        "values": values,
+        "values": inp.values,
     }
-    art = Artifact(out, "align", key)
-    decision = art.decide(stale_policy(overwrite, on_stale))
-    if decision.done:
-        try:
-            stats = json.loads((out / ALIGN_STATS_NAME).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise StaleArtifactError(f"{out}: unreadable {ALIGN_STATS_NAME} ({e})") from e
-        art.skipped()
-        return AlignReport(
-            out,
-            stats["method"],
-            stats["vocab"],
-            stats["rows"],
-            stats["base_positions"],
-            stats["sources"],
-            teachers=stats.get("teachers", {}),
-            skipped=True,
-            seconds=time.perf_counter() - t0,
-        )
+    return fps, key
+
+
+def _done_report(out: Path, t0: float) -> AlignReport:
+    """The report of an output that is already complete (from its ``align_stats.json``)."""
+    try:
+        stats = json.loads((out / ALIGN_STATS_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise StaleArtifactError(f"{out}: unreadable {ALIGN_STATS_NAME} ({e})") from e
+    return AlignReport(
+        out,
+        stats["method"],
+        stats["vocab"],
+        stats["rows"],
+        stats["base_positions"],
+        stats["sources"],
+        teachers=stats.get("teachers", {}),
+        skipped=True,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _make_job(
+    inp: _Inputs,
+    *,
+    method: str,
+    vocab: str,
+    compat: str | None,
+    fallback: str,
+    threads: int | None,
+    rows_per_batch: int,
+    logits_dtype: str,
+    compression: str | None,
+) -> _Job:
+    """The aligners, the output schema and the settings every shard reads."""
+    from .. import _native
+    from ..align import Aligner
 
     aligners = {
         n: Aligner(
-            base_side.vocab,
+            inp.base.vocab,
             s.vocab,
-            base_marker=base_side.marker,
+            base_marker=inp.base.marker,
             blend_marker=s.marker,
-            vocab_map=maps[n],
+            vocab_map=inp.maps[n],
             compat=compat,  # type: ignore[arg-type]
             fallback=fallback,  # type: ignore[arg-type]
         )
-        for n, s in sides.items()
+        for n, s in inp.sides.items()
     }
-
-    # 4. The work, under a temporary directory renamed into place at the end.
-
-    has_domain = DOMAIN_COLUMN in base_ds.column_names
+    has_domain = DOMAIN_COLUMN in inp.base_ds.column_names
     features = align_features(
-        base_side.top_k,
-        {n: s.top_k for n, s in sides.items()},
+        inp.base.top_k,
+        {n: s.top_k for n, s in inp.sides.items()},
         logits_dtype,
         has_domain=has_domain,
     )
-    schema = features.arrow_schema
-    np_logits = np.dtype(logits_dtype)
-
-    num_rows = base_side.num_rows
+    num_rows = inp.base.num_rows
     num_shards = math.ceil(num_rows / rows_per_batch)
-    counts: dict[str, dict[str, Any]] = {
-        n: {
-            "matched": 0,
-            "empty": 0,
-            "fallback": 0,
-            "masked": 0,
-            "exact_span": 0 if method == "offsets" else None,
-            "unknown_ids": 0,
-            "unmapped_ids": 0,
-            "duplicate_ids": 0,
-            "topk_entries": 0,
-        }
-        for n in names
-    }
-    from ..diagnostics import TeacherStats, next_tokens
+    return _Job(
+        base=inp.base,
+        sides=inp.sides,
+        aligners=aligners,
+        kept_ids={
+            n: np.append(a.targets(vocab) >= 0, False)  # type: ignore[arg-type]
+            for n, a in aligners.items()
+        },
+        method=method,
+        vocab=vocab,
+        threads=threads,
+        workers=max(1, min(threads or _native.default_num_threads(), num_shards)),
+        features=features,
+        logits_dtype=logits_dtype,
+        has_domain=has_domain,
+        logprobs=inp.values == "logprobs",
+        compression=compression,
+        rows_per_batch=rows_per_batch,
+        num_rows=num_rows,
+        num_shards=num_shards,
+    )
 
-    teachers = TeacherStats(len(base_side.vocab), logprobs=values == "logprobs")
-    domain_codes: dict[str, int] = {}
-    kept_ids = {
-        n: np.append(a.targets(vocab) >= 0, False) for n, a in aligners.items()
-    }  # per blend id (the last slot: ids without a string)
-    positions = 0
-    files: list[str] = []
-    manifest: dict[str, Any] = {}
-    bar = progress_bar(progress, num_rows, "align", "row")
+
+# --- the shards ----------------------------------------------------------------------------------
+
+
+def _align_shards(
+    job: _Job, inp: _Inputs, directory: Path, todo: set[int], bar: Any
+) -> list[dict[str, Any]]:
+    """Reads the inputs shard by shard (the same rows of every extraction, in lockstep) and
+    aligns and writes the shards in ``todo`` on a pool of ``job.workers`` threads, at most one
+    shard more than that read ahead. Returns their :func:`_align_shard` infos, in shard order;
+    the first failing shard's error wins."""
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    names = list(job.sides)
+    iters = [row_tables(inp.base_ds.batches(), job.rows_per_batch)] + [
+        row_tables(inp.datasets[n].batches(), job.rows_per_batch) for n in names
+    ]
+    infos: list[dict[str, Any]] = []
+    pending: deque[Future[dict[str, Any]]] = deque()
+
+    def collect() -> None:
+        info = pending.popleft().result()
+        bar.update(info["num_rows"])
+        infos.append(info)
+
+    pool = ThreadPoolExecutor(max_workers=job.workers, thread_name_prefix="fusellm-align")
     try:
-        with art.build(decision, manifest) as tmp:
-            iters = [row_tables(base_ds.batches(), rows_per_batch)] + [
-                row_tables(datasets_[n].batches(), rows_per_batch) for n in names
-            ]
-            start = 0
-            for shard, tables in enumerate(_lockstep(iters, ["base", *names])):
-                tb, *ts = tables
-                n_rows = tb.num_rows
-                if start + n_rows > num_rows:
+        start = 0
+        try:
+            for index, tables in enumerate(_lockstep(iters, ["base", *names])):
+                if start + tables[0].num_rows > job.num_rows:
                     raise InputError(
-                        f"base: the data holds more rows than its manifest's {num_rows}"
+                        f"base: the data holds more rows than its manifest's {job.num_rows}"
                     )
-                texts_col = tb.column(base_side.text_column)
-                base_off, base_ids = list_column(tb.column("input_ids"), "base input_ids")
-                base_num_tokens = scalar_column(tb, "num_tokens", np.int64)
-                if not np.array_equal(np.diff(base_off), base_num_tokens):
-                    raise InputError(f"base: num_tokens disagrees with input_ids near row {start}")
-                ref_off, ref_ids = list_column(
-                    tb.column("per_step_indices"), "base per_step_indices"
-                )
-                if not np.array_equal(ref_off, base_off):
-                    raise InputError(
-                        f"base: per_step_indices rows do not match input_ids near row {start}"
-                    )
-                texts = arrow_array(texts_col).to_pylist()
-                base_spans = (
-                    _spans_of(base_side, tb, texts, base_ids, base_off, start, "target's")
-                    if method == "offsets"
-                    else None
-                )
-                base_rows = [base_ids[base_off[r] : base_off[r + 1]] for r in range(n_rows)]
-                nxt = next_tokens(base_ids, base_off)
-                if has_domain:
-                    row_dom = arrow_array(tb.column(DOMAIN_COLUMN)).cast(pa.string()).to_pylist()
-                    codes = [domain_codes.setdefault(str(d), len(domain_codes)) for d in row_dom]
-                    pos_dom = np.repeat(np.asarray(codes, np.int64), np.diff(base_off))
-                else:
-                    pos_dom = np.full(int(base_off[-1]), -1, np.int64)
-                dom_names = list(domain_codes)
-                _, ref_vals = list_column(tb.column("per_step_logits"), "base per_step_logits")
-                teachers.add_ref(ref_ids, ref_vals, nxt, pos_dom, dom_names)
-                cols: dict[str, Any] = {
-                    "text": arrow_array(texts_col).cast(pa.string()),
-                    "row_index": pa.array(np.arange(start, start + n_rows, dtype=np.int64)),
-                    "num_bytes": arrow_array(tb.column("num_bytes")).cast(pa.int32()),
-                    "input_ids": arrow_array(tb.column("input_ids")).cast(
-                        schema.field("input_ids").type
-                    ),
-                    "ref_ids": arrow_array(tb.column("per_step_indices")).cast(
-                        schema.field("ref_ids").type
-                    ),
-                    "ref_logits": arrow_array(tb.column("per_step_logits")).cast(
-                        schema.field("ref_logits").type
-                    ),
-                    "ref_metric_ce": arrow_array(tb.column("metric_ce")).cast(pa.float32()),
-                    "ref_num_tokens": arrow_array(tb.column("num_tokens")).cast(pa.int32()),
-                }
-                if has_domain:
-                    cols[DOMAIN_COLUMN] = arrow_array(tb.column(DOMAIN_COLUMN)).cast(pa.string())
-                base_bytes = scalar_column(tb, "num_bytes", np.int64)
-                positions += int(base_off[-1])
-                for n, t in zip(names, ts, strict=True):
-                    s = sides[n]
-                    what = f"source {n!r}"
-                    if t.num_rows != n_rows:  # pragma: no cover - _lockstep checks
-                        raise InputError(f"{what}: batch sizes differ near row {start}")
-                    bad = _first_text_mismatch(texts_col, t.column(s.text_column))
-                    if bad is not None:
-                        raise InputError(
-                            f"row {start + bad}: the text of source {n!r} differs from the "
-                            "target's (the extractions were not made from the same rows)"
-                        )
-                    if not np.array_equal(scalar_column(t, "num_bytes", np.int64), base_bytes):
-                        raise InputError(
-                            f"{what}: num_bytes differs from the target's near row {start}"
-                        )
-                    s_off, s_ids = list_column(t.column("input_ids"), f"{what} input_ids")
-                    k_off, k_ids = list_column(t.column("per_step_indices"), f"{what} indices")
-                    l_off, k_logits = list_column(t.column("per_step_logits"), f"{what} logits")
-                    if not (np.array_equal(s_off, k_off) and np.array_equal(s_off, l_off)):
-                        raise InputError(
-                            f"{what}: per_step rows do not match input_ids near row {start}"
-                        )
-                    src_spans = (
-                        _spans_of(s, t, texts, s_ids, s_off, start, f"{n!r}")
-                        if method == "offsets"
-                        else None
-                    )
-                    sl = [slice(s_off[r], s_off[r + 1]) for r in range(n_rows)]
-                    rows = aligners[n].align_batch(
-                        base_rows,
-                        [s_ids[x] for x in sl],
-                        [k_ids[x] for x in sl],
-                        [k_logits[x] for x in sl],
-                        method=method,  # type: ignore[arg-type]
-                        vocab=vocab,  # type: ignore[arg-type]
-                        base_offsets=base_spans,
-                        blend_offsets=src_spans,
-                        num_threads=threads,
-                    )
-                    c = counts[n]
-                    for r, row in enumerate(rows):
-                        rc = row.counts()
-                        for key_ in ("matched", "empty", "fallback", "masked"):
-                            c[key_] += rc[key_]
-                        c["unknown_ids"] += row.num_unknown
-                        c["unmapped_ids"] += row.num_unmapped
-                        c["duplicate_ids"] += row.num_duplicates
-                        c["topk_entries"] += int(
-                            np.count_nonzero(row.ids[row.status == MATCHED] >= 0)
-                        )
-                        if base_spans is not None and src_spans is not None:
-                            c["exact_span"] += _exact_spans(
-                                base_spans[r], src_spans[r], row.status, MATCHED
-                            )
-                    flat_ids = (
-                        np.concatenate([row.ids for row in rows])
-                        if rows
-                        else np.zeros((0, s.top_k), np.int32)
-                    )
-                    flat_logits = (
-                        np.concatenate([row.logits for row in rows])
-                        if rows
-                        else np.zeros((0, s.top_k), np.float32)
-                    )
-                    flat_status = (
-                        np.concatenate([row.status for row in rows])
-                        if rows
-                        else np.zeros(0, np.uint8)
-                    )
-                    del rows
-                    if np_logits != flat_logits.dtype:
-                        with np.errstate(over="ignore"):
-                            cast = flat_logits.astype(np_logits)
-                        over = np.isinf(cast) & np.isfinite(flat_logits)
-                        if over.any():
-                            raise InputError(
-                                f"{what}: a merged logit ({float(flat_logits[over][0])}) "
-                                f"overflows {logits_dtype}; use logits_dtype='float32'"
-                            )
-                        flat_logits = cast
-                    # scored as stored (a merged value rounded to logits_dtype)
-                    teachers.add_source(
-                        n,
-                        flat_ids,
-                        flat_logits,
-                        flat_status == MATCHED,
-                        ref_ids,
-                        ref_vals,
-                        nxt,
-                        pos_dom,
-                        dom_names,
-                    )
-                    known = kept_ids[n]
-                    teachers.add_source_mass(n, k_logits, known[np.minimum(k_ids, known.size - 1)])
-                    cols[f"{n}_ids"] = nested(base_off, flat_ids)
-                    cols[f"{n}_logits"] = nested(base_off, flat_logits)
-                    cols[f"{n}_metric_ce"] = arrow_array(t.column("metric_ce")).cast(pa.float32())
-                    cols[f"{n}_num_tokens"] = arrow_array(t.column("num_tokens")).cast(pa.int32())
-                    cols[f"{n}_status"] = nested(base_off, flat_status)
-                table = pa.Table.from_arrays(
-                    [cols[f.name].cast(f.type) for f in schema], schema=schema
-                )
-                name = shard_file_name(shard, num_shards)
-                write_arrow_shard(table, tmp / name, compression=compression)
-                files.append(name)
-                start += n_rows
-                bar.update(n_rows)
-            if start != num_rows:
-                raise InputError(
-                    f"the extractions hold {start} rows but their manifests say {num_rows}"
-                )
-            write_dataset_metadata(
-                tmp,
-                features,
-                files,
-                fingerprint=hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest(),
-            )
-            report = AlignReport(
-                out, method, vocab, num_rows, positions, counts, teachers=teachers.result()
-            )
-            atomic_write_json(tmp / ALIGN_STATS_NAME, report.stats(), sort_keys=False)
-            manifest.update(
-                {
-                    "format": ALIGN_FORMAT,
-                    "fingerprints": fps,
-                    "inputs": {
-                        "base": str(base_path.resolve()),
-                        "sources": {n: str(s.path.resolve()) for n, s in sides.items()},
-                    },
-                    "parameters": {
-                        "rows_per_batch": rows_per_batch,
-                        "compression": compression,
-                        "num_threads": threads,
-                    },
-                    "candidates": [REF, *names],
-                    "num_rows": num_rows,
-                    "num_shards": len(files),
-                },
-            )
+                if index in todo:
+                    pending.append(pool.submit(_align_shard, job, index, start, tables, directory))
+                start += tables[0].num_rows
+                while len(pending) > job.workers:
+                    collect()
+        except BaseException:
+            while pending:  # an earlier shard's error comes first
+                collect()
+            raise
+        while pending:
+            collect()
     finally:
-        bar.close()
-    report.seconds = time.perf_counter() - t0
+        pool.shutdown(wait=True, cancel_futures=True)
+    if start != job.num_rows:
+        raise InputError(
+            f"the extractions hold {start} rows but their manifests say {job.num_rows}"
+        )
+    return infos
+
+
+def _align_shard(
+    job: _Job, index: int, start: int, tables: Sequence[Any], directory: Path
+) -> dict[str, Any]:
+    """Aligns one shard's rows (``tables``: the target's, then each source's) and writes its
+    file. Returns what the output's statistics need of it: rows, target positions, per source
+    the counts of ``align_stats.json``, and the teacher sums (:func:`_teacher_sums`)."""
+    import pyarrow as pa
+
+    from ..diagnostics import TeacherStats
+
+    tb, *ts = tables
+    rows = _base_rows(job, tb, start)
+    teachers = TeacherStats(len(job.base.vocab), logprobs=job.logprobs)
+    teachers.add_ref(rows.ref_ids, rows.ref_values, rows.next_ids, rows.domains, rows.domain_names)
+    counts = {}
+    for (name, side), t in zip(job.sides.items(), ts, strict=True):
+        counts[name] = _source_rows(job, name, side, t, rows, teachers, start)
+    table = pa.Table.from_arrays(
+        [rows.cols[f.name].cast(f.type) for f in job.schema], schema=job.schema
+    )
+    info = {
+        "index": index,
+        "row_start": start,
+        "num_rows": tb.num_rows,
+        "positions": int(rows.offsets[-1]),
+        "counts": counts,
+        "teachers": _teacher_sums(teachers),
+    }
+    # Key order kept: the teacher sums are added up in it.
+    return write_shard(
+        directory, index, job.num_shards, table, job.compression, info, sort_keys=False
+    )
+
+
+def _base_rows(job: _Job, tb: Any, start: int) -> _BaseRows:
+    """The target's rows of a shard, checked, and the output columns they give."""
+    import pyarrow as pa
+
+    from ..diagnostics import next_tokens
+
+    side, schema = job.base, job.schema
+    text = tb.column(side.text_column)
+    offsets, ids = list_column(tb.column("input_ids"), "base input_ids")
+    if not np.array_equal(np.diff(offsets), scalar_column(tb, "num_tokens", np.int64)):
+        raise InputError(f"base: num_tokens disagrees with input_ids near row {start}")
+    ref_off, ref_ids = list_column(tb.column("per_step_indices"), "base per_step_indices")
+    if not np.array_equal(ref_off, offsets):
+        raise InputError(f"base: per_step_indices rows do not match input_ids near row {start}")
+    spans = (
+        _spans_of(side, tb, text, ids, offsets, start, "target's")
+        if job.method == "offsets"
+        else None
+    )
+    domains, domain_names = _domains(job, tb, offsets)
+    _, ref_values = list_column(tb.column("per_step_logits"), "base per_step_logits")
+    cols: dict[str, Any] = {
+        "text": arrow_array(text).cast(pa.string()),
+        "row_index": pa.array(np.arange(start, start + tb.num_rows, dtype=np.int64)),
+        "num_bytes": arrow_array(tb.column("num_bytes")).cast(pa.int32()),
+        "input_ids": arrow_array(tb.column("input_ids")).cast(schema.field("input_ids").type),
+        "ref_ids": arrow_array(tb.column("per_step_indices")).cast(schema.field("ref_ids").type),
+        "ref_logits": arrow_array(tb.column("per_step_logits")).cast(
+            schema.field("ref_logits").type
+        ),
+        "ref_metric_ce": arrow_array(tb.column("metric_ce")).cast(pa.float32()),
+        "ref_num_tokens": arrow_array(tb.column("num_tokens")).cast(pa.int32()),
+    }
+    if job.has_domain:
+        cols[DOMAIN_COLUMN] = arrow_array(tb.column(DOMAIN_COLUMN)).cast(pa.string())
+    return _BaseRows(
+        offsets=offsets,
+        ids=ids,
+        spans=spans,
+        ref_ids=ref_ids,
+        ref_values=ref_values,
+        next_ids=next_tokens(ids, offsets),
+        domains=domains,
+        domain_names=domain_names,
+        text=text,
+        num_bytes=scalar_column(tb, "num_bytes", np.int64),
+        cols=cols,
+    )
+
+
+def _domains(job: _Job, tb: Any, offsets: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Per target position its row's domain code, and the shard's domains in order of first
+    appearance (``-1`` and none without a domain column)."""
+    import pyarrow as pa
+
+    if not job.has_domain:
+        return np.full(int(offsets[-1]), -1, np.int64), []
+    col = arrow_array(tb.column(DOMAIN_COLUMN)).cast(pa.string()).fill_null("None")
+    encoded = col.dictionary_encode()
+    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.repeat(codes, np.diff(offsets)), [str(d) for d in encoded.dictionary.to_pylist()]
+
+
+def _source_rows(
+    job: _Job,
+    name: str,
+    side: _Side,
+    t: Any,
+    rows: _BaseRows,
+    teachers: Any,
+    start: int,
+) -> dict[str, int | None]:
+    """Aligns one source's rows of a shard onto the target's (one kernel call), scores them and
+    adds their columns to ``rows.cols``; returns the source's counts."""
+    import pyarrow as pa
+
+    from ..align import MATCHED
+
+    what = f"source {name!r}"
+    bad = _first_text_mismatch(rows.text, t.column(side.text_column))
+    if bad is not None:
+        raise InputError(
+            f"row {start + bad}: the text of source {name!r} differs from the target's (the "
+            "extractions were not made from the same rows)"
+        )
+    if not np.array_equal(scalar_column(t, "num_bytes", np.int64), rows.num_bytes):
+        raise InputError(f"{what}: num_bytes differs from the target's near row {start}")
+    s_off, s_ids = list_column(t.column("input_ids"), f"{what} input_ids")
+    k_off, k_ids = list_column(t.column("per_step_indices"), f"{what} indices")
+    l_off, k_logits = list_column(t.column("per_step_logits"), f"{what} logits")
+    if not (np.array_equal(s_off, k_off) and np.array_equal(s_off, l_off)):
+        raise InputError(f"{what}: per_step rows do not match input_ids near row {start}")
+    spans = (
+        _spans_of(side, t, rows.text, s_ids, s_off, start, f"{name!r}")
+        if job.method == "offsets"
+        else None
+    )
+    aligned = job.aligners[name].align_flat(
+        rows.ids,
+        rows.offsets,
+        s_ids,
+        s_off,
+        k_ids,
+        k_logits,
+        method=job.method,  # type: ignore[arg-type]
+        vocab=job.vocab,  # type: ignore[arg-type]
+        base_offsets=rows.spans,
+        blend_offsets=spans,
+        num_threads=job.threads,
+    )
+    logits = _stored_logits(aligned.logits, job.logits_dtype, what)
+    # scored as stored (a merged value rounded to logits_dtype)
+    teachers.add_source(
+        name,
+        aligned.ids,
+        logits,
+        aligned.status == MATCHED,
+        rows.ref_ids,
+        rows.ref_values,
+        rows.next_ids,
+        rows.domains,
+        rows.domain_names,
+    )
+    known = job.kept_ids[name]
+    teachers.add_source_mass(name, k_logits, known[np.minimum(k_ids, known.size - 1)])
+    cols = rows.cols
+    cols[f"{name}_ids"] = nested(rows.offsets, aligned.ids)
+    cols[f"{name}_logits"] = nested(rows.offsets, logits)
+    cols[f"{name}_metric_ce"] = arrow_array(t.column("metric_ce")).cast(pa.float32())
+    cols[f"{name}_num_tokens"] = arrow_array(t.column("num_tokens")).cast(pa.int32())
+    cols[f"{name}_status"] = nested(rows.offsets, aligned.status)
+    return {k: aligned.counts[k] for k in _COUNT_KEYS}
+
+
+def _stored_logits(logits: np.ndarray, logits_dtype: str, what: str) -> np.ndarray:
+    """The aligned logits in the stored dtype; a merged logit that overflows it is an error."""
+    dtype = np.dtype(logits_dtype)
+    if dtype == logits.dtype:
+        return logits
+    with np.errstate(over="ignore"):
+        cast = logits.astype(dtype)
+    over = np.isinf(cast) & np.isfinite(logits)
+    if over.any():
+        raise InputError(
+            f"{what}: a merged logit ({float(logits[over][0])}) overflows {logits_dtype}; use "
+            "logits_dtype='float32'"
+        )
+    return cast
+
+
+# --- statistics and the commit -------------------------------------------------------------------
+
+
+def _teacher_sums(stats: Any) -> dict[str, Any]:
+    """A :class:`~fusellm.diagnostics.TeacherStats`' running sums (JSON-ready). Summed over the
+    shards in shard order (:func:`_add_teacher_sums`), they are, bit for bit, the sums of one
+    accumulator fed every shard in turn: each of its sums starts at 0.0 and adds one float per
+    shard."""
+    return {"sums": stats._sums, "mass": stats._mass}
+
+
+def _add_teacher_sums(stats: Any, part: Mapping[str, Any]) -> None:
+    """Adds one shard's :func:`_teacher_sums` into ``stats`` (keys in first-seen order)."""
+    for name, per in part["sums"].items():
+        into = stats._sums.setdefault(name, {})
+        for dom, acc in per.items():
+            total = into.setdefault(dom, {})
+            for key, v in acc.items():
+                total[key] = total.get(key, 0.0) + v
+    for name, mass in part["mass"].items():
+        total = stats._mass.setdefault(name, dict.fromkeys(mass, 0.0))
+        for key, v in mass.items():
+            total[key] += v
+
+
+def _sum_shards(
+    job: _Job, infos: Sequence[Mapping[str, Any]]
+) -> tuple[int, dict[str, dict[str, Any]], Any]:
+    """Target positions, per-source counts and teacher statistics of shards (their
+    :func:`_align_shard` infos), added up in shard order."""
+    from ..diagnostics import TeacherStats
+
+    counts: dict[str, dict[str, Any]] = {
+        n: {k: None if k == "exact_span" and job.method != "offsets" else 0 for k in _COUNT_KEYS}
+        for n in job.sides
+    }
+    teachers = TeacherStats(len(job.base.vocab), logprobs=job.logprobs)
+    for info in infos:
+        for n, c in info["counts"].items():
+            for k, v in c.items():
+                if v is not None:
+                    counts[n][k] += v
+        _add_teacher_sums(teachers, info["teachers"])
+    return sum(int(i["positions"]) for i in infos), counts, teachers
+
+
+def _commit(job: _Job, directory: Path, out: Path, key: Mapping[str, Any]) -> AlignReport:
+    """Once every shard is in ``directory`` (checked against the rows they should hold): the
+    dataset metadata and ``align_stats.json`` (every shard's counts and teacher sums, added in
+    shard order). Returns the report of the output ``out``."""
+    from ..io import atomic_write_json, shard_file_name, write_dataset_metadata
+
+    infos = finished_shards(directory, job.num_shards, job.rows_per_batch, job.num_rows)
+    positions, counts, teachers = _sum_shards(job, infos)
+    files = [shard_file_name(s, job.num_shards) for s in range(job.num_shards)]
+    write_dataset_metadata(
+        directory,
+        job.features,
+        files,
+        fingerprint=hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest(),
+    )
+    report = AlignReport(
+        out, job.method, job.vocab, job.num_rows, positions, counts, teachers=teachers.result()
+    )
+    atomic_write_json(directory / ALIGN_STATS_NAME, report.stats(), sort_keys=False)
     return report
+
+
+def _partial_report(job: _Job, out: Path, infos: Sequence[Mapping[str, Any]]) -> AlignReport:
+    """What a worker did while other workers' shards are still missing."""
+    positions, counts, _ = _sum_shards(job, infos)
+    rows = sum(int(i["num_rows"]) for i in infos)
+    return AlignReport(out, job.method, job.vocab, rows, positions, counts, complete=False)
+
+
+def _manifest_fields(job: _Job, inp: _Inputs, fps: Mapping[str, Any]) -> dict[str, Any]:
+    """What the manifest records besides the key."""
+    return {
+        "format": ALIGN_FORMAT,
+        "fingerprints": dict(fps),
+        "inputs": {
+            "base": str(inp.base_path.resolve()),
+            "sources": {n: str(s.path.resolve()) for n, s in job.sides.items()},
+        },
+        "parameters": {
+            "rows_per_batch": job.rows_per_batch,
+            "compression": job.compression,
+            "num_threads": job.threads,
+        },
+        "candidates": [REF, *job.sides],
+        "num_rows": job.num_rows,
+        "num_shards": job.num_shards,
+    }
 
 
 def _lockstep(iters: list[Iterator[Any]], what: list[str]) -> Iterator[list[Any]]:
@@ -968,8 +1307,9 @@ def add_align_parser(subparsers: Any) -> argparse.ArgumentParser:
             "target's extraction BASE_EXTRACT, row by row: each source's top-K is re-expressed "
             "on the target's positions and vocabulary. Writes OUTPUT (a save_to_disk dataset "
             "with ref_* and {name}_* columns, a manifest and align_stats.json). Re-running with "
-            "the same inputs does nothing; an OUTPUT made from other inputs is refused unless "
-            "--overwrite."
+            "the same inputs does nothing and a killed run resumes from its finished shards; an "
+            "OUTPUT made from other inputs is refused unless --overwrite. --shard i/N splits the "
+            "work across processes or machines."
         ),
     )
     p.add_argument("base", metavar="BASE_EXTRACT", help="the target model's extraction directory")
@@ -1000,6 +1340,13 @@ def add_align_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="a source's tokenizer (directory or bundled:NAME; default: the extraction's)",
     )
     add_settings_arguments(p, AlignSettings)
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="i/N",
+        help="align only this worker's shards (s %% N == i) into OUTPUT; the last worker to "
+        "finish completes it",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an output of other inputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_align_cli)
@@ -1017,7 +1364,14 @@ def _align_cli(args: argparse.Namespace) -> int:
         **settings_from_args(args, AlignSettings),
         overwrite=args.overwrite,
         progress=False if args.no_progress else None,
+        shard=args.shard,
     )
+    if not report.complete:
+        print(
+            f"{args.output}: shard {args.shard} aligned in {report.seconds:.1f} s "
+            f"({report.rows} rows); other workers' shards are still missing"
+        )
+        return 0
     state = "up to date" if report.skipped else f"aligned in {report.seconds:.1f} s"
     print(f"{args.output}: {state}; {report.rows} rows, {report.base_positions} target positions")
     for name, c in report.sources.items():

@@ -76,7 +76,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FuseLLMError, InputError, InputTypeError, StaleArtifactError
+from ..errors import FuseLLMError, InputError, InputTypeError
 from ..loading import (
     DTYPES,
     load_causal_lm,
@@ -88,6 +88,14 @@ from ..loading import (
 from ..progress import progress_bar
 from ..schema import SPANS_COLUMN, extract_features
 from ..tokenization import char_spans
+from ._common import (
+    finished_shards,
+    shard_done,
+    shard_paths,
+    worker_shards,
+    worker_slot,
+    write_shard,
+)
 
 __all__ = [
     "ExtractReport",
@@ -105,7 +113,6 @@ logger = logging.getLogger(__name__)
 FORMAT = "fusellm.extract/2"  # 2: token_spans stored
 #: Test hook: the process SIGKILLs itself after writing this many shards.
 KILL_ENV = "FUSELLM_TEST_KILL_AFTER_SHARDS"
-SHARD_SIDECARS = "shards"
 #: Columns the stage adds (the input's columns are kept).
 OUTPUT_COLUMNS = (
     "row_index",
@@ -487,51 +494,6 @@ class ExtractReport:
         return d
 
 
-def _parse_shard(shard: Any) -> tuple[int, int]:
-    if shard is None:
-        return 0, 1
-    if isinstance(shard, str):
-        try:
-            i_text, n_text = shard.split("/")
-            i, n = int(i_text), int(n_text)
-        except ValueError:
-            raise InputError(f"shard must look like 'i/N', got {shard!r}") from None
-    else:
-        i, n = (int(v) for v in shard)
-    if n < 1 or not 0 <= i < n:
-        raise InputError(f"shard i/N needs 0 <= i < N, got {i}/{n}")
-    return i, n
-
-
-def _worker_slot(shard: Any) -> tuple[int, int]:
-    """(worker, workers) from ``shard=i/N`` and the torchrun environment."""
-    i, n = _parse_shard(shard)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world < 1 or not 0 <= rank < world:
-        raise InputError(f"bad RANK/WORLD_SIZE: {rank}/{world}")
-    return i * world + rank, n * world
-
-
-def _shard_paths(out: Path, index: int, num_shards: int) -> tuple[Path, Path]:
-    from ..io import shard_file_name
-
-    name = shard_file_name(index, num_shards)
-    return out / name, out / SHARD_SIDECARS / (name[: -len(".arrow")] + ".json")
-
-
-def _shard_done(out: Path, index: int, num_shards: int) -> dict[str, Any] | None:
-    import json
-
-    arrow, sidecar = _shard_paths(out, index, num_shards)
-    try:
-        info = json.loads(sidecar.read_text(encoding="utf-8"))
-        size = arrow.stat().st_size
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) and info.get("bytes") == size else None
-
-
 def _check_texts(table: Any, text_column: str) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -661,7 +623,7 @@ def extract_topk(
         max_batch_size=max_batch_size,
     )
     policy = stale_policy(overwrite, on_stale)
-    worker, workers = _worker_slot(shard)
+    worker, workers = worker_slot(shard)
     out = Path(output_dir)
     inp = _read_inputs(
         data,
@@ -925,10 +887,8 @@ def _run_worker(
 
     worker, workers = report.worker
     todo = []
-    for s in range(run.num_shards):
-        if s % workers != worker:
-            continue
-        if _shard_done(run.out, s, run.num_shards):
+    for s in worker_shards((worker, workers), run.num_shards):
+        if shard_done(run.out, s, run.num_shards):
             report.shards_skipped.append(s)
         else:
             todo.append(s)
@@ -939,7 +899,7 @@ def _run_worker(
     report.ce_path = engine.ce_path
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    if all(_shard_done(run.out, s, run.num_shards) for s in range(run.num_shards)):
+    if all(shard_done(run.out, s, run.num_shards) for s in range(run.num_shards)):
         _finalize(art, art.read_manifest() or {})
         report.complete = True
     if report.nan_rows:
@@ -1070,10 +1030,6 @@ def _assemble(
 def _write_shard(
     run: _Run, shard: dict[str, Any], table: Any, metric: np.ndarray
 ) -> dict[str, Any]:
-    from ..io import atomic_write_json, write_arrow_shard
-
-    arrow, sidecar = _shard_paths(run.out, shard["index"], run.num_shards)
-    written = write_arrow_shard(table, arrow, compression=run.compression)
     nan_rows = (shard["start"] + np.flatnonzero(np.isnan(metric))).tolist()
     info = {
         "index": shard["index"],
@@ -1081,11 +1037,8 @@ def _write_shard(
         "num_rows": len(shard["lengths"]),
         "num_tokens": int(shard["lengths"].sum()),
         "nan_rows": nan_rows,
-        "bytes": written["bytes"],
-        "sha256": written["sha256"],
     }
-    atomic_write_json(sidecar, info)
-    return info
+    return write_shard(run.out, shard["index"], run.num_shards, table, run.compression, info)
 
 
 _KILL_COUNT = [0]
@@ -1187,31 +1140,7 @@ def _finalize(art: Any, manifest: dict[str, Any], *, verify_hashes: bool = False
     out = art.path
     key = manifest["key"]
     num_shards, rows_per_shard, num_rows = key["num_shards"], key["rows_per_shard"], key["num_rows"]
-    missing, infos = [], []
-    for s in range(num_shards):
-        info = _shard_done(out, s, num_shards)
-        if info is None:
-            missing.append(s)
-            continue
-        want_start = s * rows_per_shard
-        want_rows = min(rows_per_shard, num_rows - want_start)
-        if info.get("row_start") != want_start or info.get("num_rows") != want_rows:
-            raise StaleArtifactError(
-                f"shard {s} holds rows {info.get('row_start')}+{info.get('num_rows')}, expected "
-                f"{want_start}+{want_rows}"
-            )
-        if verify_hashes:
-            arrow, _ = _shard_paths(out, s, num_shards)
-            if _sha256_file(arrow) != info.get("sha256"):
-                raise StaleArtifactError(f"shard {s} does not match its recorded SHA-256")
-        infos.append(info)
-    if missing:
-        raise FuseLLMError(
-            f"{out}: {len(missing)} of {num_shards} shard(s) missing: {missing[:20]}"
-            + (" ..." if len(missing) > 20 else "")
-        )
-    if sum(i["num_rows"] for i in infos) != num_rows:
-        raise StaleArtifactError(f"{out}: the shards do not hold the {num_rows} input rows")
+    infos = finished_shards(out, num_shards, rows_per_shard, num_rows, verify_hashes=verify_hashes)
     features = datasets.Features.from_dict(_features_dict(manifest, out))
     files = [shard_file_name(s, num_shards) for s in range(num_shards)]
     write_dataset_metadata(
@@ -1233,23 +1162,13 @@ def _finalize(art: Any, manifest: dict[str, Any], *, verify_hashes: bool = False
     return dict(art.complete({"totals": totals, "shards": shards}))
 
 
-def _sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _features_dict(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
     """The features of the shards, read from the first shard's schema metadata."""
     import json
 
     import pyarrow as pa
 
-    arrow, _ = _shard_paths(out, 0, manifest["key"]["num_shards"])
+    arrow, _ = shard_paths(out, 0, manifest["key"]["num_shards"])
     with pa.memory_map(str(arrow)) as src:
         schema = pa.ipc.open_stream(src).schema
     meta = json.loads(schema.metadata[b"huggingface"])
