@@ -16,6 +16,7 @@ from models import TinyModel, build_named, quiet
 ray = pytest.importorskip("ray")
 pytest.importorskip("torch")
 
+from fusellm.stages.align import ALIGN_STATS_NAME, align_dataset  # noqa: E402
 from fusellm.stages.extract import extract_topk  # noqa: E402
 
 TEXTS = [*SAMPLE_TEXTS, "A second, longer line of text.", SAMPLE_TEXTS[0][:40], "Numbers: 1, 22."]
@@ -36,8 +37,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
 
 
 def data_files(out: Path) -> dict[str, bytes]:
-    """The output's data shards, shard sidecars and dataset metadata, by name."""
+    """The output's data shards, shard sidecars, dataset metadata and statistics, by name."""
     keep = [*out.glob("data-*.arrow"), *out.glob("shards/*.json"), out / "dataset_info.json"]
+    keep += [p for p in (out / "state.json", out / ALIGN_STATS_NAME) if p.exists()]
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(keep)}
 
 
@@ -55,6 +57,24 @@ def test_extract_as_ray_tasks_is_byte_identical(
     # A rerun skips every shard.
     again = run_sharded("extract", TEXTS, tiny.path, tmp_path / "ray", tasks=2, **EXTRACT)
     assert all(r.skipped for r in again)
+
+
+def test_align_as_ray_tasks_is_byte_identical(
+    local_ray: Any, tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    source = build_named("neox", tmp_path_factory.mktemp("source"))
+    ex = {}
+    with quiet():
+        for name, model in (("target", tiny), ("neox", source)):
+            ex[name] = extract_topk(TEXTS, model.path, tmp_path / name, **EXTRACT).output_dir
+    args = (ex["target"], {"neox": ex["neox"]})
+    kw = {"rows_per_batch": 2, "progress": False}
+    with quiet():
+        single = align_dataset(*args, tmp_path / "single", **kw)
+    reports = run_sharded("align", *args, tmp_path / "ray", tasks=2, **kw)
+    assert sum(1 for r in reports if not r.skipped) == 2
+    assert data_files(tmp_path / "ray") == data_files(single.output_dir)
+    assert len(list((tmp_path / "ray").glob("data-*.arrow"))) > 2
 
 
 def test_bad_arguments_and_task_errors(local_ray: Any, tiny: TinyModel, tmp_path: Path) -> None:
