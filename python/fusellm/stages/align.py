@@ -619,7 +619,8 @@ def align_dataset(
         shard: ``"i/N"`` to align only this worker's shards (the shards ``s`` with
             ``s % N == i``; several processes or machines over one output directory, as
             ``fusellm extract`` does); whoever finds every shard done completes the output.
-            A killed run resumes from its finished shards.
+            A killed worker's rerun keeps its finished shards (one process without
+            ``shard`` builds under a temporary directory instead: a failure leaves nothing).
 
     Raises:
         InputError: row counts or texts differ (naming the first row), a tokenizer does not match
@@ -1307,9 +1308,9 @@ def add_align_parser(subparsers: Any) -> argparse.ArgumentParser:
             "target's extraction BASE_EXTRACT, row by row: each source's top-K is re-expressed "
             "on the target's positions and vocabulary. Writes OUTPUT (a save_to_disk dataset "
             "with ref_* and {name}_* columns, a manifest and align_stats.json). Re-running with "
-            "the same inputs does nothing and a killed run resumes from its finished shards; an "
-            "OUTPUT made from other inputs is refused unless --overwrite. --shard i/N splits the "
-            "work across processes or machines."
+            "the same inputs does nothing; an OUTPUT made from other inputs is refused unless "
+            "--overwrite. --shard i/N splits the work across processes or machines (workers "
+            "build OUTPUT in place, and a killed worker's rerun keeps its finished shards)."
         ),
     )
     p.add_argument("base", metavar="BASE_EXTRACT", help="the target model's extraction directory")
