@@ -947,6 +947,8 @@ def _align_shards(
     from collections import deque
     from concurrent.futures import Future, ThreadPoolExecutor
 
+    if not todo:  # a worker whose shards are all done: nothing to read
+        return []
     names = list(job.sides)
     iters = [row_tables(inp.base_ds.batches(), job.rows_per_batch)] + [
         row_tables(inp.datasets[n].batches(), job.rows_per_batch) for n in names
