@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from fusellm import FuseLLMError, InputError
+from fusellm.cli import main
 from fusellm.distributed import run_sharded
 from fusellm.samples import SAMPLE_TEXTS
 from models import TinyModel, build_named, quiet
@@ -60,7 +61,11 @@ def test_extract_as_ray_tasks_is_byte_identical(
 
 
 def test_align_as_ray_tasks_is_byte_identical(
-    local_ray: Any, tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+    local_ray: Any,
+    tiny: TinyModel,
+    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     source = build_named("neox", tmp_path_factory.mktemp("source"))
     ex = {}
@@ -75,6 +80,17 @@ def test_align_as_ray_tasks_is_byte_identical(
     assert sum(1 for r in reports if not r.skipped) == 2
     assert data_files(tmp_path / "ray") == data_files(single.output_dir)
     assert len(list((tmp_path / "ray").glob("data-*.arrow"))) > 2
+    # The command line: --ray-tasks instead of one --shard per machine.
+    argv = ["align", str(ex["target"]), str(tmp_path / "cli"), "--source", f"neox={ex['neox']}"]
+    argv += ["--rows-per-batch", "2", "--no-progress"]
+    assert main([*argv, "--ray-tasks", "3"]) == 0
+    assert "aligned in" in capsys.readouterr().out
+    assert data_files(tmp_path / "cli") == data_files(single.output_dir)
+    assert main([*argv, "--ray-address", "auto"]) == 1  # without --ray-tasks: a one-line error
+    assert "--ray-address needs --ray-tasks" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--ray-tasks", "2", "--shard", "0/2"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_bad_arguments_and_task_errors(local_ray: Any, tiny: TinyModel, tmp_path: Path) -> None:

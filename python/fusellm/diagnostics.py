@@ -25,11 +25,14 @@ per-position computation, shared by the accumulator and by token-level candidate
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["ALL", "TeacherStats", "next_token_scores", "next_tokens"]
+from .errors import FuseLLMError
+
+__all__ = ["ALL", "RefScores", "TeacherStats", "next_token_scores", "next_tokens"]
 
 #: The pooled "domain".
 ALL = "all"
@@ -67,6 +70,21 @@ def next_token_scores(
     return top1, coverage, -np.log(np.maximum(p_y, _TINY))
 
 
+@dataclass(frozen=True)
+class RefScores:
+    """The ref rows' scores (:func:`next_token_scores`) at the positions ``use`` of a batch."""
+
+    use: np.ndarray
+    top1: np.ndarray
+    coverage: np.ndarray
+    ce: np.ndarray | None
+
+    def at(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The scores at the positions ``mask`` (a subset of ``use``), in position order."""
+        pick = mask[self.use]
+        return self.top1[pick], self.coverage[pick], None if self.ce is None else self.ce[pick]
+
+
 class TeacherStats:
     """Accumulates the next-token scores of every candidate, per domain (module docstring)."""
 
@@ -95,14 +113,17 @@ class TeacherStats:
         nxt: np.ndarray,
         domains: np.ndarray,
         names: Sequence[str],
-    ) -> None:
-        """The target's own rows, on every position with a next token."""
+    ) -> RefScores:
+        """The target's own rows, on every position with a next token. Returns their scores per
+        position, which :meth:`add_source` reads at each source's matched positions (each score
+        depends on its row alone, so they are computed once for all sources)."""
         use = nxt >= 0
         t, c, ce = next_token_scores(
             ids[use], values[use], nxt[use], self.vocab_size, self.logprobs
         )
         n = np.ones(int(use.sum()))
         self._add("ref", domains[use], names, {"n": n, "top1": t, "coverage": c, "ce": ce})
+        return RefScores(use, t, c, ce)
 
     def add_source(
         self,
@@ -110,20 +131,20 @@ class TeacherStats:
         ids: np.ndarray,
         values: np.ndarray,
         matched: np.ndarray,
-        ref_ids: np.ndarray,
-        ref_values: np.ndarray,
+        ref: RefScores,
         nxt: np.ndarray,
         domains: np.ndarray,
         names: Sequence[str],
     ) -> None:
-        """A source's aligned rows on its matched positions, and the ref rows beside them."""
+        """A source's aligned rows on its matched positions, and the ref rows (``ref``: what
+        :meth:`add_ref` returned for the same positions) beside them."""
         has_next = nxt >= 0
+        if not np.array_equal(has_next, ref.use):
+            raise FuseLLMError(f"{name}: the ref scores given are those of other positions")
         use = has_next & matched
         y = nxt[use]
         t, c, ce = next_token_scores(ids[use], values[use], y, self.vocab_size, self.logprobs)
-        rt, rc, rce = next_token_scores(
-            ref_ids[use], ref_values[use], y, self.vocab_size, self.logprobs
-        )
+        rt, rc, rce = ref.at(use)
         cols = {
             "n": matched[has_next].astype(np.float64),
             "with_next": np.ones(int(has_next.sum())),

@@ -16,17 +16,21 @@ task by default) and ``"align"`` (:func:`fusellm.stages.align.align_dataset`).
     from fusellm.distributed import run_sharded
     run_sharded("align", "extract/target", {"src": "extract/src"}, "align", tasks=16,
                 address="auto")
+
+On the command line, ``fusellm extract`` and ``fusellm align`` take ``--ray-tasks N`` (and
+``--ray-address``) as the alternative to one ``--shard i/N`` per machine.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 from typing import Any
 
 from .errors import FuseLLMError, InputError, InputTypeError
 
-__all__ = ["SHARDED_STAGES", "run_sharded"]
+__all__ = ["SHARDED_STAGES", "add_worker_arguments", "run_sharded", "run_workers"]
 
 #: The stages whose workers take ``shard="i/N"``: name -> (module, function).
 SHARDED_STAGES = {
@@ -114,3 +118,43 @@ def _run_shard(stage: str, shard: str, cwd: str, args: tuple, kwargs: dict) -> A
     function = getattr(importlib.import_module(module), name)
     kwargs = {"progress": False, **kwargs}
     return function(*args, shard=shard, **kwargs)
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
+    """A sharded stage command's ``--shard i/N`` (this process is one worker) or ``--ray-tasks
+    N`` and ``--ray-address`` (all ``N`` workers as Ray tasks, :func:`run_sharded`)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--shard",
+        default=None,
+        metavar="i/N",
+        help=f"{stage} only this worker's shards (s %% N == i) into OUTPUT; the last worker to "
+        "finish completes it",
+    )
+    group.add_argument(
+        "--ray-tasks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run the N workers as Ray tasks (pip install 'fusellm[ray]'); every node must see "
+        "the inputs and OUTPUT at the same paths",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="the Ray cluster for --ray-tasks (default: a running instance, else a local one)",
+    )
+
+
+def run_workers(stage: str, ns: argparse.Namespace, *args: Any, **kwargs: Any) -> Any:
+    """The command's run of ``stage``: this process as the worker ``--shard`` (or the only one),
+    or every worker as Ray tasks with ``--ray-tasks``; returns the report that says whether the
+    output is complete (with Ray: the task that completed it)."""
+    if ns.ray_tasks is None:
+        if ns.ray_address is not None:
+            raise InputError("--ray-address needs --ray-tasks")
+        module, name = SHARDED_STAGES[stage]
+        function = getattr(importlib.import_module(module), name)
+        return function(*args, shard=ns.shard, **kwargs)
+    reports = run_sharded(stage, *args, tasks=ns.ray_tasks, address=ns.ray_address, **kwargs)
+    return next((r for r in reversed(reports) if r.complete and not r.skipped), reports[-1])

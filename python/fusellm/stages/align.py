@@ -58,6 +58,7 @@ import numpy as np
 
 from ..checks import check_num_threads
 from ..config import AlignSettings, VocabMapSettings, add_settings_arguments, settings_from_args
+from ..distributed import add_worker_arguments, run_workers
 from ..errors import InputError, InputTypeError, StaleArtifactError
 from ..loading import load_tokenizer
 from ..progress import progress_bar
@@ -1003,10 +1004,12 @@ def _align_shard(
     tb, *ts = tables
     rows = _base_rows(job, tb, start)
     teachers = TeacherStats(len(job.base.vocab), logprobs=job.logprobs)
-    teachers.add_ref(rows.ref_ids, rows.ref_values, rows.next_ids, rows.domains, rows.domain_names)
+    ref = teachers.add_ref(
+        rows.ref_ids, rows.ref_values, rows.next_ids, rows.domains, rows.domain_names
+    )
     counts = {}
     for (name, side), t in zip(job.sides.items(), ts, strict=True):
-        counts[name] = _source_rows(job, name, side, t, rows, teachers, start)
+        counts[name] = _source_rows(job, name, side, t, rows, (teachers, ref), start)
     table = pa.Table.from_arrays(
         [rows.cols[f.name].cast(f.type) for f in job.schema], schema=job.schema
     )
@@ -1093,10 +1096,11 @@ def _source_rows(
     side: _Side,
     t: Any,
     rows: _BaseRows,
-    teachers: Any,
+    stats: tuple[Any, Any],
     start: int,
 ) -> dict[str, int | None]:
-    """Aligns one source's rows of a shard onto the target's (one kernel call), scores them and
+    """Aligns one source's rows of a shard onto the target's (one kernel call), scores them
+    (``stats``: the shard's :class:`~fusellm.diagnostics.TeacherStats` and the ref's scores) and
     adds their columns to ``rows.cols``; returns the source's counts."""
     import pyarrow as pa
 
@@ -1136,13 +1140,13 @@ def _source_rows(
     )
     logits = _stored_logits(aligned.logits, job.logits_dtype, what)
     # scored as stored (a merged value rounded to logits_dtype)
+    teachers, ref = stats
     teachers.add_source(
         name,
         aligned.ids,
         logits,
         aligned.status == MATCHED,
-        rows.ref_ids,
-        rows.ref_values,
+        ref,
         rows.next_ids,
         rows.domains,
         rows.domain_names,
@@ -1343,13 +1347,7 @@ def add_align_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="a source's tokenizer (directory or bundled:NAME; default: the extraction's)",
     )
     add_settings_arguments(p, AlignSettings)
-    p.add_argument(
-        "--shard",
-        default=None,
-        metavar="i/N",
-        help="align only this worker's shards (s %% N == i) into OUTPUT; the last worker to "
-        "finish completes it",
-    )
+    add_worker_arguments(p, "align")
     p.add_argument("--overwrite", action="store_true", help="replace an output of other inputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_align_cli)
@@ -1357,7 +1355,9 @@ def add_align_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _align_cli(args: argparse.Namespace) -> int:
-    report = align_dataset(
+    report = run_workers(
+        "align",
+        args,
         args.base,
         _pairs(args.source, "--source"),
         args.output,
@@ -1367,7 +1367,6 @@ def _align_cli(args: argparse.Namespace) -> int:
         **settings_from_args(args, AlignSettings),
         overwrite=args.overwrite,
         progress=False if args.no_progress else None,
-        shard=args.shard,
     )
     if not report.complete:
         print(

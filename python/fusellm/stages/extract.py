@@ -76,6 +76,7 @@ from typing import Any
 
 import numpy as np
 
+from ..distributed import add_worker_arguments, run_workers
 from ..errors import FuseLLMError, InputError, InputTypeError
 from ..loading import (
     DTYPES,
@@ -1214,7 +1215,7 @@ def add_extract_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--compression", choices=["zstd", "lz4", "none"], default="zstd", help="shard compression"
     )
-    p.add_argument("--shard", default=None, help="i/N: compute only this worker's shards")
+    add_worker_arguments(p, "extract")
     p.add_argument("--overwrite", action="store_true", help="replace another run's output")
     p.add_argument("--no-check-vocab", action="store_true", help="skip the vocabulary check")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1231,7 +1232,9 @@ def _extract_cli(args: argparse.Namespace) -> int:
         t = manifest["totals"]
         print(f"{args.output}: complete, {t['num_rows']} rows, {t['num_tokens']} tokens")
         return 0
-    report = extract_topk(
+    report = run_workers(
+        "extract",
+        args,
         args.input,
         args.model,
         args.output,
@@ -1249,7 +1252,6 @@ def _extract_cli(args: argparse.Namespace) -> int:
         max_tokens_per_batch=args.max_tokens_per_batch,
         max_batch_size=args.max_batch_size,
         compression=None if args.compression == "none" else args.compression,
-        shard=args.shard,
         overwrite=args.overwrite,
         check_vocab=not args.no_check_vocab,
         progress=False if args.no_progress else None,
