@@ -1000,16 +1000,17 @@ fn logaddexp(a: f32, b: f32) -> f32 {
     hi + (lo - hi).exp().ln_1p()
 }
 
+/// Test fixtures shared by the modules that align (`aligner`, `flat`).
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
 
-    fn vocab(v: &[&str]) -> Vocab {
+    pub(crate) fn vocab(v: &[&str]) -> Vocab {
         Vocab::new(v.iter().map(|s| Some(s.to_string())).collect()).unwrap()
     }
 
-    fn aligner(compat: bool, fallback: Fallback) -> Aligner {
-        // base: ▁the ▁cat ▁s at .      blend: Ġthe Ġcat Ġsat . Ġdog
+    /// base: ▁the ▁cat ▁s at .      blend: Ġthe Ġcat Ġsat . Ġdog the
+    pub(crate) fn aligner(compat: bool, fallback: Fallback) -> Aligner {
         Aligner::new(
             vocab(&["▁the", "▁cat", "▁s", "at", "."]),
             vocab(&["Ġthe", "Ġcat", "Ġsat", ".", "Ġdog", "the"]),
@@ -1021,6 +1022,12 @@ mod tests {
         )
         .unwrap()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::aligner;
+    use super::*;
 
     fn run(al: &Aligner, topk: &[i32], logits: &[f32], k: usize, method: Method) -> SeqOutput {
         let inp = SeqInput {

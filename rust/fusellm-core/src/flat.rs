@@ -265,23 +265,11 @@ pub fn align_flat(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aligner::{Fallback, Vocab};
-
-    fn vocab(v: &[&str]) -> Vocab {
-        Vocab::new(v.iter().map(|s| Some(s.to_string())).collect()).unwrap()
-    }
+    use crate::aligner::fixtures;
+    use crate::aligner::Fallback;
 
     fn aligner() -> Aligner {
-        Aligner::new(
-            vocab(&["▁the", "▁cat", "▁s", "at", "."]),
-            vocab(&["Ġthe", "Ġcat", "Ġsat", ".", "Ġdog", "the"]),
-            "▁",
-            "Ġ",
-            None,
-            false,
-            Fallback::Next,
-        )
-        .unwrap()
+        fixtures::aligner(false, Fallback::Next)
     }
 
     /// Two rows: "the cat sat." twice, the second one's blend side one token shorter.
