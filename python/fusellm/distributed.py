@@ -6,7 +6,7 @@ every shard is there and commits the output (:mod:`fusellm.artifact`). :func:`ru
 the ``N`` workers of one stage as Ray tasks, on a local Ray instance or on the cluster at
 ``address``, and waits for all of them. Each shard is computed by the same code from the same rows
 as in a single process, so the output is byte for byte the single-process one (a test compares
-them); a task that fails leaves its shards to a rerun, which resumes (finished shards are kept).
+them for extract and align). A task's error is raised in the caller once every task has ended.
 
 Every node must see the inputs and the output directory at the same paths (a shared file system),
 and relative paths are those of the caller's working directory. The stages: ``"extract"``

@@ -770,7 +770,10 @@ class PlannedBlocks:
         self._columns = {name: _Column(name, tables) for name in token_cols}
         self._batch_rows = np.cumsum([0] + [t.num_rows for t in tables])
         self._plan = _PlanTable(list(plan.batches()), int(self._batch_rows[-1]))
-        self.column_names = _copy_layout_names(token_cols, self.mode, plan.column_names)
+        # The copy layout's columns, in its order (one declaration: schema.pack_features).
+        has_domain = DOMAIN_COLUMN in plan.column_names
+        copy = _output_features(aligned, self.candidates, self.mode, "copy", has_domain)
+        self.column_names = list(copy)
 
     def __len__(self) -> int:
         return self._plan.num_blocks
@@ -856,17 +859,6 @@ class _PlanTable:
             for name in table.column_names
             if name not in PLAN_COLUMNS
         }
-
-
-def _copy_layout_names(token_cols: Sequence[str], mode: str, plan_cols: Sequence[str]) -> list[str]:
-    """The copy layout's column order (``pack_features``) for these columns."""
-    names = ["input_ids", "attention_mask"] + (["position_ids"] if mode == "bfd" else [])
-    scalars = [c for c in plan_cols if c not in PLAN_COLUMNS]
-    names += [c for c in scalars if not c.endswith(("_metric_ce", "_per_byte"))]
-    for c in [n[: -len("_ids")] for n in token_cols if n.endswith("_ids") and n != "input_ids"]:
-        names += [n for n in (f"{c}_ids", f"{c}_logits", f"{c}_status") if n in token_cols]
-        names += [f"{c}_metric_ce", f"{c}_metric_ce_per_byte"]
-    return names
 
 
 # --- command line --------------------------------------------------------------------------------
