@@ -143,6 +143,32 @@ def test_shard_cli(extracts: dict[str, Path], single: Path, tmp_path: Path, caps
     assert _files(out) == _files(single)
 
 
+def test_align_reads_tokenizers_without_transformers(
+    extracts: dict[str, Path], single: Path, tmp_path: Path
+) -> None:
+    """``fusellm align`` in a fresh process: the tokenizers' strings come from their
+    tokenizer.json alone (torch and transformers are never imported), with the same output."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "aligned"
+    code = (
+        "import sys\n"
+        "from fusellm.cli import main\n"
+        "rc = main(sys.argv[1:])\n"
+        "print('imported', [m for m in ('torch', 'transformers') if m in sys.modules])\n"
+        "sys.exit(rc)\n"
+    )
+    argv = ["align", str(extracts["llama"]), str(out), f"--source=neox={extracts['neox']}"]
+    argv += [f"--rows-per-batch={ROWS}", "--no-progress"]
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "imported []" in done.stdout
+    assert _files(out) == _files(single)
+
+
 @pytest.mark.parametrize("shard", ["2/2", "1", "a/b", "-1/2", (0, 0)])
 def test_bad_shards_are_refused_before_anything_is_written(
     extracts: dict[str, Path], tmp_path: Path, shard: Any

@@ -16,9 +16,11 @@ from .errors import FuseLLMError, InputError, InputTypeError
 
 __all__ = [
     "DTYPES",
+    "TokenizerFile",
     "load_causal_lm",
     "load_model_config",
     "load_tokenizer",
+    "load_tokenizer_file",
     "resolve_device",
     "torch_dtype",
 ]
@@ -84,6 +86,72 @@ def load_tokenizer(spec: Any, what: str = "tokenizer", *, fast: bool = False) ->
     if fast and getattr(tok, "backend_tokenizer", None) is None:
         raise InputTypeError(f"{what}: {type(tok).__name__} is not a fast (Rust) tokenizer")
     return tok
+
+
+class TokenizerFile:
+    """A tokenizer directory's ``tokenizer.json``, read by ``tokenizers`` alone: the ids, their
+    strings and the EOS string, without importing ``transformers`` or torch (seconds per
+    process). What a stage that only reads stored ids needs of a tokenizer
+    (:func:`load_tokenizer_file`); re-tokenizing text needs :func:`load_tokenizer`."""
+
+    def __init__(self, backend: Any, eos_token: str | None) -> None:
+        self._backend = backend
+        self.eos_token = eos_token
+
+    def __len__(self) -> int:
+        return int(self._backend.get_vocab_size(with_added_tokens=True))
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:
+        return [self._backend.id_to_token(i) for i in ids]
+
+
+def _special_token(value: Any) -> str | None:
+    """A tokenizer config's special token: a string or an ``AddedToken`` dict (``content``)."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_file(path: str, sha256: str) -> TokenizerFile | None:
+    del sha256  # part of the cache key only
+    import json
+
+    import tokenizers
+
+    root = Path(path)
+    eos = None
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            eos = _special_token(json.loads((root / name).read_text("utf-8")).get("eos_token"))
+        except (OSError, ValueError, AttributeError):
+            continue
+        if eos is not None:
+            break
+    try:
+        return TokenizerFile(tokenizers.Tokenizer.from_file(str(root / "tokenizer.json")), eos)
+    except Exception:  # not readable alone: the caller loads it in full
+        return None
+
+
+def load_tokenizer_file(spec: Any, what: str = "tokenizer") -> TokenizerFile | None:
+    """The :class:`TokenizerFile` of a tokenizer directory that holds a ``tokenizer.json``;
+    ``None`` for anything else (``"bundled:NAME"``, a tokenizer object, a directory without one,
+    a file ``tokenizers`` cannot read), for which :func:`load_tokenizer` is the way. A caller
+    checks the result against what it knows of the tokenizer (an extraction records its id count
+    and EOS) and loads it in full where they differ."""
+    if not isinstance(spec, (str, os.PathLike)) or str(spec).startswith("bundled:"):
+        return None
+    path = Path(spec)
+    if not (path / "tokenizer.json").is_file():
+        return None
+    from .io import tokenizer_fingerprint
+
+    try:
+        fp = tokenizer_fingerprint(path)
+    except InputError as e:
+        raise InputError(f"{what}: {e}") from e
+    return _tokenizer_file(str(path.resolve()), fp["sha256"])
 
 
 def resolve_device(device: Any) -> Any:

@@ -60,7 +60,7 @@ from ..checks import check_num_threads
 from ..config import AlignSettings, VocabMapSettings, add_settings_arguments, settings_from_args
 from ..distributed import add_worker_arguments, run_workers
 from ..errors import InputError, InputTypeError, StaleArtifactError
-from ..loading import load_tokenizer
+from ..loading import load_tokenizer, load_tokenizer_file
 from ..progress import progress_bar
 from ..schema import DOMAIN_COLUMN, REF, SPANS_COLUMN, align_features
 from ..tokenization import char_spans
@@ -115,7 +115,8 @@ class _Side:
     name: str  # "ref" for the target
     path: Path
     manifest: dict[str, Any]
-    tokenizer: Any
+    tokenizer: Any  # a TokenizerFile where tokenizer.json agrees with the extraction
+    tokenizer_spec: Any
     vocab: list[str | None]
     marker: str
     top_k: int
@@ -161,14 +162,22 @@ def _make_side(name: str, path: Path, manifest: dict[str, Any], tok_spec: Any, w
                 f"({recorded!r}); pass the tokenizer explicitly"
             )
         tok_spec = recorded
-    tok = load_tokenizer(tok_spec, f"{what} tokenizer")
     num_ids = info.get("num_ids")
+    append_eos = bool(key.get("append_eos", True))
+    # The stored ids need only the tokenizer's strings: tokenizer.json alone, where it agrees
+    # with what the extraction recorded of its tokenizer (else the full load, checked below).
+    tok = load_tokenizer_file(tok_spec, f"{what} tokenizer")
+    if (
+        tok is None
+        or len(tok) != num_ids
+        or (append_eos and tok.eos_token != info.get("eos_token"))
+    ):
+        tok = load_tokenizer(tok_spec, f"{what} tokenizer")
     if num_ids is not None and len(tok) != num_ids:
         raise InputError(
             f"{what}: the tokenizer has {len(tok)} ids but the extraction in {path} was made with "
             f"one of {num_ids} ids: it is not the extraction's tokenizer"
         )
-    append_eos = bool(key.get("append_eos", True))
     eos = tok.eos_token if append_eos else ""
     if append_eos and (not eos or ("eos_token" in info and eos != info["eos_token"])):
         raise InputError(
@@ -185,6 +194,7 @@ def _make_side(name: str, path: Path, manifest: dict[str, Any], tok_spec: Any, w
         path=path,
         manifest=manifest,
         tokenizer=tok,
+        tokenizer_spec=tok_spec,
         vocab=vocab,
         marker=marker,
         top_k=int(key.get("top_k", 0)),
@@ -772,10 +782,14 @@ def _read_inputs(
         raise InputError("the target's extraction has no rows")
     values = _check_values(base_manifest, sides, compat)
     maps = _resolve_maps(vocab_maps, names, base_side, sides, vocab=vocab, num_threads=threads)
-    if method == "offsets":
-        base_side.backend = _backend(base_side.tokenizer, "base")
-        for n, s in sides.items():
-            s.backend = _backend(s.tokenizer, f"source {n!r}")
+    if method == "offsets":  # re-tokenizing: only extractions made before token_spans existed
+        for n, s, ds in [(REF, base_side, base_ds)] + [
+            (n, s, datasets_[n]) for n, s in sides.items()
+        ]:
+            if SPANS_COLUMN not in ds.column_names:
+                what = "base" if n == REF else f"source {n!r}"
+                tok = load_tokenizer(s.tokenizer_spec, f"{what} tokenizer")
+                s.backend = _backend(tok, what)
     inp = _Inputs(base_path, base_side, sides, base_ds, datasets_, values, maps)
     _check_same_texts(inp)
     return inp
