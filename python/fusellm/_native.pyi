@@ -15,6 +15,16 @@ def mined_base_to_blend(
     blend_marker: str,
 ) -> list[list[int]]: ...
 def default_num_threads() -> int: ...
+def next_token_scores(
+    ids: npt.NDArray[np.int32],
+    values: npt.NDArray[np.float32],
+    next_ids: npt.NDArray[np.int64],
+    vocab_size: int,
+    logprobs: bool,
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_], npt.NDArray[np.float64] | None]: ...
+def topk_mass(
+    values: npt.NDArray[np.float32], kept: npt.NDArray[np.bool_]
+) -> tuple[float, float]: ...
 
 @final
 class Aligner:

@@ -36,7 +36,6 @@ __all__ = ["ALL", "RefScores", "TeacherStats", "next_token_scores", "next_tokens
 
 #: The pooled "domain".
 ALL = "all"
-_TINY = np.finfo(np.float64).tiny
 
 
 def next_tokens(ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -54,20 +53,17 @@ def next_token_scores(
     ids: np.ndarray, values: np.ndarray, nxt: np.ndarray, vocab_size: int, logprobs: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Per position: ``(top1, coverage, ce)`` of the rows ``ids``/``values`` ``[N, K]`` against
-    the next tokens ``nxt`` ``[N]`` (see the module docstring; ``ce`` is None for raw logits)."""
-    ids = np.asarray(ids)
-    values = np.asarray(values, dtype=np.float64)
-    valid = (ids >= 0) & (values > -np.inf)
-    hit_at = valid & (ids == nxt[:, None])
-    top1 = valid[:, 0] & (ids[:, 0] == nxt) if ids.shape[1] else np.zeros(len(nxt), bool)
-    coverage = hit_at.any(1)
-    if not logprobs:
-        return top1, coverage, None
-    p = np.where(valid, np.exp(np.where(valid, values, 0.0)), 0.0)
-    tail = np.clip(1.0 - p.sum(1), 0.0, 1.0)
-    rest = np.maximum(vocab_size - valid.sum(1), 1)
-    p_y = np.where(coverage, (p * hit_at).sum(1), tail / rest)
-    return top1, coverage, -np.log(np.maximum(p_y, _TINY))
+    the next tokens ``nxt`` ``[N]`` (see the module docstring; ``ce`` is None for raw logits).
+    Computed by the Rust core (``fusellm_core::scores``) in float64, without the interpreter."""
+    from ._native import next_token_scores as native
+
+    return native(
+        np.ascontiguousarray(ids, dtype=np.int32),
+        np.ascontiguousarray(values, dtype=np.float32),
+        np.ascontiguousarray(nxt, dtype=np.int64),
+        int(vocab_size),
+        bool(logprobs),
+    )
 
 
 @dataclass(frozen=True)
@@ -159,11 +155,14 @@ class TeacherStats:
         (the id maps to a target token): the mass it holds and the mass sent to the tail."""
         if not self.logprobs:
             return
-        p = np.exp(np.asarray(topk_values, dtype=np.float64))
+        from ._native import topk_mass
+
+        values = np.ascontiguousarray(topk_values, dtype=np.float32)
+        total, dropped = topk_mass(values, np.ascontiguousarray(kept, dtype=np.bool_))
         acc = self._mass.setdefault(name, {"rows": 0.0, "topk_mass": 0.0, "dropped_mass": 0.0})
-        acc["rows"] += p.shape[0]
-        acc["topk_mass"] += float(p.sum())
-        acc["dropped_mass"] += float((p * ~kept).sum())
+        acc["rows"] += values.shape[0]
+        acc["topk_mass"] += total
+        acc["dropped_mass"] += dropped
 
     def result(self) -> dict[str, Any]:
         """Means per candidate and domain (JSON-ready)."""

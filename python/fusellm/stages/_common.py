@@ -5,7 +5,7 @@ buffers (values plus row offsets, never lists of lists)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,23 @@ def files_fingerprint(path: Path, previous: Any) -> dict[str, Any]:
     from ..io import fingerprint_files
 
     return fingerprint_files(path, patterns=DATA_PATTERNS, previous=previous)
+
+
+def input_fingerprint(
+    src: Path, manifest: Mapping[str, Any] | None, previous: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """A stage input's fingerprint. For a complete fusellm output (an extraction, an alignment):
+    the producing artifact's own output fingerprint, re-read only where the files' names, sizes
+    or modification times are not the recorded ones, so a stage does not hash again what the
+    stage before it hashed when it committed. For a dataset without a manifest: its data files'
+    (``previous``: an earlier result, reused the same way)."""
+    from ..artifact import Artifact
+
+    recorded = (manifest or {}).get("output")
+    if manifest and manifest.get("complete") and isinstance(recorded, dict):
+        art = Artifact(src, str(manifest.get("stage")), manifest.get("key") or {})
+        return art.output_fingerprint(previous=recorded)
+    return files_fingerprint(src, previous)
 
 
 # --- reading save_to_disk datasets batch by batch ------------------------------------------------

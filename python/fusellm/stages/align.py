@@ -70,9 +70,9 @@ from ._common import (
     DiskDataset,
     arrow_array,
     check_choice,
-    files_fingerprint,
     finished_shards,
     fixed_width,
+    input_fingerprint,
     list_column,
     nested,
     positive_int,
@@ -840,9 +840,9 @@ def _output_key(
     from ..vocab import vocab_checksum
 
     prev_fp = previous_fingerprints(out)
-    fps = {REF: files_fingerprint(inp.base_path, prev_fp.get(REF))}
+    fps = {REF: input_fingerprint(inp.base_path, inp.base.manifest, prev_fp.get(REF))}
     for n, s in inp.sides.items():
-        fps[n] = files_fingerprint(s.path, prev_fp.get(n))
+        fps[n] = input_fingerprint(s.path, s.manifest, prev_fp.get(n))
     key: dict[str, Any] = {
         "format": ALIGN_FORMAT,
         "base": {

@@ -41,8 +41,8 @@ from ._common import (
     DiskDataset,
     arrow_array,
     check_choice,
-    files_fingerprint,
     fixed_width,
+    input_fingerprint,
     list_column,
     nested,
     positive_int,
@@ -447,22 +447,6 @@ def _check_input(aligned: Any, output_dir: Any) -> tuple[Path, Path, dict[str, A
     return src, out, src_manifest
 
 
-def _aligned_fingerprint(
-    src: Path, manifest: Mapping[str, Any] | None, previous: Mapping[str, Any] | None
-) -> dict[str, Any]:
-    """The aligned data's fingerprint: for a complete align output, the align artifact's own
-    output fingerprint, re-read only where its files' names, sizes or modification times are not
-    the recorded ones (so packing does not hash again what align just hashed); for a dataset
-    without a manifest, every data file's."""
-    from ..artifact import Artifact
-
-    recorded = (manifest or {}).get("output")
-    if manifest and manifest.get("complete") and isinstance(recorded, dict):
-        art = Artifact(src, "align", manifest.get("key") or {}, resumable=True)  # as align's
-        return art.output_fingerprint(previous=recorded)
-    return files_fingerprint(src, previous)
-
-
 def _output_features(
     ds: DiskDataset, cands: list[str], mode: str, layout: str, has_domain: bool
 ) -> Any:
@@ -543,7 +527,7 @@ def pack_dataset(
     src, out, src_manifest = _check_input(aligned, output_dir)
     ds = DiskDataset(src, "aligned")
     cands = _pack_candidates(ds, src_manifest)
-    fp = _aligned_fingerprint(src, src_manifest, previous_fingerprints(out).get("aligned"))
+    fp = input_fingerprint(src, src_manifest, previous_fingerprints(out).get("aligned"))
     key = {
         "format": PACK_FORMAT,
         "aligned_sha256": fp["sha256"],
@@ -748,7 +732,7 @@ class PlannedBlocks:
         if not src.is_dir():
             raise InputError(f"{self.path}: its aligned data {src} does not exist")
         try:
-            now = _aligned_fingerprint(src, read_manifest(src), packed_fp)["sha256"]
+            now = input_fingerprint(src, read_manifest(src), packed_fp)["sha256"]
         except FuseLLMError as e:
             raise InputError(f"{self.path}: its aligned data {src} cannot be read ({e})") from e
         if now != packed_fp.get("sha256"):

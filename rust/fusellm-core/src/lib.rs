@@ -8,6 +8,7 @@
 //! - [`flat`]: ragged batches in flat buffers (values + row offsets), as a stage reads them.
 //! - [`vocab_map`]: exact MinED / surface vocabulary maps.
 //! - [`pack`]: packing rows into training blocks (reference concat, best-fit decreasing).
+//! - [`scores`]: next-token scores of top-K rows (the teacher diagnostics of alignment).
 //!
 //! No Python here: the bindings live in `fusellm-py`.
 
@@ -20,6 +21,7 @@ pub mod levenshtein;
 pub mod offsets;
 pub mod pack;
 mod prefetch;
+pub mod scores;
 pub mod vocab_map;
 
 pub use aligner::{Aligner, Fallback, Method, SeqInput, SeqOutput, Vocab, VocabMode};
@@ -27,4 +29,5 @@ pub use dtw::{mined_base_to_blend, Alignment};
 pub use error::{Error, Result, Side};
 pub use flat::{align_flat, BatchCounts, FlatBatch, FlatOutput};
 pub use pack::{NanScores, PackMode, PackPlan};
+pub use scores::{next_token_scores, topk_mass, NextTokenScores};
 pub use vocab_map::{build_vocab_map, MapMethod, NearestIndex, VocabMapping};

@@ -15,6 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyInt, PyType};
 
 mod pack;
+mod scores;
 mod vocab;
 
 /// An exception of the `fusellm.errors` hierarchy (`InputError` is a `ValueError`,
@@ -38,12 +39,12 @@ fn input_error(msg: String) -> PyErr {
     fusellm_error("InputError", msg)
 }
 
-fn type_error(msg: String) -> PyErr {
+pub(crate) fn type_error(msg: String) -> PyErr {
     fusellm_error("InputTypeError", msg)
 }
 
 /// Maps a core error to `fusellm.errors.InputError`.
-fn to_py(err: core::Error) -> PyErr {
+pub(crate) fn to_py(err: core::Error) -> PyErr {
     input_error(err.to_string())
 }
 
@@ -401,7 +402,7 @@ type FlatRows<'py> = (
 );
 
 /// A C-contiguous array's values, or an `InputTypeError` naming it.
-fn values<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
+pub(crate) fn values<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
     a: &'a numpy::PyReadonlyArray<'_, T, D>,
     what: &str,
 ) -> PyResult<&'a [T]> {
@@ -461,5 +462,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Aligner>()?;
     vocab::register(m)?;
     pack::register(m)?;
+    scores::register(m)?;
     Ok(())
 }
