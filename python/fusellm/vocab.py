@@ -160,6 +160,7 @@ class VocabMap:
         self.distances = distances
         self._dict: dict[str, str] | None = None
         self._checksums: tuple[str, str] | None = None
+        self._content_sha256: str | None = None
         self.max_distance: int | None = None
 
     # -- construction ---------------------------------------------------------------------
@@ -280,9 +281,11 @@ class VocabMap:
             )
         base = vocab_list(base_vocab, "base_vocab")
         blend = vocab_list(blend_vocab, "blend_vocab")
+        sums = []
         for side, vocab in (("base", base), ("blend", blend)):
             want = meta.get(f"{side}_vocab", {})
             got = vocab_checksum(vocab)
+            sums.append(got)
             if got != want.get("sha256"):
                 raise StaleArtifactError(
                     f"{path} was built for a different {side} vocabulary ({want.get('size')} "
@@ -306,6 +309,8 @@ class VocabMap:
         )
         vm.method = str(meta.get("method", "imported"))
         vm.max_distance = meta.get("max_distance")
+        vm._checksums = (sums[0], sums[1])  # verified above
+        vm._content_sha256 = meta["map_sha256"]  # the bytes read, which the map round-trips
         return vm
 
     # -- output ---------------------------------------------------------------------------
@@ -337,7 +342,7 @@ class VocabMap:
         :meth:`load`.
         """
         path = Path(path)
-        data = json.dumps(self.to_dict(), ensure_ascii=False, indent=0).encode("utf-8")
+        data = self._content()
         base_sum, blend_sum = self.checksums
         meta = {
             "format": _FORMAT,
@@ -348,7 +353,7 @@ class VocabMap:
             "blend_marker": self.blend_marker,
             "base_vocab": {"size": len(self._base_vocab), "sha256": base_sum},
             "blend_vocab": {"size": len(self._blend_vocab), "sha256": blend_sum},
-            "map_sha256": hashlib.sha256(data).hexdigest(),
+            "map_sha256": self.content_sha256,
             "stats": self.stats(),
         }
         atomic_write_bytes(path, data)
@@ -356,6 +361,17 @@ class VocabMap:
             _meta_path(path),
             json.dumps(meta, ensure_ascii=False, indent=2).encode("utf-8"),
         )
+
+    def _content(self) -> bytes:
+        """The map file's bytes, as :meth:`save` writes them."""
+        return json.dumps(self.to_dict(), ensure_ascii=False, indent=0).encode("utf-8")
+
+    @property
+    def content_sha256(self) -> str:
+        """SHA-256 of the map file's content (:meth:`save`'s, recorded in its sidecar)."""
+        if self._content_sha256 is None:
+            self._content_sha256 = hashlib.sha256(self._content()).hexdigest()
+        return self._content_sha256
 
     @property
     def checksums(self) -> tuple[str, str]:

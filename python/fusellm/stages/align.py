@@ -42,6 +42,7 @@ re-tokenization), which always pairs but misaligns runs of short tokens.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -126,6 +127,13 @@ class _Side:
     num_rows: int
     fingerprint: dict[str, Any] = field(default_factory=dict)
     backend: Any = None
+
+    @functools.cached_property
+    def vocab_sha256(self) -> str:
+        """:func:`fusellm.vocab.vocab_checksum` of the vocabulary (computed once)."""
+        from ..vocab import vocab_checksum
+
+        return vocab_checksum(self.vocab)
 
 
 def _open_extract(path: Any, what: str) -> tuple[Path, dict[str, Any]]:
@@ -219,12 +227,6 @@ def _backend(tok: Any, what: str) -> Any:
         backend.no_truncation()
         backend.no_padding()
     return backend
-
-
-def _map_sha256(vm: Any) -> str:
-    """SHA-256 of a map's JSON content, as :meth:`VocabMap.save` writes (and records) it."""
-    data = json.dumps(vm.to_dict(), ensure_ascii=False, indent=0).encode("utf-8")
-    return hashlib.sha256(data).hexdigest()
 
 
 # --- the stage -----------------------------------------------------------------------------------
@@ -344,7 +346,7 @@ def _resolve_maps(
 def _given_maps(
     vocab_maps: Any, names: Sequence[str], base: _Side, sides: Mapping[str, _Side]
 ) -> dict[str, Any]:
-    from ..vocab import VocabMap, vocab_checksum
+    from ..vocab import VocabMap
 
     if vocab_maps is None:
         return dict.fromkeys(names)
@@ -357,7 +359,6 @@ def _given_maps(
     if unknown:
         raise InputError(f"vocab_maps names unknown source(s) {unknown}; sources are {names}")
     out: dict[str, Any] = {}
-    base_sum = vocab_checksum(base.vocab)
     for name in names:
         vm = vocab_maps.get(name)
         side = sides[name]
@@ -371,7 +372,7 @@ def _given_maps(
             except StaleArtifactError as e:
                 raise StaleArtifactError(f"vocab map of source {name!r}: {e}") from e
         elif isinstance(vm, VocabMap):
-            if vm.checksums != (base_sum, vocab_checksum(side.vocab)):
+            if vm.checksums != (base.vocab_sha256, side.vocab_sha256):
                 raise StaleArtifactError(
                     f"vocab map of source {name!r} was built for other vocabularies than the "
                     "target's and this source's tokenizers: rebuild it (fusellm vocab-map)"
@@ -837,8 +838,6 @@ def _output_key(
     logits_dtype: str,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The inputs' fingerprints, and the output's key (everything that changes its bytes)."""
-    from ..vocab import vocab_checksum
-
     prev_fp = previous_fingerprints(out)
     fps = {REF: input_fingerprint(inp.base_path, inp.base.manifest, prev_fp.get(REF))}
     for n, s in inp.sides.items():
@@ -847,16 +846,16 @@ def _output_key(
         "format": ALIGN_FORMAT,
         "base": {
             "data_sha256": fps[REF]["sha256"],
-            "vocab_sha256": vocab_checksum(inp.base.vocab),
+            "vocab_sha256": inp.base.vocab_sha256,
             "marker": inp.base.marker,
         },
         "sources": [
             {
                 "name": n,
                 "data_sha256": fps[n]["sha256"],
-                "vocab_sha256": vocab_checksum(s.vocab),
+                "vocab_sha256": s.vocab_sha256,
                 "marker": s.marker,
-                "vocab_map_sha256": None if inp.maps[n] is None else _map_sha256(inp.maps[n]),
+                "vocab_map_sha256": None if inp.maps[n] is None else inp.maps[n].content_sha256,
             }
             for n, s in inp.sides.items()
         ],
