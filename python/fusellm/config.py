@@ -368,8 +368,9 @@ class TrainSettings:
         default=False,
         metadata=_help(
             "Also train one knowledge-distillation baseline per source, 'kd-<source>': the same "
-            "trainer, data, steps and seed, distilling that source alone (no ref, nothing to "
-            "select), as the paper compares FuseLLM with single-teacher KD."
+            "trainer, data, steps, seed and lm_loss_weight, distilling that source alone on every "
+            "block (no ref, nothing to select, combine: hard), as the paper compares FuseLLM "
+            "with single-teacher KD."
         ),
     )
     sweep_lm_loss_weight: list[float] = field(
