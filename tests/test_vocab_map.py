@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -377,6 +378,14 @@ def test_save_load_round_trip(tmp_path) -> None:
     assert back.method == "mined"
     assert back.stats() == vm.stats()
     assert back.max_distance is None
+    # load keeps the sidecar's hash of the bytes it read: the map it returns serializes to them
+    assert back.content_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert (
+        back.content_sha256
+        == VocabMap.from_dict(
+            vm.to_dict(), base, blend, base_marker=SPM, blend_marker=BBPE
+        ).content_sha256
+    )
     vm.save(path)  # overwriting is fine
     capped = VocabMap.build(
         base, blend, base_marker=SPM, blend_marker=BBPE, method="mined", max_distance=1

@@ -343,6 +343,7 @@ class VocabMap:
         """
         path = Path(path)
         data = self._content()
+        self._content_sha256 = hashlib.sha256(data).hexdigest()
         base_sum, blend_sum = self.checksums
         meta = {
             "format": _FORMAT,

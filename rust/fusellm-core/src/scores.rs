@@ -16,7 +16,8 @@
 //!
 //! The row sums take every entry's `exp`, which dominates the cost: [`for_each_exp`] evaluates it
 //! without a library call (a range reduction by `ln 2` and a degree-13 polynomial, within a few
-//! ulp of `f64::exp`; the tests bound it), which the compiler keeps in registers and vectorizes.
+//! ulp of `f64::exp`; the tests bound it), a chunk of entries at a time so that their
+//! polynomials overlap (measured: `topk_mass` over 4.8 M entries 143 ms -> 32 ms).
 //! The probability of the next token itself uses `f64::exp`.
 
 use crate::error::{Error, Result};
