@@ -161,7 +161,7 @@ def test_every_stage_output_has_its_schema(reference: dict[str, Any]) -> None:
         logs = [e for e in state["log_history"] if "loss" in e]
         assert len(logs) == steps
         if run == "fused":  # the built-in miniature: fusion weight 0.5, no ref candidate
-            assert config.train.args["combine"] == "hard"
+            assert config.train.args["combine"] == "gated"
             assert config.train.args["with_ref"] is False
             assert all(e["lm_weight"] == pytest.approx(0.5) for e in logs)
             assert not any("fusion/select_ref" in e for e in logs)
@@ -594,6 +594,7 @@ def test_training_runs_for_several_seeds_baselines_and_a_sweep(reference: dict[s
         "sources": ["neox_bible"],
         "ignore_sources": ["mpt_python"],
         "with_ref": False,
+        "combine": "hard",
     }
     assert runs["fused-lmw0.5-seed1"].overrides == {"lm_loss_weight": 0.5, "combine": "hard"}
     assert runs["fused-lmw0.5-seed1"].seed == 1
