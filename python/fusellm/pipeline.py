@@ -982,9 +982,8 @@ def builtin_config(
 
     The improved preset (or ``preset``) with the miniature's block size and tiny-model training
     settings: a learning rate for a tiny model (1e-3, cosine, 5% warm-up), one epoch over the
-    fusion set in batches of 4 blocks (the paper's one epoch; measured with K = 32: the whole
-    default run took 4 min 30 s on 2 idle cores; at K = 128 each training takes 39 to 48 s and
-    the three extractions 87 s, the whole run is not re-measured yet),
+    fusion set in batches of 4 blocks (the paper's one epoch; measured: the whole default run
+    took 5 min 50 s on 2 idle cores, 34 to 39 s per training, 77 s for the three extractions),
     and a checkpoint every 20 steps (an interrupted run resumes close to where it stopped).
     At the default scale, the miniature's domain benchmark tasks (``evaluate.tasks``, when
     lm-evaluation-harness is installed). ``scale="test"``: 6 steps, a checkpoint every 2, one
@@ -1080,8 +1079,8 @@ Without CONFIG, the built-in miniature of the paper runs: three tiny LMs of diff
 architectures and tokenizer families (the sources pre-trained on different domains), the target
 trained twice on the mixed corpus with the same data, steps and seed (FuseLLM fusion, then the
 CLM control, one distillation run per source), held-out perplexity per domain and the
-miniature's benchmark tasks: within 10 minutes on 2 CPU cores (4 min 30 s measured with the
-earlier K = 32; --scale test: a reduced run of about 30 seconds).
+miniature's benchmark tasks: within 10 minutes on 2 CPU cores (5 min 50 s measured on idle
+cores; --scale test: a reduced run of about 30 seconds).
 
 A re-run in the same work directory skips the stages that are complete with the same inputs,
 redoes those whose inputs or settings changed, and resumes an interrupted one (a killed run can
