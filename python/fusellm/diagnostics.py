@@ -68,17 +68,13 @@ def next_token_scores(
 
 @dataclass(frozen=True)
 class RefScores:
-    """The ref rows' scores (:func:`next_token_scores`) at the positions ``use`` of a batch."""
+    """The ref rows' scores (:func:`next_token_scores`) at every position of a batch; ``use``:
+    the positions that have a next token (the others' scores are meaningless)."""
 
     use: np.ndarray
     top1: np.ndarray
     coverage: np.ndarray
     ce: np.ndarray | None
-
-    def at(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """The scores at the positions ``mask`` (a subset of ``use``), in position order."""
-        pick = mask[self.use]
-        return self.top1[pick], self.coverage[pick], None if self.ce is None else self.ce[pick]
 
 
 class TeacherStats:
@@ -91,16 +87,24 @@ class TeacherStats:
         self._mass: dict[str, dict[str, float]] = {}
 
     def _add(
-        self, name: str, domains: np.ndarray, names: Sequence[str], cols: dict[str, Any]
+        self,
+        name: str,
+        where: np.ndarray,
+        domains: np.ndarray,
+        names: Sequence[str],
+        cols: dict[str, Any],
     ) -> None:
-        """Adds per-position columns (``None`` ones skipped) into ``name``'s per-domain sums."""
+        """Adds per-position columns (``None`` ones skipped), at the positions ``where``, into
+        ``name``'s per-domain sums (``domains``: each position's index into ``names``)."""
         per = self._sums.setdefault(name, {})
-        for code, dom in [(-1, ALL), *enumerate(names)]:
-            sel = np.ones(len(domains), bool) if code < 0 else domains == code
-            acc = per.setdefault(dom, {})
-            for key, col in cols.items():
-                if col is not None:
-                    acc[key] = acc.get(key, 0.0) + float(np.sum(col[sel], dtype=np.float64))
+        for key, col in cols.items():
+            if col is None:
+                continue
+            w = np.where(where, col, 0.0)
+            by = np.bincount(domains, weights=w, minlength=len(names)) if names else ()
+            for dom, v in [(ALL, np.sum(w)), *zip(names, by, strict=True)]:
+                acc = per.setdefault(dom, {})
+                acc[key] = acc.get(key, 0.0) + float(v)
 
     def add_ref(
         self,
@@ -114,11 +118,9 @@ class TeacherStats:
         position, which :meth:`add_source` reads at each source's matched positions (each score
         depends on its row alone, so they are computed once for all sources)."""
         use = nxt >= 0
-        t, c, ce = next_token_scores(
-            ids[use], values[use], nxt[use], self.vocab_size, self.logprobs
-        )
-        n = np.ones(int(use.sum()))
-        self._add("ref", domains[use], names, {"n": n, "top1": t, "coverage": c, "ce": ce})
+        t, c, ce = next_token_scores(ids, values, nxt, self.vocab_size, self.logprobs)
+        cols = {"n": np.ones(len(use)), "top1": t, "coverage": c, "ce": ce}
+        self._add("ref", use, domains, names, cols)
         return RefScores(use, t, c, ce)
 
     def add_source(
@@ -137,18 +139,14 @@ class TeacherStats:
         has_next = nxt >= 0
         if not np.array_equal(has_next, ref.use):
             raise FuseLLMError(f"{name}: the ref scores given are those of other positions")
-        use = has_next & matched
-        y = nxt[use]
-        t, c, ce = next_token_scores(ids[use], values[use], y, self.vocab_size, self.logprobs)
-        rt, rc, rce = ref.at(use)
-        cols = {
-            "n": matched[has_next].astype(np.float64),
-            "with_next": np.ones(int(has_next.sum())),
-        }
-        self._add(name, domains[has_next], names, cols)
-        cols = {"top1": t, "coverage": c, "ce": ce, "ref_top1": rt, "ref_coverage": rc}
-        cols["ref_ce"] = rce
-        self._add(name, domains[use], names, cols)
+        # Every row is scored where it is (no copies of the [N, K] rows); the sums take the
+        # positions that count.
+        t, c, ce = next_token_scores(ids, values, nxt, self.vocab_size, self.logprobs)
+        cols = {"n": matched, "with_next": np.ones(len(has_next))}
+        self._add(name, has_next, domains, names, cols)
+        cols = {"top1": t, "coverage": c, "ce": ce, "ref_top1": ref.top1}
+        cols.update(ref_coverage=ref.coverage, ref_ce=ref.ce)
+        self._add(name, has_next & matched, domains, names, cols)
 
     def add_source_mass(self, name: str, topk_values: np.ndarray, kept: np.ndarray) -> None:
         """A source's own top-K rows (log-probabilities) and which entries the alignment keeps

@@ -558,18 +558,18 @@ def write_arrow_shard(
     tmp = _tmp_sibling(target)
     options = pa.ipc.IpcWriteOptions(compression=compression)
     try:
-        with (
-            pa.OSFile(str(tmp), "wb") as sink,
-            pa.ipc.new_stream(sink, table.schema, options=options) as writer,
-        ):
+        # Serialized in memory (the table is there already; compressed, the stream is smaller),
+        # so that it is hashed without reading the file back.
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
             writer.write_table(table)
-        h = hashlib.sha256()
-        with open(tmp, "rb+") as fh:
-            while chunk := fh.read(_CHUNK):
-                h.update(chunk)
+        data = memoryview(sink.getvalue())
+        h = hashlib.sha256(data)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        size = tmp.stat().st_size
+        size = len(data)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -541,6 +541,8 @@ class _Job:
     threads: int | None
     workers: int
     features: Any
+    #: ``features.arrow_schema`` (built once: ``datasets`` rebuilds it on every access).
+    schema: Any
     logits_dtype: str
     has_domain: bool
     logprobs: bool
@@ -548,10 +550,6 @@ class _Job:
     rows_per_batch: int
     num_rows: int
     num_shards: int
-
-    @property
-    def schema(self) -> Any:
-        return self.features.arrow_schema
 
 
 @dataclass
@@ -938,6 +936,7 @@ def _make_job(
         threads=threads,
         workers=max(1, min(threads or _native.default_num_threads(), num_shards)),
         features=features,
+        schema=features.arrow_schema,
         logits_dtype=logits_dtype,
         has_domain=has_domain,
         logprobs=inp.values == "logprobs",
@@ -1131,6 +1130,7 @@ def _source_rows(
     s_off, s_ids = list_column(t.column("input_ids"), f"{what} input_ids")
     k_off, k_ids = list_column(t.column("per_step_indices"), f"{what} indices")
     l_off, k_logits = list_column(t.column("per_step_logits"), f"{what} logits")
+    k_logits = k_logits.astype(np.float32, copy=False)  # once, for the kernel and the mass
     if not (np.array_equal(s_off, k_off) and np.array_equal(s_off, l_off)):
         raise InputError(f"{what}: per_step rows do not match input_ids near row {start}")
     spans = (
@@ -1180,15 +1180,16 @@ def _stored_logits(logits: np.ndarray, logits_dtype: str, what: str) -> np.ndarr
     dtype = np.dtype(logits_dtype)
     if dtype == logits.dtype:
         return logits
-    with np.errstate(over="ignore"):
-        cast = logits.astype(dtype)
-    over = np.isinf(cast) & np.isfinite(logits)
+    info = np.finfo(dtype)
+    # A finite value rounds to infinity from the largest finite one plus half its ulp on.
+    limit = float(info.max) + 2.0 ** (info.maxexp - info.nmant - 2)
+    over = np.isfinite(logits) & (np.abs(logits) >= limit)
     if over.any():
         raise InputError(
             f"{what}: a merged logit ({float(logits[over][0])}) overflows {logits_dtype}; use "
             "logits_dtype='float32'"
         )
-    return cast
+    return logits.astype(dtype)
 
 
 # --- statistics and the commit -------------------------------------------------------------------
