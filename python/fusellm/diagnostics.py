@@ -119,7 +119,7 @@ class TeacherStats:
         depends on its row alone, so they are computed once for all sources)."""
         use = nxt >= 0
         t, c, ce = next_token_scores(ids, values, nxt, self.vocab_size, self.logprobs)
-        cols = {"n": np.ones(len(use)), "top1": t, "coverage": c, "ce": ce}
+        cols = {"n": use, "top1": t, "coverage": c, "ce": ce}  # n: 1 where counted
         self._add("ref", use, domains, names, cols)
         return RefScores(use, t, c, ce)
 
@@ -142,7 +142,7 @@ class TeacherStats:
         # Every row is scored where it is (no copies of the [N, K] rows); the sums take the
         # positions that count.
         t, c, ce = next_token_scores(ids, values, nxt, self.vocab_size, self.logprobs)
-        cols = {"n": matched, "with_next": np.ones(len(has_next))}
+        cols = {"n": matched, "with_next": has_next}
         self._add(name, has_next, domains, names, cols)
         cols = {"top1": t, "coverage": c, "ce": ce, "ref_top1": ref.top1}
         cols.update(ref_coverage=ref.coverage, ref_ce=ref.ce)
