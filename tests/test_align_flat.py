@@ -177,3 +177,45 @@ def test_offsets_method_needs_both_spans() -> None:
     aligner, args = _small()
     with pytest.raises(fusellm.InputError, match="offsets"):
         aligner.align_flat(**args, method="offsets", base_offsets=np.zeros((3, 2), np.int64))
+
+
+def test_float16_rows_are_read_as_their_exact_widening() -> None:
+    """float16 top-K logits (as extraction stores them) go to the kernel as they are and align
+    exactly as their float32 values do; ``logits_dtype="float16"`` returns the float32 result
+    rounded to nearest."""
+    aligner, args = _small()
+    args["blend_topk_logits"] = np.array([[3.0, -1.5], [0.1, -np.inf], [-7.25, -0.333]], np.float16)
+    half = aligner.align_flat(**args)
+    wide = aligner.align_flat(
+        **{**args, "blend_topk_logits": args["blend_topk_logits"].astype(np.float32)}
+    )
+    assert half.logits.dtype == wide.logits.dtype == np.float32
+    np.testing.assert_array_equal(half.ids, wide.ids)
+    np.testing.assert_array_equal(half.logits, wide.logits)
+    stored = aligner.align_flat(**args, logits_dtype="float16")
+    assert stored.logits.dtype == np.float16
+    np.testing.assert_array_equal(stored.logits, wide.logits.astype(np.float16))
+    np.testing.assert_array_equal(stored.status, wide.status)
+    with pytest.raises(fusellm.InputError, match="logits_dtype"):
+        aligner.align_flat(**args, logits_dtype="bfloat16")  # type: ignore[arg-type]
+
+
+def test_float16_output_refuses_exactly_the_values_that_overflow() -> None:
+    """A merged logit is returned as float16 unless it would round to infinity there: from the
+    largest finite float16 (65504) plus half its ulp (16) on; the padding's -inf is kept."""
+    aligner, args = _small()
+    ok = np.array([[65519.0, -65519.0], [-3.25, -np.inf], [1.0, 0.0]], np.float32)
+    got = aligner.align_flat(**{**args, "blend_topk_logits": ok}, logits_dtype="float16")
+    want = aligner.align_flat(**{**args, "blend_topk_logits": ok})
+    np.testing.assert_array_equal(got.logits, want.logits.astype(np.float16))
+    assert np.isfinite(got.logits[0]).all()
+    assert got.logits[0, 0] == 65504
+    for bad in (65520.0, -70000.0, 1e30):
+        row = ok.copy()
+        row[1, 0] = bad  # the second token's row (matched)
+        with pytest.raises(fusellm.InputError, match=r"a merged logit \(.*\) overflows float16"):
+            aligner.align_flat(**{**args, "blend_topk_logits": row}, logits_dtype="float16")
+        # float32 output keeps it
+        assert aligner.align_flat(**{**args, "blend_topk_logits": row}).logits.max() == np.float32(
+            max(bad, 65519.0)
+        )

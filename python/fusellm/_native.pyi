@@ -15,15 +15,26 @@ def mined_base_to_blend(
     blend_marker: str,
 ) -> list[list[int]]: ...
 def default_num_threads() -> int: ...
-def next_token_scores(
-    ids: npt.NDArray[np.int32],
-    values: npt.NDArray[np.float32],
+def teacher_sums(
     next_ids: npt.NDArray[np.int64],
+    domains: npt.NDArray[np.int64],
+    num_domains: int,
     vocab_size: int,
     logprobs: bool,
-) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_], npt.NDArray[np.float64] | None]: ...
+    ref_ids: npt.NDArray[np.int32],
+    ref_values: npt.NDArray[np.float16] | npt.NDArray[np.float32],
+    sources: list[
+        tuple[
+            npt.NDArray[np.int32],
+            npt.NDArray[np.float16] | npt.NDArray[np.float32],
+            npt.NDArray[np.uint8],
+        ]
+    ],
+) -> tuple[list[list[float]], list[list[list[float]]]]: ...
 def topk_mass(
-    values: npt.NDArray[np.float32], kept: npt.NDArray[np.bool_]
+    values: npt.NDArray[np.float16] | npt.NDArray[np.float32],
+    ids: npt.NDArray[np.int32],
+    known: npt.NDArray[np.bool_],
 ) -> tuple[float, float]: ...
 
 @final
@@ -75,15 +86,16 @@ class Aligner:
         blend_ids: npt.NDArray[np.int32],
         blend_rows: npt.NDArray[np.int64],
         topk_ids: npt.NDArray[np.int32],
-        topk_logits: npt.NDArray[np.float32],
+        topk_logits: npt.NDArray[np.float16] | npt.NDArray[np.float32],
         base_offsets: npt.NDArray[np.int64] | None,
         blend_offsets: npt.NDArray[np.int64] | None,
         method: str,
         vocab: str,
         num_threads: int | None,
+        logits_dtype: str,
     ) -> tuple[
         npt.NDArray[np.int32],
-        npt.NDArray[np.float32],
+        npt.NDArray[np.float16] | npt.NDArray[np.float32],
         npt.NDArray[np.uint8],
         dict[str, int | None],
     ]: ...

@@ -119,7 +119,8 @@ class AlignedBatch:
 
     Attributes:
         ids: ``int32 [N_base, K]`` base token ids, ``-1`` padded.
-        logits: ``float32 [N_base, K]`` matching logits, ``-inf`` padded, descending per row.
+        logits: ``[N_base, K]`` matching logits (``float32``, or ``float16`` as asked), ``-inf``
+            padded, descending per row.
         status: ``uint8 [N_base]`` status per position.
         counts: the batch's sums: ``matched``, ``empty``, ``fallback``, ``masked`` (positions by
             status), ``unknown_ids``, ``unmapped_ids``, ``duplicate_ids`` (as in
@@ -129,7 +130,7 @@ class AlignedBatch:
     """
 
     ids: npt.NDArray[np.int32]
-    logits: npt.NDArray[np.float32]
+    logits: npt.NDArray[np.float32] | npt.NDArray[np.float16]
     status: npt.NDArray[np.uint8]
     counts: dict[str, int | None]
 
@@ -159,6 +160,15 @@ def _as_float32(x: Any, name: str) -> npt.NDArray[np.float32]:
     # Values beyond the float32 range become +-inf, as intended; no overflow warning.
     with np.errstate(over="ignore"):
         return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _as_row_values(x: Any, name: str) -> npt.NDArray[np.float16] | npt.NDArray[np.float32]:
+    """``[L, K]`` logits for the kernel: ``float16`` rows as they are (the kernel widens them
+    exactly), any other floating-point dtype as ``float32``."""
+    a = np.asarray(x)
+    if a.dtype == np.float16 and a.ndim == 2:
+        return np.ascontiguousarray(a)
+    return _as_float32(a, name)
 
 
 def _as_offsets(x: Any, name: str) -> npt.NDArray[np.int64]:
@@ -371,6 +381,7 @@ class Aligner:
         base_offsets: Any = None,
         blend_offsets: Any = None,
         num_threads: int | None = None,
+        logits_dtype: Literal["float32", "float16"] = "float32",
     ) -> AlignedBatch:
         """:meth:`align_batch` on a batch in flat buffers, as an Arrow list column holds it: the
         values of every sequence one after the other, and row offsets (``n + 1``, from 0) where
@@ -385,6 +396,9 @@ class Aligner:
                 ``blend_offsets`` the same for the blend side.
             method, vocab, num_threads: as for :meth:`align_batch`. Errors name the failing
                 sequence (``sequence r``).
+            logits_dtype: the dtype of the returned logits. ``"float16"`` rounds the merged
+                logits to nearest; one that overflows float16 is an :class:`InputError`.
+                ``float16`` top-K logits are read as they are (no copy), others as float32.
         """
         num_threads = check_num_threads(num_threads)
         self._check_vocab_mode(vocab)
@@ -394,12 +408,13 @@ class Aligner:
             _as_int32(blend_ids, "blend_ids", 1),
             _as_rows(blend_rows, "blend_rows"),
             _as_int32(blend_topk_ids, "blend_topk_ids", 2),
-            _as_float32(blend_topk_logits, "blend_topk_logits"),
+            _as_row_values(blend_topk_logits, "blend_topk_logits"),
             None if base_offsets is None else _as_offsets(base_offsets, "base_offsets"),
             None if blend_offsets is None else _as_offsets(blend_offsets, "blend_offsets"),
             method,
             vocab,
             num_threads,
+            logits_dtype,
         )
         return AlignedBatch(*raw)
 

@@ -167,6 +167,8 @@ class Artifact:
         self.owned = owned
         self.describe = describe
         self._t0: tuple[float, float] | None = None
+        #: Content digests the stage computed while writing (:meth:`known_digest`).
+        self._digests: dict[str, tuple[int, str]] = {}
 
     # --- where things are ------------------------------------------------------------------------
 
@@ -207,12 +209,17 @@ class Artifact:
             and not any(is_tmp_name(part) for part in p.relative_to(base).parts)
         )
 
+    def known_digest(self, name: str, size: int, sha256: str) -> None:
+        """Records the SHA-256 of an output file the stage just wrote (``name`` relative to the
+        output), so that the output fingerprint does not read it again."""
+        self._digests[name] = (int(size), str(sha256))
+
     def output_fingerprint(
         self, previous: Mapping[str, Any] | None = None, root: Path | None = None
     ) -> dict[str, Any]:
         files = self.output_files(root)
         base = root or (self.path if self.is_dir else self.path.parent)
-        return fingerprint_files(files, root=base, previous=previous)
+        return fingerprint_files(files, root=base, previous=previous, digests=self._digests)
 
     # --- the decision ----------------------------------------------------------------------------
 

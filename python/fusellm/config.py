@@ -223,8 +223,9 @@ class ExtractSettings:
         default=16384, metadata=_help("Padded tokens per forward pass.")
     )
     max_batch_size: int = field(default=256, metadata=_help("Rows per forward pass."))
-    compression: Literal["zstd", "lz4"] | None = field(
-        default="zstd", metadata=_help("Shard compression: zstd, lz4 or null.")
+    compression: Literal["lz4", "zstd"] | None = field(
+        default="lz4",
+        metadata=_help("Shard compression: lz4 (fast to read back), zstd (smaller) or null."),
     )
 
 
@@ -296,8 +297,9 @@ class AlignSettings:
         default="float16",
         metadata=_help("dtype of the aligned logits (extraction stores float16)."),
     )
-    compression: Literal["zstd", "lz4"] | None = field(
-        default="zstd", metadata=_help("Shard compression: zstd, lz4 or null.")
+    compression: Literal["lz4", "zstd"] | None = field(
+        default="lz4",
+        metadata=_help("Shard compression: lz4 (fast to read back), zstd (smaller) or null."),
     )
 
 
@@ -343,8 +345,9 @@ class PackSettings:
             "bins are formed within a chunk)."
         ),
     )
-    compression: Literal["zstd", "lz4"] | None = field(
-        default="zstd", metadata=_help("Shard compression: zstd, lz4 or null.")
+    compression: Literal["lz4", "zstd"] | None = field(
+        default="lz4",
+        metadata=_help("Shard compression: lz4 (fast to read back), zstd (smaller) or null."),
     )
 
 

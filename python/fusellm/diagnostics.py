@@ -17,25 +17,29 @@ target's in training); the target's own rows (``ref``) on the same positions are
 it (``ref_top1``, ``ref_coverage``, ``ref_ce``), so the two are compared on equal ground. ``ref``
 alone is scored on every position that has a next token. ``all`` pools the domains.
 
-:class:`TeacherStats` accumulates these batch by batch (the align stage feeds it every shard) and
-writes them into ``align_stats.json`` under ``"teachers"``; :func:`next_token_scores` is the
-per-position computation, shared by the accumulator and by token-level candidate selection.
+:class:`TeacherStats` accumulates these shard by shard (the align stage feeds it every shard) and
+writes them into ``align_stats.json`` under ``"teachers"``. The scores and their per-domain sums
+are computed by the Rust core (``fusellm_core::scores``) in float64, in one pass over a shard's
+positions, without the interpreter, from the rows as they are stored (float16 or float32).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from .errors import FuseLLMError
-
-__all__ = ["ALL", "RefScores", "TeacherStats", "next_token_scores", "next_tokens"]
+__all__ = ["ALL", "TeacherStats", "next_tokens"]
 
 #: The pooled "domain".
 ALL = "all"
+
+#: The sums the Rust core returns per candidate and domain, in its order.
+_SLOTS = ("n", "with_next", "top1", "coverage", "ce", "ref_top1", "ref_coverage", "ref_ce")
+#: Which of them each kind of candidate has (``ce`` ones only for log-probabilities).
+_REF_KEYS = ("n", "top1", "coverage", "ce")
+_SOURCE_KEYS = _SLOTS
 
 
 def next_tokens(ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -49,32 +53,11 @@ def next_tokens(ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return nxt
 
 
-def next_token_scores(
-    ids: np.ndarray, values: np.ndarray, nxt: np.ndarray, vocab_size: int, logprobs: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Per position: ``(top1, coverage, ce)`` of the rows ``ids``/``values`` ``[N, K]`` against
-    the next tokens ``nxt`` ``[N]`` (see the module docstring; ``ce`` is None for raw logits).
-    Computed by the Rust core (``fusellm_core::scores``) in float64, without the interpreter."""
-    from ._native import next_token_scores as native
-
-    return native(
-        np.ascontiguousarray(ids, dtype=np.int32),
-        np.ascontiguousarray(values, dtype=np.float32),
-        np.ascontiguousarray(nxt, dtype=np.int64),
-        int(vocab_size),
-        bool(logprobs),
-    )
-
-
-@dataclass(frozen=True)
-class RefScores:
-    """The ref rows' scores (:func:`next_token_scores`) at every position of a batch; ``use``:
-    the positions that have a next token (the others' scores are meaningless)."""
-
-    use: np.ndarray
-    top1: np.ndarray
-    coverage: np.ndarray
-    ce: np.ndarray | None
+def _rows(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``[N, K]`` rows as the kernel takes them: int32 ids, float16 or float32 values."""
+    if values.dtype != np.float16:
+        values = np.ascontiguousarray(values, dtype=np.float32)
+    return np.ascontiguousarray(ids, dtype=np.int32), np.ascontiguousarray(values)
 
 
 class TeacherStats:
@@ -86,77 +69,59 @@ class TeacherStats:
         self._sums: dict[str, dict[str, dict[str, float]]] = {}
         self._mass: dict[str, dict[str, float]] = {}
 
-    def _add(
-        self,
-        name: str,
-        where: np.ndarray,
-        domains: np.ndarray,
-        names: Sequence[str],
-        cols: dict[str, Any],
+    def _fold(
+        self, name: str, keys: Sequence[str], slots: Sequence[Sequence[float]], names: Sequence[str]
     ) -> None:
-        """Adds per-position columns (``None`` ones skipped), at the positions ``where``, into
-        ``name``'s per-domain sums (``domains``: each position's index into ``names``)."""
+        """Adds one shard's sums of ``name`` (``slots``: the pool, then each of ``names``)."""
         per = self._sums.setdefault(name, {})
-        for key, col in cols.items():
-            if col is None:
-                continue
-            w = np.where(where, col, 0.0)
-            by = np.bincount(domains, weights=w, minlength=len(names)) if names else ()
-            for dom, v in [(ALL, np.sum(w)), *zip(names, by, strict=True)]:
-                acc = per.setdefault(dom, {})
-                acc[key] = acc.get(key, 0.0) + float(v)
+        for dom, slot in zip([ALL, *names], slots, strict=True):
+            acc = per.setdefault(dom, {})
+            for key in keys:
+                if key in ("ce", "ref_ce") and not self.logprobs:
+                    continue
+                acc[key] = acc.get(key, 0.0) + slot[_SLOTS.index(key)]
 
-    def add_ref(
+    def add_shard(
         self,
-        ids: np.ndarray,
-        values: np.ndarray,
         nxt: np.ndarray,
         domains: np.ndarray,
         names: Sequence[str],
-    ) -> RefScores:
-        """The target's own rows, on every position with a next token. Returns their scores per
-        position, which :meth:`add_source` reads at each source's matched positions (each score
-        depends on its row alone, so they are computed once for all sources)."""
-        use = nxt >= 0
-        t, c, ce = next_token_scores(ids, values, nxt, self.vocab_size, self.logprobs)
-        cols = {"n": use, "top1": t, "coverage": c, "ce": ce}  # n: 1 where counted
-        self._add("ref", use, domains, names, cols)
-        return RefScores(use, t, c, ce)
-
-    def add_source(
-        self,
-        name: str,
-        ids: np.ndarray,
-        values: np.ndarray,
-        matched: np.ndarray,
-        ref: RefScores,
-        nxt: np.ndarray,
-        domains: np.ndarray,
-        names: Sequence[str],
+        ref: tuple[np.ndarray, np.ndarray],
+        sources: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
     ) -> None:
-        """A source's aligned rows on its matched positions, and the ref rows (``ref``: what
-        :meth:`add_ref` returned for the same positions) beside them."""
-        has_next = nxt >= 0
-        if not np.array_equal(has_next, ref.use):
-            raise FuseLLMError(f"{name}: the ref scores given are those of other positions")
-        # Every row is scored where it is (no copies of the [N, K] rows); the sums take the
-        # positions that count.
-        t, c, ce = next_token_scores(ids, values, nxt, self.vocab_size, self.logprobs)
-        cols = {"n": matched, "with_next": has_next}
-        self._add(name, has_next, domains, names, cols)
-        cols = {"top1": t, "coverage": c, "ce": ce, "ref_top1": ref.top1}
-        cols.update(ref_coverage=ref.coverage, ref_ce=ref.ce)
-        self._add(name, has_next & matched, domains, names, cols)
+        """One shard: the target's own rows ``ref`` (``(ids, values)``, ``[N, K]``) and each
+        source's aligned rows ``(ids, values, status)`` against the next tokens ``nxt`` (``[N]``,
+        ``-1``: none); ``domains``: each position's index into ``names`` (``-1``: none)."""
+        from ._native import teacher_sums
 
-    def add_source_mass(self, name: str, topk_values: np.ndarray, kept: np.ndarray) -> None:
-        """A source's own top-K rows (log-probabilities) and which entries the alignment keeps
-        (the id maps to a target token): the mass it holds and the mass sent to the tail."""
+        ref_slots, source_slots = teacher_sums(
+            np.ascontiguousarray(nxt, dtype=np.int64),
+            np.ascontiguousarray(domains, dtype=np.int64),
+            len(names),
+            self.vocab_size,
+            self.logprobs,
+            *_rows(*ref),
+            [
+                (*_rows(i, v), np.ascontiguousarray(st, dtype=np.uint8))
+                for i, v, st in sources.values()
+            ],
+        )
+        self._fold("ref", _REF_KEYS, ref_slots, names)
+        for name, slots in zip(sources, source_slots, strict=True):
+            self._fold(name, _SOURCE_KEYS, slots, names)
+
+    def add_source_mass(
+        self, name: str, topk_values: np.ndarray, topk_ids: np.ndarray, known: np.ndarray
+    ) -> None:
+        """A source's own top-K rows (log-probabilities and ids, ``[R, K]``) and which of its ids
+        the alignment keeps (``known[id]``: the id maps to a target token; ids outside it do
+        not): the mass the rows hold and the mass sent to the tail."""
         if not self.logprobs:
             return
         from ._native import topk_mass
 
-        values = np.ascontiguousarray(topk_values, dtype=np.float32)
-        total, dropped = topk_mass(values, np.ascontiguousarray(kept, dtype=np.bool_))
+        ids, values = _rows(topk_ids, topk_values)
+        total, dropped = topk_mass(values, ids, np.ascontiguousarray(known, dtype=np.bool_))
         acc = self._mass.setdefault(name, {"rows": 0.0, "topk_mass": 0.0, "dropped_mass": 0.0})
         acc["rows"] += values.shape[0]
         acc["topk_mass"] += total

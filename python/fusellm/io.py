@@ -6,7 +6,7 @@ be either complete or absent, and must say what it was made from:
 - :func:`atomic_write_bytes` / :func:`atomic_write_json` write a temporary file next to the target
   (same file system), ``fsync`` it, then ``os.replace`` it onto the target: a reader sees the old
   file or the new one, never a torn one. :func:`atomic_dir` does the same for a whole directory.
-- :func:`fingerprint_files` hashes files (SHA-256 of relative names, sizes and contents);
+- :func:`fingerprint_files` hashes files (SHA-256 of relative names, sizes and content digests);
   :func:`model_fingerprint` / :func:`tokenizer_fingerprint` select the files that define a model
   (config and weights) or a tokenizer. A previous result can be reused when every file's size and
   modification time are unchanged, so restarts do not re-hash many gigabytes of weights.
@@ -48,6 +48,7 @@ __all__ = [
     "atomic_dir",
     "atomic_write_bytes",
     "atomic_write_json",
+    "file_sha256",
     "fingerprint_dataset",
     "fingerprint_files",
     "load_text_dataset",
@@ -248,13 +249,17 @@ def fingerprint_files(
     root: str | os.PathLike[str] | None = None,
     patterns: Sequence[str] | None = None,
     previous: Mapping[str, Any] | None = None,
+    digests: Mapping[str, tuple[int, str]] | None = None,
 ) -> dict[str, Any]:
-    """SHA-256 over files: their names relative to ``root``, sizes and contents, in name order.
+    """SHA-256 over files: their names relative to ``root``, sizes and content digests (each
+    file's own SHA-256), in name order.
 
     ``paths`` is a directory (every regular file below it, or those matching ``patterns`` at its
     top level) or an iterable of files. Returns ``{"sha256": hex, "files": [[name, size,
     mtime_ns], ...]}``. When ``previous`` (an earlier result) lists exactly the same names, sizes
-    and modification times, its hash is reused without reading the files.
+    and modification times, its hash is reused without reading the files. ``digests`` maps names
+    to ``(size, sha256 hex)`` that the caller computed while writing those files (a stage's
+    shards); a file of that size is not read again.
     """
     if isinstance(paths, (str, os.PathLike)):
         base = Path(paths)
@@ -283,14 +288,22 @@ def fingerprint_files(
         return {"sha256": previous["sha256"], "files": listing}
     h = hashlib.sha256()
     for name, size, _, f in entries:
-        h.update(name.encode("utf-8") + b"\0" + str(size).encode() + b"\0")
-        try:
-            with open(f, "rb") as fh:
-                while chunk := fh.read(_CHUNK):
-                    h.update(chunk)
-        except OSError as e:
-            raise InputError(f"cannot read {f}: {e}") from e
+        known = (digests or {}).get(name)
+        digest = known[1] if known is not None and known[0] == size else file_sha256(f)
+        h.update(f"{name}\0{size}\0{digest}\0".encode())
     return {"sha256": h.hexdigest(), "files": listing}
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 (hex) of a file's content."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                h.update(chunk)
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e}") from e
+    return h.hexdigest()
 
 
 def model_fingerprint(
@@ -543,11 +556,11 @@ def shard_file_name(index: int, num_shards: int) -> str:
 
 
 def write_arrow_shard(
-    table: Any, path: str | os.PathLike[str], *, compression: str | None = "zstd"
+    table: Any, path: str | os.PathLike[str], *, compression: str | None
 ) -> dict[str, Any]:
     """Writes a ``pyarrow.Table`` atomically as an Arrow IPC stream (the ``save_to_disk`` format).
 
-    ``compression`` is ``"zstd"``, ``"lz4"`` or ``None``; compressed shards are read by
+    ``compression`` is ``"lz4"``, ``"zstd"`` or ``None``; compressed shards are read by
     ``datasets.load_from_disk`` and ``Dataset.from_file`` like uncompressed ones but are
     decompressed into memory instead of being memory-mapped. Returns ``{"bytes", "sha256"}``.
     """

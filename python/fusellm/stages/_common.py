@@ -18,7 +18,7 @@ CANDIDATE_SUFFIXES = ("ids", "logits", "metric_ce", "num_tokens")
 #: The files of a ``save_to_disk`` dataset that define its content.
 DATA_PATTERNS = ("data-*.arrow", "state.json", "dataset_info.json")
 #: Shard compressions the stages write.
-COMPRESSIONS = ("zstd", "lz4", None)
+COMPRESSIONS = ("lz4", "zstd", None)
 
 
 # --- argument checks, fingerprints ---------------------------------------------------------------
@@ -149,7 +149,10 @@ def row_tables(batches: Iterator[Any], rows: int) -> Iterator[Any]:
 def arrow_array(col: Any) -> Any:
     import pyarrow as pa
 
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if isinstance(col, pa.ChunkedArray):  # one chunk (the usual case) is taken as it is
+        arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    else:
+        arr = col
     if isinstance(arr, pa.ExtensionArray):
         arr = arr.storage
     return arr
@@ -317,16 +320,6 @@ def write_shard(
     return info
 
 
-def sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def finished_shards(
     out: Path, num_shards: int, rows_per_shard: int, num_rows: int, *, verify_hashes: bool = False
 ) -> list[dict[str, Any]]:
@@ -334,6 +327,7 @@ def finished_shards(
     ``verify_hashes``, the recorded bytes). Raises :class:`FuseLLMError` listing missing shards,
     :class:`StaleArtifactError` for a shard that does not match its sidecar."""
     from ..errors import StaleArtifactError
+    from ..io import file_sha256
 
     missing, infos = [], []
     for s in range(num_shards):
@@ -348,7 +342,7 @@ def finished_shards(
                 f"shard {s} holds rows {info.get('row_start')}+{info.get('num_rows')}, expected "
                 f"{want_start}+{want_rows}"
             )
-        if verify_hashes and sha256_file(shard_paths(out, s, num_shards)[0]) != info.get("sha256"):
+        if verify_hashes and file_sha256(shard_paths(out, s, num_shards)[0]) != info.get("sha256"):
             raise StaleArtifactError(f"shard {s} does not match its recorded SHA-256")
         infos.append(info)
     if missing:

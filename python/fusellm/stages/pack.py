@@ -473,12 +473,12 @@ def pack_dataset(
     output_dir: str | os.PathLike[str],
     *,
     block_size: int = 2048,
-    mode: str = "concat",
-    layout: str = "plan",
-    chunk_tokens: int = 1 << 21,
-    nan_rows: str = "exclude",
-    compat: str | None = None,
-    compression: str | None = "zstd",
+    mode: str = PackSettings.mode,
+    layout: str = PackSettings.layout,
+    chunk_tokens: int = PackSettings.chunk_tokens,
+    nan_rows: str = PackSettings.nan_rows,
+    compat: str | None = PackSettings.compat,
+    compression: str | None = PackSettings.compression,
     overwrite: bool = False,
     on_stale: str | None = None,
     progress: bool | None = None,
@@ -504,7 +504,7 @@ def pack_dataset(
             packs inside ``datasets.map(batched=True, batch_size=1000)``, so the rows are
             concatenated and cut in groups of :data:`REFERENCE_PACK_ROWS`, each group's remainder
             kept as a short block. ``None``: one concatenation across the whole dataset.
-        compression: output shard compression (``"zstd"``, ``"lz4"`` or ``None``).
+        compression: output shard compression (``"lz4"``, ``"zstd"`` or ``None``).
         overwrite: replace an output made from other inputs instead of refusing.
         on_stale: ``"refuse"`` or ``"replace"`` such an output (default: from ``overwrite``;
             :mod:`fusellm.artifact`).

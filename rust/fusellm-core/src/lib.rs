@@ -8,6 +8,7 @@
 //! - [`flat`]: ragged batches in flat buffers (values + row offsets), as a stage reads them.
 //! - [`vocab_map`]: exact MinED / surface vocabulary maps.
 //! - [`pack`]: packing rows into training blocks (reference concat, best-fit decreasing).
+//! - [`logit`]: stored row values (`f32`, `f16`) and their conversions.
 //! - [`scores`]: next-token scores of top-K rows (the teacher diagnostics of alignment).
 //!
 //! No Python here: the bindings live in `fusellm-py`.
@@ -18,6 +19,7 @@ pub mod dtw;
 pub mod error;
 pub mod flat;
 pub mod levenshtein;
+pub mod logit;
 pub mod offsets;
 pub mod pack;
 mod prefetch;
@@ -28,6 +30,7 @@ pub use aligner::{Aligner, Fallback, Method, SeqInput, SeqOutput, Vocab, VocabMo
 pub use dtw::{mined_base_to_blend, Alignment};
 pub use error::{Error, Result, Side};
 pub use flat::{align_flat, BatchCounts, FlatBatch, FlatOutput};
+pub use logit::{f16, narrow_f16, widen, Logit};
 pub use pack::{NanScores, PackMode, PackPlan};
-pub use scores::{next_token_scores, topk_mass, NextTokenScores};
+pub use scores::{teacher_sums, topk_mass, Rows, ScoreRows, Source, Sums, TeacherSums};
 pub use vocab_map::{build_vocab_map, MapMethod, NearestIndex, VocabMapping};

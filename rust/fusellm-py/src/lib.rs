@@ -18,6 +18,8 @@ mod pack;
 mod scores;
 mod vocab;
 
+use scores::{ValueSlice, Values};
+
 /// An exception of the `fusellm.errors` hierarchy (`InputError` is a `ValueError`,
 /// `InputTypeError` a `TypeError`); the builtin base class if that module cannot be imported.
 fn fusellm_error(class: &str, msg: String) -> PyErr {
@@ -299,7 +301,7 @@ impl Aligner {
     }
 
     /// Aligns a batch given as flat buffers with row offsets (see `fusellm-core`'s `flat`).
-    #[pyo3(signature = (base_ids, base_rows, blend_ids, blend_rows, topk_ids, topk_logits, base_offsets, blend_offsets, method, vocab, num_threads))]
+    #[pyo3(signature = (base_ids, base_rows, blend_ids, blend_rows, topk_ids, topk_logits, base_offsets, blend_offsets, method, vocab, num_threads, logits_dtype))]
     #[allow(clippy::too_many_arguments)]
     fn align_flat<'py>(
         &self,
@@ -309,15 +311,22 @@ impl Aligner {
         blend_ids: PyReadonlyArray1<'py, i32>,
         blend_rows: PyReadonlyArray1<'py, i64>,
         topk_ids: PyReadonlyArray2<'py, i32>,
-        topk_logits: PyReadonlyArray2<'py, f32>,
+        topk_logits: &Bound<'py, PyAny>,
         base_offsets: Option<PyReadonlyArray2<'py, i64>>,
         blend_offsets: Option<PyReadonlyArray2<'py, i64>>,
         method: &str,
         vocab: &str,
         num_threads: Option<Size>,
+        logits_dtype: &str,
     ) -> PyResult<FlatRows<'py>> {
         let method = parse_method(method)?;
         let mode = parse_vocab(vocab)?;
+        let half_out = parse(
+            "logits_dtype",
+            logits_dtype,
+            &[("float32", false), ("float16", true)],
+        )?;
+        let topk_logits = Values::extract(topk_logits, "blend_topk_logits")?;
         if topk_ids.shape() != topk_logits.shape() {
             return Err(input_error(format!(
                 "blend_topk_ids has shape {:?} but blend_topk_logits has {:?}",
@@ -325,26 +334,68 @@ impl Aligner {
                 topk_logits.shape()
             )));
         }
-        let batch = core::FlatBatch {
-            values: core::SeqInput {
-                base_ids: values(&base_ids, "base_ids")?,
-                blend_ids: values(&blend_ids, "blend_ids")?,
-                topk_ids: values(&topk_ids, "blend_topk_ids")?,
-                topk_logits: values(&topk_logits, "blend_topk_logits")?,
-                k: topk_ids.shape()[1],
-                base_offsets: spans(&base_offsets, "base_offsets")?,
-                blend_offsets: spans(&blend_offsets, "blend_offsets")?,
-            },
-            base_rows: values(&base_rows, "base_rows")?,
-            blend_rows: values(&blend_rows, "blend_rows")?,
-        };
+        let (base_ids, blend_ids, topk_ids_s, base_rows, blend_rows) = (
+            values(&base_ids, "base_ids")?,
+            values(&blend_ids, "blend_ids")?,
+            values(&topk_ids, "blend_topk_ids")?,
+            values(&base_rows, "base_rows")?,
+            values(&blend_rows, "blend_rows")?,
+        );
+        let (base_offsets, blend_offsets) = (
+            spans(&base_offsets, "base_offsets")?,
+            spans(&blend_offsets, "blend_offsets")?,
+        );
+        let logits_in = topk_logits.slice("blend_topk_logits")?;
+        let k = topk_ids.shape()[1];
         let inner = &self.inner;
         let threads = num_threads.map(|n| n.0);
-        let out = py
-            .detach(|| core::align_flat(inner, &batch, method, mode, threads))
+        let (out, half) = py
+            .detach(|| {
+                // float16 rows are widened for the aligner, which merges in float32
+                let wide;
+                let topk_logits = match logits_in {
+                    ValueSlice::F32(v) => v,
+                    ValueSlice::F16(v) => {
+                        wide = core::widen(v);
+                        &wide[..]
+                    }
+                };
+                let batch = core::FlatBatch {
+                    values: core::SeqInput {
+                        base_ids,
+                        blend_ids,
+                        topk_ids: topk_ids_s,
+                        topk_logits,
+                        k,
+                        base_offsets,
+                        blend_offsets,
+                    },
+                    base_rows,
+                    blend_rows,
+                };
+                let out = core::align_flat(inner, &batch, method, mode, threads)?;
+                let half = match half_out {
+                    true => Some(core::narrow_f16(&out.rows.logits)?),
+                    false => None,
+                };
+                Ok::<_, core::Error>((out, half))
+            })
             .map_err(to_py)?;
         let rows = out.rows;
-        let (ids, logits) = rows_2d(py, rows.ids, rows.logits, rows.status.len(), rows.k)?;
+        let (n, k) = (rows.status.len(), rows.k);
+        let ids = Array2::from_shape_vec((n, k), rows.ids)
+            .map_err(shape_error)?
+            .into_pyarray(py);
+        let logits = match half {
+            Some(h) => Array2::from_shape_vec((n, k), h)
+                .map_err(shape_error)?
+                .into_pyarray(py)
+                .into_any(),
+            None => Array2::from_shape_vec((n, k), rows.logits)
+                .map_err(shape_error)?
+                .into_pyarray(py)
+                .into_any(),
+        };
         Ok((
             ids,
             logits,
@@ -396,7 +447,7 @@ fn counts_dict<'py>(py: Python<'py>, c: &core::BatchCounts) -> PyResult<Bound<'p
 
 type FlatRows<'py> = (
     Bound<'py, PyArray2<i32>>,
-    Bound<'py, PyArray2<f32>>,
+    Bound<'py, PyAny>,
     Bound<'py, PyArray1<u8>>,
     Bound<'py, PyDict>,
 );
