@@ -35,7 +35,7 @@ from fusellm.bundled import load_tokenizer  # noqa: E402
 from fusellm.fuse import validate_packed  # noqa: E402
 from fusellm.report import write_report  # noqa: E402
 from fusellm.stages.align import ALIGN_STATS_NAME, add_align_parser, align_dataset  # noqa: E402
-from fusellm.stages.extract import extract_topk  # noqa: E402
+from fusellm.stages.extract import add_extract_parser, extract_topk  # noqa: E402
 from fusellm.stages.pack import add_pack_parser, load_packed, pack_dataset  # noqa: E402
 from fusellm.stages.vocab_map import add_vocab_map_parser, run_vocab_map  # noqa: E402
 
@@ -1086,7 +1086,7 @@ def test_cli_hooks(
 def stage_parser() -> tuple[argparse.ArgumentParser, Any]:
     parser = argparse.ArgumentParser(prog="fusellm")
     sub = parser.add_subparsers(dest="command")
-    for hook in (add_vocab_map_parser, add_align_parser, add_pack_parser):
+    for hook in (add_extract_parser, add_vocab_map_parser, add_align_parser, add_pack_parser):
         hook(sub)
     return parser, sub
 
@@ -1097,10 +1097,17 @@ def test_cli_api_and_config_declare_the_same_defaults() -> None:
     import dataclasses
     import inspect
 
-    from fusellm.config import AlignSettings, PackSettings, PipelineConfig, VocabMapSettings
+    from fusellm.config import (
+        AlignSettings,
+        ExtractSettings,
+        PackSettings,
+        PipelineConfig,
+        VocabMapSettings,
+    )
 
     parser, _ = stage_parser()
     commands = {
+        "extract": (["extract", "rows", "model", "out"], ExtractSettings, extract_topk),
         "vocab-map": (["vocab-map", "a", "b", "m.json"], VocabMapSettings, run_vocab_map),
         "align": (["align", "base", "out", "-s", "x=y"], AlignSettings, align_dataset),
         "pack": (["pack", "al", "out"], PackSettings, pack_dataset),
@@ -1108,7 +1115,12 @@ def test_cli_api_and_config_declare_the_same_defaults() -> None:
     config = PipelineConfig.from_dict(
         {"target": {"path": "t"}, "sources": [{"name": "s", "path": "s"}], "data": {"train": "d"}}
     )
-    sections = {"vocab-map": config.vocab_map, "align": config.align, "pack": config.pack}
+    sections = {
+        "extract": config.extract,
+        "vocab-map": config.vocab_map,
+        "align": config.align,
+        "pack": config.pack,
+    }
     for command, (argv, cls, function) in commands.items():
         args = vars(parser.parse_args(argv))
         signature = inspect.signature(function).parameters
