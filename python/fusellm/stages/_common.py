@@ -320,6 +320,15 @@ def write_shard(
     return info
 
 
+def note_shard_digests(art: Any, infos: Sequence[Mapping[str, Any]], num_shards: int) -> None:
+    """Tells the artifact ``art`` the SHA-256 each shard was written with (``infos``: every
+    shard's sidecar, in shard order), so that its output fingerprint does not read them again."""
+    from ..io import shard_file_name
+
+    for index, info in enumerate(infos):
+        art.known_digest(shard_file_name(index, num_shards), info["bytes"], info["sha256"])
+
+
 def finished_shards(
     out: Path, num_shards: int, rows_per_shard: int, num_rows: int, *, verify_hashes: bool = False
 ) -> list[dict[str, Any]]:

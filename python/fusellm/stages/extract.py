@@ -92,6 +92,7 @@ from ..tokenization import char_spans
 from ._common import (
     COMPRESSIONS,
     finished_shards,
+    note_shard_digests,
     shard_done,
     shard_paths,
     worker_shards,
@@ -1143,6 +1144,7 @@ def _finalize(art: Any, manifest: dict[str, Any], *, verify_hashes: bool = False
     key = manifest["key"]
     num_shards, rows_per_shard, num_rows = key["num_shards"], key["rows_per_shard"], key["num_rows"]
     infos = finished_shards(out, num_shards, rows_per_shard, num_rows, verify_hashes=verify_hashes)
+    note_shard_digests(art, infos, num_shards)
     features = datasets.Features.from_dict(_features_dict(manifest, out))
     files = [shard_file_name(s, num_shards) for s in range(num_shards)]
     write_dataset_metadata(
