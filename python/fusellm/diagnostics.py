@@ -37,9 +37,9 @@ ALL = "all"
 
 #: The sums the Rust core returns per candidate and domain, in its order.
 _SLOTS = ("n", "with_next", "top1", "coverage", "ce", "ref_top1", "ref_coverage", "ref_ce")
-#: Which of them each kind of candidate has (``ce`` ones only for log-probabilities).
+#: The ones the target's own rows have (a source has all of them); ``ce`` ones only for
+#: log-probabilities.
 _REF_KEYS = ("n", "top1", "coverage", "ce")
-_SOURCE_KEYS = _SLOTS
 
 
 def next_tokens(ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -74,12 +74,11 @@ class TeacherStats:
     ) -> None:
         """Adds one shard's sums of ``name`` (``slots``: the pool, then each of ``names``)."""
         per = self._sums.setdefault(name, {})
+        kept = [(k, _SLOTS.index(k)) for k in keys if self.logprobs or k not in ("ce", "ref_ce")]
         for dom, slot in zip([ALL, *names], slots, strict=True):
             acc = per.setdefault(dom, {})
-            for key in keys:
-                if key in ("ce", "ref_ce") and not self.logprobs:
-                    continue
-                acc[key] = acc.get(key, 0.0) + slot[_SLOTS.index(key)]
+            for key, i in kept:
+                acc[key] = acc.get(key, 0.0) + slot[i]
 
     def add_shard(
         self,
@@ -108,7 +107,7 @@ class TeacherStats:
         )
         self._fold("ref", _REF_KEYS, ref_slots, names)
         for name, slots in zip(sources, source_slots, strict=True):
-            self._fold(name, _SOURCE_KEYS, slots, names)
+            self._fold(name, _SLOTS, slots, names)
 
     def add_source_mass(
         self, name: str, topk_values: np.ndarray, topk_ids: np.ndarray, known: np.ndarray
