@@ -8,8 +8,8 @@ loss could cost memory and time:
 - plain CLM step: ``model(input_ids, labels=...)`` (transformers' own cross-entropy), backward;
 - fusion step: ``model(input_ids)`` then :func:`fusellm.fuse.fusion_loss` (CLM + MinCE fusion from
   sparse rows), backward, with the reference's renormalised rows and with the calibrated teacher
-  (rows of log-probabilities, one tail bin per position; token-level selection and the student
-  competing, fusellm's options, on top);
+  (rows of log-probabilities, one tail bin per position; alone, with the decoupled gate that the
+  built-in miniature trains with, and with token-level selection and the student competing);
 - dense reference: the same loss built the reference's way, from dense ``[L, V]`` targets per
   candidate, stacked, then ``-Σ Q log softmax(z)``.
 
@@ -130,6 +130,7 @@ def _fusion_loss(s: dict[str, Any], **kw: Any) -> Any:
 VARIANTS: dict[str, dict[str, Any]] = {
     "fusion": {},
     "calibrated": {"teacher": "calibrated"},
+    "calibrated_decoupled": {"teacher": "calibrated", "combine": "decoupled"},
     "calibrated_token_student": {
         "teacher": "calibrated",
         "selection": "token",

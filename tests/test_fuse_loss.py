@@ -302,6 +302,7 @@ def dense_calibrated(
     block_bytes: torch.Tensor | None = None,
     teacher_tail: str = "label",
     gated: bool = False,
+    decoupled: bool = False,
 ) -> torch.Tensor:
     """Position by position, in float64: the fused teacher over the row ids plus one tail bin.
     With ``with_student``, a position where the student beats the picked row (per block: its CE
@@ -311,7 +312,10 @@ def dense_calibrated(
     the next token is not in the fused row, the tail mass is a target on that token instead of
     on the bin. ``gated``: a block uses ``lam`` only where the fused rows give the true next
     token's bin (its id, or the tail) a larger summed log-probability than the student does, on
-    the positions with a next token whose picked row is matched; elsewhere CLM alone."""
+    the positions with a next token whose picked row is matched; elsewhere CLM alone.
+    ``decoupled``: the same gate, but a closed block keeps, with weight ``1 - lam``, the rows'
+    distribution over the bins other than the one holding the next token against the student's,
+    each renormalised without that bin (with its CLM term at weight 1)."""
     labels, mask = batch["labels"], batch["attention_mask"]
     t_ids, t_lp, scores = batch["teacher_ids"], batch["teacher_logits"], batch["teacher_scores"]
     b, length, v = logits.shape
@@ -319,6 +323,7 @@ def dense_calibrated(
     p_student = torch.softmax(logits.double(), -1)
     clm_sum = [logits.new_zeros((), dtype=torch.float64) for _ in range(b)]
     fuse_sum = [logits.new_zeros((), dtype=torch.float64) for _ in range(b)]
+    nckd_sum = [logits.new_zeros((), dtype=torch.float64) for _ in range(b)]
     gain = [0.0] * b
     n_clm = n_fuse = 0
     student_reward = []
@@ -384,7 +389,20 @@ def dense_calibrated(
         picked_ok = matched is None or any(
             w > 0 and bool(matched[i, j, t]) for j, w in enumerate(weights)
         )
-        if gated and y != -100 and mask[i, t] and picked_ok:
+        if decoupled and y != -100 and bool(in_row.any()) and mask[i, t]:
+            y_bin = listed or teacher_tail == "label"  # else the tail bin holds y
+            s_y = ps[y] if y_bin else ps[~in_row].sum()
+            others = [int(v_) for v_ in torch.nonzero(in_row).flatten() if int(v_) != y]
+            bins = [(float(q[v_]), ps[v_]) for v_ in others]
+            if listed:
+                bins.append((tail, ps[~in_row].sum()))
+            total = sum(pb for pb, _ in bins)
+            for pb, sb in bins:
+                if pb > 0:
+                    nckd_sum[i] = nckd_sum[i] - pb * torch.log(sb / (1 - s_y))
+                    if distill_loss == "kl":
+                        nckd_sum[i] = nckd_sum[i] + pb * math.log(pb / total)
+        if (gated or decoupled) and y != -100 and mask[i, t] and picked_ok:
             mine = float((ps[y] if listed else ps[~in_row].sum()).detach())
             theirs = float(q[y]) if listed else tail
             gain[i] += math.log(max(theirs, 1e-300)) - math.log(mine)
@@ -397,9 +415,14 @@ def dense_calibrated(
         if y != -100:
             clm_sum[i] = clm_sum[i] - torch.log(ps[y])
             n_clm += 1
-    lams = [lam if (not gated or gain[i] > 0) else 1.0 for i in range(b)]
+    opened = [not (gated or decoupled) or gain[i] > 0 for i in range(b)]
+    lams = [lam if opened[i] else 1.0 for i in range(b)]
     total_clm = sum(lm * x for lm, x in zip(lams, clm_sum, strict=True))
-    total_fuse = sum((1 - lm) * x for lm, x in zip(lams, fuse_sum, strict=True))
+    if decoupled:
+        terms = [fuse_sum[i] if opened[i] else nckd_sum[i] for i in range(b)]
+        total_fuse = sum((1 - lam) * x for x in terms)
+    else:
+        total_fuse = sum((1 - lm) * x for lm, x in zip(lams, fuse_sum, strict=True))
     return total_clm / max(n_clm, 1) + total_fuse / max(n_fuse, 1)
 
 
@@ -451,12 +474,18 @@ def test_calibrated_loss_equals_the_dense_definition(
     torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-6)
 
 
+GATES = [
+    (combine, loss) for combine in ("hard", "gated", "decoupled") for loss in ("ce", "kl")
+    if loss == "ce" or combine == "decoupled"
+]  # fmt: skip
+
+
 @pytest.mark.parametrize("fusion", ["mince", "avgce"])
-@pytest.mark.parametrize("combine", ["hard", "gated"])
+@pytest.mark.parametrize(("combine", "distill_loss"), GATES)
 @pytest.mark.parametrize("teacher_tail", ["bin", "label"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_label_tail_and_gate_equal_the_dense_definition(
-    fusion: str, combine: str, teacher_tail: str, seed: int
+    fusion: str, combine: str, distill_loss: str, teacher_tail: str, seed: int
 ) -> None:
     batch = as_logprobs(random_batch(seed), seed)
     g = torch.Generator().manual_seed(seed + 11)
@@ -478,6 +507,7 @@ def test_label_tail_and_gate_equal_the_dense_definition(
         batch["teacher_scores"],
         fusion=fusion,
         combine=combine,
+        distill_loss=distill_loss,
         teacher="calibrated",
         teacher_tail=teacher_tail,
         lm_loss_weight=0.3,
@@ -490,7 +520,7 @@ def test_label_tail_and_gate_equal_the_dense_definition(
         y,
         batch,
         fusion=fusion,
-        distill_loss="ce",
+        distill_loss=distill_loss,
         selection="block",
         temperature=1.0,
         lam=0.3,
@@ -498,12 +528,70 @@ def test_label_tail_and_gate_equal_the_dense_definition(
         matched=matched,
         teacher_tail=teacher_tail,
         gated=combine == "gated",
+        decoupled=combine == "decoupled",
     )
     want.backward()
     torch.testing.assert_close(out.loss.double(), want, rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-6)
-    if combine == "gated":
-        assert float(out.lm_weight[1]) == 1.0  # the student is better: CLM alone
+    if combine != "hard":
+        assert float(out.lm_weight[1]) == 1.0  # the student is better: CLM alone (gated)
+
+
+def _closed_batch(seed: int, boost: float) -> tuple[dict[str, Any], torch.Tensor]:
+    """A calibrated batch whose student puts ``boost`` more logit on every next token (the gate
+    closes on every block for a large boost)."""
+    batch = as_logprobs(random_batch(seed), seed)
+    logits = batch["logits"].clone()
+    labels = batch["labels"]
+    for i, t in itertools.product(range(labels.shape[0]), range(labels.shape[1] - 1)):
+        if labels[i, t + 1] != -100:
+            logits[i, t, labels[i, t + 1]] += boost
+    return batch, logits
+
+
+def _decoupled(batch: dict[str, Any], logits: torch.Tensor, combine: str = "decoupled") -> Any:
+    return fusion_loss(
+        logits, batch["labels"], batch["attention_mask"], batch["teacher_ids"],
+        batch["teacher_logits"], batch["teacher_scores"], combine=combine,
+        teacher="calibrated", lm_loss_weight=0.4, chunk_elements=50,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_decoupled_gate_leaves_the_next_token_to_the_data(seed: int) -> None:
+    # Every block closed: the true token's logits get CLM's gradient alone, as with "gated";
+    # the other logits also get the rows' non-target shape, which "gated" drops.
+    batch, logits = _closed_batch(seed, 12.0)
+    x = logits.clone().requires_grad_(True)
+    y = logits.clone().requires_grad_(True)
+    out, gated = _decoupled(batch, x), _decoupled(batch, y, "gated")
+    assert torch.all(out.lm_weight == 1.0)
+    assert torch.all(gated.lm_weight == 1.0)
+    out.loss.backward()
+    gated.loss.backward()
+    labels = batch["labels"]
+    nxt = torch.full_like(labels, -100)
+    nxt[:, :-1] = labels[:, 1:]
+    at_y = torch.zeros_like(logits, dtype=torch.bool)
+    at_y.scatter_(-1, nxt.clamp_min(0).unsqueeze(-1), (nxt != -100).unsqueeze(-1))
+    torch.testing.assert_close(x.grad[at_y], y.grad[at_y], rtol=1e-5, atol=5e-6)
+    assert float((x.grad - y.grad)[~at_y].abs().max()) > 1e-4  # the non-target part teaches
+    assert float(out.fusion_loss) > 0.0
+
+
+def test_decoupled_non_target_part_is_exact_when_the_student_is_sure() -> None:
+    # The non-target part does not depend on the true token's logit at all: with q_y within
+    # float32 rounding of 1 (boost 60) it equals its value at boost 12, where 1 - q_y is
+    # representable, and the gradient stays finite.
+    batch, a = _closed_batch(0, 12.0)
+    _, b = _closed_batch(0, 60.0)
+    x = b.clone().requires_grad_(True)
+    sure = _decoupled(batch, x)
+    sure.loss.backward()
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(
+        sure.fusion_loss, _decoupled(batch, a).fusion_loss, rtol=1e-5, atol=0
+    )
 
 
 @pytest.mark.parametrize(
@@ -530,8 +618,9 @@ def test_gate_needs_calibrated_rows_and_the_tail_mode_is_checked() -> None:
     batch = random_batch(0)
     args = [batch[k] for k in ("logits", "labels", "attention_mask", "teacher_ids")]
     rest = (batch["teacher_logits"], batch["teacher_scores"])
-    with pytest.raises(InputError, match="calibrated"):
-        fusion_loss(*args, *rest, combine="gated")
+    for combine in ("gated", "decoupled"):
+        with pytest.raises(InputError, match="calibrated"):
+            fusion_loss(*args, *rest, combine=combine)
     with pytest.raises(InputError, match="teacher_tail"):
         fusion_loss(*args, *rest, teacher="calibrated", teacher_tail="uniform")
     # renormalized rows have no tail: the two tail modes are one loss

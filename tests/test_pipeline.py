@@ -160,10 +160,11 @@ def test_every_stage_output_has_its_schema(reference: dict[str, Any]) -> None:
         assert state["global_step"] == steps
         logs = [e for e in state["log_history"] if "loss" in e]
         assert len(logs) == steps
-        if run == "fused":  # the built-in miniature: fusion weight 0.5, no ref candidate
-            assert config.train.args["combine"] == "gated"
+        if run == "fused":  # the built-in miniature: fusion weight 0.7, no ref candidate
+            assert config.train.args["combine"] == "decoupled"
             assert config.train.args["with_ref"] is False
-            assert all(e["lm_weight"] == pytest.approx(0.5) for e in logs)
+            # the gate stays open for the first steps: the sources know more than the student
+            assert all(e["lm_weight"] == pytest.approx(0.3) for e in logs)
             assert not any("fusion/select_ref" in e for e in logs)
         else:
             assert all(e["lm_weight"] == pytest.approx(1.0) for e in logs)  # float32

@@ -16,7 +16,8 @@ entry is "empty" and is replaced by the ref row at that position.
 - ``L = λ L_clm + (1-λ) L_fuse`` (``combine="hard"``); ``"hard_and_decay"`` raises ``λ`` linearly
   to 1 over training (``λ + (1-λ)·progress``); ``"soft"`` uses ``(1-s_max) L_clm + s_max L_fuse``
   with ``s_max`` the block's largest candidate score; ``"gated"`` uses ``λ`` where the fused rows
-  predict the block better than the student does now, else ``L_clm`` alone (below).
+  predict the block better than the student does now, else ``L_clm`` alone; ``"decoupled"`` is
+  that gate on the true token's part of each row only (below).
 
 With several blocks in a batch every term is a token-level mean over the batch (as the usual CLM
 loss is): per-block weights (``soft``) multiply that block's token losses before the sums.
@@ -59,6 +60,24 @@ with ``λ L_clm + (1-λ) L_fuse``; elsewhere with ``L_clm`` alone (``λ = 1``). 
 the rows actually teach (their aligned, truncated form, not the source's own CE, which
 overstates it), in the units of the loss (target tokens), and a log score is proper: the better
 of the two in expectation is the one closer to the true coarse distribution.
+
+``combine="decoupled"`` (calibrated rows) closes only what the gate judges. Per position the
+fusion CE splits exactly into a target part and a non-target part (decoupled knowledge
+distillation, Zhao et al., CVPR 2022): with ``P_y`` the fused row's mass on the bin holding the
+true next token ``y`` (its id; with the label tail, the tail mass where the row does not list
+it) and ``q_y`` the student's,
+
+    CE(P, q) = CE((P_y, 1 - P_y), (q_y, 1 - q_y)) + NCKD,
+    NCKD = -Σ_{b ≠ y} P_b log(q_b / (1 - q_y))
+
+over the row's other bins. The gate compares ``P_y`` with ``q_y``, so that is what it may
+refuse: in a closed block the target part's ``P_y`` is replaced by the data's one-hot (the CLM
+term) and the non-target part stays, ``L_clm + (1-λ) NCKD``; open blocks train as ``"gated"``
+does. NCKD does not move the student's logit of ``y`` at all (its gradient there is 0): it
+teaches how the teacher ranks the tokens that did not occur, which the data cannot tell and
+which a source knows on text where it predicts the true token no better than the student. Its
+``log(1 - q_y)`` is the student's mass outside ``y`` gathered as one more tail (exact however
+close ``q_y`` comes to 1); ``distill_loss="kl"`` makes it a KL over the same bins.
 
 Selection (``selection``) and the student (``with_student``)
 ------------------------------------------------------------
@@ -134,7 +153,7 @@ __all__ = [
 ]
 
 Fusion = Literal["mince", "avgce"]
-Combine = Literal["hard", "hard_and_decay", "soft", "advantage", "gated"]
+Combine = Literal["hard", "hard_and_decay", "soft", "advantage", "gated", "decoupled"]
 DistillLoss = Literal["ce", "kl"]
 Score = Literal["ce", "ce_per_byte"]
 Teacher = Literal["renormalized", "calibrated"]
@@ -142,7 +161,9 @@ Selection = Literal["block", "token"]
 TeacherTail = Literal["bin", "label"]
 
 FUSIONS = ("mince", "avgce")
-COMBINES = ("hard", "hard_and_decay", "soft", "advantage", "gated")
+COMBINES = ("hard", "hard_and_decay", "soft", "advantage", "gated", "decoupled")
+#: The combines that judge the fused rows against the student (calibrated rows only).
+GATED_COMBINES = ("gated", "decoupled")
 DISTILL_LOSSES = ("ce", "kl")
 SCORES = ("ce", "ce_per_byte")
 TEACHERS = ("renormalized", "calibrated")
@@ -606,11 +627,18 @@ def fusion_loss(
         if distill_loss == "kl":
             neg_ent = _neg_entropy(sel_ids, q) + (_xlogx(q_tail) if calibrated else 0.0)
 
+    decoupled = combine == "decoupled"
     if calibrated:
-        flags = torch.cat([torch.zeros_like(in_row[..., :1]), in_row], dim=-1)
-        logp, log_tail = log_softmax_gather(
+        # "decoupled" also flags the next token (column 0) where the row does not list it: the
+        # tail is then the mass outside the row and y, and the row's tail adds q_y back.
+        y_apart = clm_mask & ~hit.any(-1) if decoupled else torch.zeros_like(clm_mask)
+        flags = torch.cat([y_apart.unsqueeze(-1), in_row], dim=-1)
+        logp, log_rest = log_softmax_gather(
             logits, index, in_row=flags, chunk_elements=chunk_elements
         )
+        log_tail = log_rest
+        if decoupled:
+            log_tail = torch.where(y_apart, torch.logaddexp(log_rest, logp[..., 0]), log_rest)
         tail_term = _tail_term(teacher_tail, hit, in_row, q_tail, logp, log_tail, nxt)
     else:
         logp = log_softmax_gather(logits, index, chunk_elements=chunk_elements)
@@ -625,6 +653,15 @@ def fusion_loss(
         combine, lm_loss_weight, progress, block, logp, log_tail, nxt, m, block_bytes,
         (hit, q, q_tail, weights), teacher_matched,
     )  # fmt: skip
+    fuse_w = 1.0 - lm_w
+    if decoupled:
+        nckd = _non_target_term(
+            teacher_tail, distill_loss, sel_ids, in_row, hit, q, q_tail, logp, log_tail,
+            log_rest, flags, nxt,
+        )  # fmt: skip
+        closed = lm_w >= 1.0
+        fuse_tok = torch.where(closed[:, None], nckd * m, fuse_tok)
+        fuse_w = torch.full_like(lm_w, 1.0 - float(lm_loss_weight))
     student = torch.zeros(b, length, dtype=torch.bool, device=device)
     if with_student:
         student = _student_wins(
@@ -636,8 +673,9 @@ def fusion_loss(
         fuse_tok = torch.where(student, 0.0, fuse_tok)
 
     return _loss_output(
-        lm_w, clm_tok, fuse_tok, clm_mask, m, weights, student, clm_denominator, fusion_denominator
-    )
+        lm_w, fuse_w, clm_tok, fuse_tok, clm_mask, m, weights, student, clm_denominator,
+        fusion_denominator,
+    )  # fmt: skip
 
 
 def _clm_weights(
@@ -664,7 +702,7 @@ def _clm_weights(
     if combine == "advantage":
         mine = _student_block_reward(-logp[..., 0].detach(), clm_mask, block_bytes)
         return (mine / block.amax(1).clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
-    if combine == "gated":
+    if combine in GATED_COMBINES:
         hit, q, q_tail, weights = fused
         assert log_tail is not None  # calibrated rows (checked)
         judged = clm_mask & (m > 0)
@@ -677,6 +715,7 @@ def _clm_weights(
 
 def _loss_output(
     lm_w: torch.Tensor,
+    fuse_w: torch.Tensor,
     clm_tok: torch.Tensor,
     fuse_tok: torch.Tensor,
     clm_mask: torch.Tensor,
@@ -686,13 +725,14 @@ def _loss_output(
     clm_denominator: torch.Tensor | float | None,
     fusion_denominator: torch.Tensor | float | None,
 ) -> FusionLossOutput:
-    """The weighted token-level means of the two terms, and what the loss reports."""
+    """The weighted token-level means of the two terms (per-block weights ``lm_w`` and
+    ``fuse_w``), and what the loss reports."""
     clm_n = clm_mask.sum().clamp_min(1)
     fuse_n = m.sum().clamp_min(1)
     clm_den = clm_n if clm_denominator is None else clm_denominator
     fuse_den = fuse_n if fusion_denominator is None else fusion_denominator
     clm_sum, fuse_sum = clm_tok.sum(-1), fuse_tok.sum(-1)  # [B]
-    loss = (lm_w * clm_sum).sum() / clm_den + ((1.0 - lm_w) * fuse_sum).sum() / fuse_den
+    loss = (lm_w * clm_sum).sum() / clm_den + (fuse_w * fuse_sum).sum() / fuse_den
     share = m.sum(-1).clamp_min(1)
     return FusionLossOutput(
         loss=loss,
@@ -743,6 +783,52 @@ def _tail_term(
         outside = (nxt != -100) & in_row.any(-1) & ~hit.any(-1)
         log_rest = torch.where(outside, logp[..., 0], log_tail)
     return torch.where(q_tail > 0, q_tail * log_rest, torch.zeros((), device=q_tail.device))
+
+
+def _non_target_term(
+    teacher_tail: str,
+    distill_loss: str,
+    ids: torch.Tensor,
+    in_row: torch.Tensor,
+    hit: torch.Tensor,
+    q: torch.Tensor,
+    q_tail: torch.Tensor,
+    logp: torch.Tensor,
+    log_tail: torch.Tensor,
+    log_rest: torch.Tensor,
+    flags: torch.Tensor,
+    nxt: torch.Tensor,
+) -> torch.Tensor:
+    """``[B, L]`` the non-target part of the fusion term (``combine="decoupled"``, module
+    docstring): over the fused row's bins other than the one holding the next token, the
+    teacher's masses against the student's, both renormalised without that bin. 0 where there is
+    no next token or no row. ``log_rest``: the student's log-mass outside the row and, where the
+    row does not list it (``flags[..., 0]``), the next token; ``log_tail``: outside the row."""
+    listed = hit.any(-1)
+    has = (nxt != -100) & in_row.any(-1)
+    j = ids.shape[-1]
+    first = _first_in_row(
+        torch.cat([nxt.clamp_min(0).unsqueeze(-1), ids], -1).reshape(-1, j + 1),
+        flags.reshape(-1, j + 1),
+    ).reshape(flags.shape)[..., 1:]
+    other = in_row & ~hit  # the row's entries that are not the next token
+    lp_row = logp[..., 1:]
+    # the student's log-mass outside the target bin: the row's other ids, and the rest (outside
+    # the row and y), except with the bin tail where y is in the tail bin (not listed): the row
+    parts = torch.where(first & other, lp_row, -math.inf)
+    rest_in = (teacher_tail == "label") | listed
+    rest = torch.where(rest_in, log_rest, torch.full_like(log_rest, -math.inf))
+    bins = torch.cat([parts, rest.unsqueeze(-1)], -1)
+    # no next token or no row: nothing to renormalise (0 in, so no NaN in the backward pass)
+    log_not_y = torch.logsumexp(torch.where(has.unsqueeze(-1), bins, 0.0), -1)
+    q_other = torch.where(other, q, 0.0)
+    tail_p = torch.where(listed, q_tail, torch.zeros_like(q_tail))  # the tail bin is non-target
+    ce = -torch.where(q_other > 0, q_other * (lp_row - log_not_y.unsqueeze(-1)), 0.0).sum(-1)
+    ce = ce - torch.where(tail_p > 0, tail_p * (log_tail - log_not_y), 0.0)
+    if distill_loss == "kl":
+        mass = q_other.sum(-1) + tail_p
+        ce = ce + _neg_entropy(ids, q_other) + _xlogx(tail_p) - _xlogx(mass)
+    return torch.where(has, ce, torch.zeros_like(ce))
 
 
 def _teacher_gains(
@@ -820,8 +906,10 @@ def _check_loss_args(
     check_choice("teacher_tail", choices["teacher_tail"], TEACHER_TAILS)
     if choices["with_student"] and choices["fusion"] != "mince":
         raise InputError("with_student works with fusion='mince' (a candidate to compete with)")
-    if choices["teacher"] != "calibrated" and choices["combine"] == "gated":
-        raise InputError("combine='gated' judges rows with their tail: teacher='calibrated'")
+    if choices["teacher"] != "calibrated" and choices["combine"] in GATED_COMBINES:
+        raise InputError(
+            f"combine={choices['combine']!r} judges rows with their tail: teacher='calibrated'"
+        )
     check_choice("compat", choices["compat"], (None, "fusellm"))
     if choices["compat"] == "fusellm" and choices["teacher"] != "renormalized":
         raise InputError("compat='fusellm' reproduces the reference: teacher must be renormalized")

@@ -972,7 +972,11 @@ def _benchmarks(
 #: K of the built-in miniature's extractions with the improved preset (the reference keeps 10).
 MINIATURE_TOP_K = 128
 #: The built-in miniature's fusion settings on top of the improved preset.
-MINIATURE_FUSION: dict[str, Any] = {"lm_loss_weight": 0.5, "with_ref": False, "combine": "gated"}
+MINIATURE_FUSION: dict[str, Any] = {
+    "lm_loss_weight": 0.3,
+    "with_ref": False,
+    "combine": "decoupled",
+}
 
 
 def builtin_config(
@@ -1023,12 +1027,15 @@ def builtin_config(
         # Tiny teachers spread their mass thin: their top-10 holds 29 % (MPT) to 45 % (NeoX) of
         # it, their top-32 42 % to 61 %; the calibrated teacher keeps what the rows hold, and
         # each doubling of K (32, 64, 128) moved more of each source's advantage to the target.
-        # Fusion weight 0.5 (the tail of each row goes to the next token, so a strong weight
-        # does not starve the tokens the rows omit), a block is distilled only while its rows
-        # predict it better than the student does (combine="gated": no source knows the third
-        # domain, and there the student soon overtakes them), and the target's own rows are no
-        # candidate (they are the model before training: distilling them pulls the student back
-        # to where it started). Measured in the README and docs/fusion-experiments.md.
+        # The true token's part of a row teaches only while the rows predict the block better
+        # than the student does, and the rest of the row (how the source ranks the tokens that
+        # did not occur) always teaches (combine="decoupled": no source knows the third domain,
+        # the student soon overtakes them there, yet the MPT rows' shape on that text still
+        # carries what it knows of Python). Fusion weight 0.7: the best of 0.5, 0.7 and 0.9
+        # under that gate (the tail of each row goes to the next token, so a strong weight does
+        # not starve the tokens the rows omit). The target's own rows are no candidate (they
+        # are the model before training: distilling them pulls the student back to where it
+        # started). Measured in the README and docs/fusion-experiments.md.
         raw["extract"]["top_k"] = MINIATURE_TOP_K
         raw["train"].update(MINIATURE_FUSION)
     return PipelineConfig.from_dict(raw, base_dir=workdir)

@@ -41,6 +41,7 @@ from .fuse import (
     COMBINES,
     DISTILL_LOSSES,
     FUSIONS,
+    GATED_COMBINES,
     REF,
     SCORES,
     SELECTIONS,
@@ -113,7 +114,7 @@ class FusionConfig(TrainingArguments):
             "lowest score (ties go to ref), 'avgce' weights them by softmax(exp(-score))."
         },
     )
-    combine: Literal["hard", "hard_and_decay", "soft", "advantage", "gated"] = field(
+    combine: Literal["hard", "hard_and_decay", "soft", "advantage", "gated", "decoupled"] = field(
         default="hard",
         metadata={
             "help": "How the CLM and fusion terms combine: 'hard' = lm_loss_weight * CLM + "
@@ -124,7 +125,10 @@ class FusionConfig(TrainingArguments):
             "candidate's likelihood advantage over the student as it is now (0 where the student "
             "is already better); 'gated' = the 'hard' mix in the blocks where the fused "
             "calibrated rows give the true next tokens more probability than the student does "
-            "now (both on the rows' ids plus the tail bin), CLM alone elsewhere."
+            "now (both on the rows' ids plus the tail bin), CLM alone elsewhere; 'decoupled' = "
+            "the same gate on the true token's part of the rows only: a closed block trains "
+            "with CLM plus (1 - lm_loss_weight) times the rows' distribution over the other "
+            "tokens (each side renormalised without the true token; decoupled KD)."
         },
     )
     distill_loss: Literal["ce", "kl"] = field(
@@ -241,10 +245,10 @@ class FusionConfig(TrainingArguments):
         check_choice("teacher", self.teacher, TEACHERS)
         check_choice("selection", self.selection, SELECTIONS)
         check_choice("teacher_tail", self.teacher_tail, TEACHER_TAILS)
-        if self.teacher != "calibrated" and self.combine == "gated":
+        if self.teacher != "calibrated" and self.combine in GATED_COMBINES:
             raise InputError(
-                "combine='gated' needs teacher='calibrated' (rows of log-probabilities with "
-                f"their tail), got teacher={self.teacher!r}"
+                f"combine={self.combine!r} needs teacher='calibrated' (rows of log-probabilities "
+                f"with their tail), got teacher={self.teacher!r}"
             )
         if self.with_student and self.fusion != "mince":
             raise InputError("with_student works with fusion='mince'")
