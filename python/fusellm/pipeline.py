@@ -987,7 +987,7 @@ def builtin_config(
     The improved preset (or ``preset``) with the miniature's block size and tiny-model training
     settings: a learning rate for a tiny model (1e-3, cosine, 5% warm-up), one epoch over the
     fusion set in batches of 4 blocks (the paper's one epoch; measured: the whole default run
-    took 5 min 50 s on 2 idle cores, 34 to 39 s per training, 77 s for the three extractions),
+    took 5 min 24 s on 2 idle cores, 31 to 36 s per training, 77 s for the three extractions),
     and a checkpoint every 20 steps (an interrupted run resumes close to where it stopped).
     At the default scale, the miniature's domain benchmark tasks (``evaluate.tasks``, when
     lm-evaluation-harness is installed). ``scale="test"``: 6 steps, a checkpoint every 2, one
