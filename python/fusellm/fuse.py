@@ -128,6 +128,7 @@ from __future__ import annotations
 
 import math
 import re
+import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -160,15 +161,17 @@ Teacher = Literal["renormalized", "calibrated"]
 Selection = Literal["block", "token"]
 TeacherTail = Literal["bin", "label"]
 
-FUSIONS = ("mince", "avgce")
-COMBINES = ("hard", "hard_and_decay", "soft", "advantage", "gated", "decoupled")
+# The choices as tuples, from the Literals above (each declared once; FusionConfig's fields are
+# annotated with the same Literals).
+FUSIONS: tuple[str, ...] = typing.get_args(Fusion)
+COMBINES: tuple[str, ...] = typing.get_args(Combine)
 #: The combines that judge the fused rows against the student (calibrated rows only).
 GATED_COMBINES = ("gated", "decoupled")
-DISTILL_LOSSES = ("ce", "kl")
-SCORES = ("ce", "ce_per_byte")
-TEACHERS = ("renormalized", "calibrated")
-SELECTIONS = ("block", "token")
-TEACHER_TAILS = ("bin", "label")
+DISTILL_LOSSES: tuple[str, ...] = typing.get_args(DistillLoss)
+SCORES: tuple[str, ...] = typing.get_args(Score)
+TEACHERS: tuple[str, ...] = typing.get_args(Teacher)
+SELECTIONS: tuple[str, ...] = typing.get_args(Selection)
+TEACHER_TAILS: tuple[str, ...] = typing.get_args(TeacherTail)
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 #: Float32 elements per chunk of rows in :func:`log_softmax_gather`, by device type: chunks that
@@ -248,7 +251,8 @@ TAIL_EXACT_BELOW = 1e-3
 
 class _LogSoftmaxGatherTail(torch.autograd.Function):
     """:class:`_LogSoftmaxGather` plus, per row, the log of the softmax mass OUTSIDE a set of ids:
-    ``log Σ_{v ∉ R} softmax(z)_v`` with ``R`` the gathered ids flagged in ``in_row``.
+    ``log Σ_{v ∉ R} softmax(z)_v`` with ``R`` the gathered ids flagged in ``first`` (each id of
+    ``R`` flagged once: :func:`_first_in_row`).
 
     Cost: the passes over the vocabulary of :class:`_LogSoftmaxGather` (one forward, one
     backward); the tail and its gradient ``1[v ∉ R] p_v / T - p_v`` come from the gathered
@@ -260,7 +264,7 @@ class _LogSoftmaxGatherTail(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, logits: torch.Tensor, index: torch.Tensor, in_row: torch.Tensor, rows: int
+        ctx: Any, logits: torch.Tensor, index: torch.Tensor, first: torch.Tensor, rows: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = logits.shape[0]
         out = torch.empty(index.shape, dtype=torch.float32, device=logits.device)
@@ -268,17 +272,16 @@ class _LogSoftmaxGatherTail(torch.autograd.Function):
             lp = torch.log_softmax(logits[a : a + rows].float(), dim=-1)
             out[a : a + rows] = lp.gather(1, index[a : a + rows])
             del lp
-        first = _first_in_row(index, in_row)
         mass = torch.where(first, out.exp(), 0.0).sum(-1)
         tail = torch.log1p(-mass.clamp(max=1.0))
         exact = (mass > 1.0 - TAIL_EXACT_BELOW).nonzero().squeeze(1)
         for a in range(0, exact.numel(), rows):
             r = exact[a : a + rows]
             lp = torch.log_softmax(logits[r].float(), dim=-1)
-            lp.masked_fill_(_row_mask(lp, index[r], in_row[r]), -math.inf)
+            lp.masked_fill_(_row_mask(lp, index[r], first[r]), -math.inf)
             tail[r] = torch.logsumexp(lp, dim=-1)
             del lp
-        ctx.save_for_backward(logits, index, in_row, first, out, tail, exact)
+        ctx.save_for_backward(logits, index, first, out, tail, exact)
         ctx.rows = rows
         return out, tail
 
@@ -286,7 +289,7 @@ class _LogSoftmaxGatherTail(torch.autograd.Function):
     def backward(
         ctx: Any, grad_out: torch.Tensor, grad_tail: torch.Tensor
     ) -> tuple[torch.Tensor | None, None, None, None]:
-        logits, index, in_row, first, gathered, tail, exact = ctx.saved_tensors
+        logits, index, first, gathered, tail, exact = ctx.saved_tensors
         rows = ctx.rows
         grad = torch.empty_like(logits)
         grad_out = grad_out.float()
@@ -306,7 +309,7 @@ class _LogSoftmaxGatherTail(torch.autograd.Function):
             r = exact[a : a + rows]
             lp = torch.log_softmax(logits[r].float(), dim=-1)
             outside = torch.exp(lp - tail[r].unsqueeze(-1)).mul_(g_tail[r])
-            outside.masked_fill_(_row_mask(lp, index[r], in_row[r]), 0.0)
+            outside.masked_fill_(_row_mask(lp, index[r], first[r]), 0.0)
             neg = grad_out[r].sum(-1, keepdim=True).neg_() - g_tail[r]
             g = lp.exp_().mul_(neg).add_(outside).scatter_add_(1, index[r], grad_out[r])
             grad[r] = g.to(grad.dtype)
@@ -357,19 +360,41 @@ def log_softmax_gather(
         )
     if in_row is not None and in_row.shape != index.shape:
         raise InputError(f"in_row {tuple(in_row.shape)} must have index's shape")
-    lead = logits.shape[:-1]
+    if in_row is not None:
+        return _gather_with_tail(logits, index, _first_of(index, in_row), chunk_elements)
     v = logits.shape[-1]
+    flat_index = index.reshape(-1, index.shape[-1]).long()
+    flat = _LogSoftmaxGather.apply(
+        logits.reshape(-1, v), flat_index, _chunk_rows(logits, chunk_elements)
+    )
+    return flat.view(*logits.shape[:-1], index.shape[-1])
+
+
+def _chunk_rows(logits: torch.Tensor, chunk_elements: int | None) -> int:
+    """Rows of ``logits`` per chunk of at most ``chunk_elements`` floats (default: by device)."""
     if chunk_elements is None:
         chunk_elements = CHUNK_ELEMENTS.get(logits.device.type, 1 << 22)
-    rows = max(1, chunk_elements // max(1, v))
-    flat_index = index.reshape(-1, index.shape[-1]).long()
-    if in_row is None:
-        flat = _LogSoftmaxGather.apply(logits.reshape(-1, v), flat_index, rows)
-        return flat.view(*lead, index.shape[-1])
+    return max(1, chunk_elements // max(1, logits.shape[-1]))
+
+
+def _first_of(index: torch.Tensor, in_row: torch.Tensor) -> torch.Tensor:
+    """:func:`_first_in_row` of ``[..., J]`` ids and flags, in their shape."""
+    j = index.shape[-1]
+    flat = _first_in_row(index.reshape(-1, j).long(), in_row.reshape(-1, j).bool())
+    return flat.view(index.shape)
+
+
+def _gather_with_tail(
+    logits: torch.Tensor, index: torch.Tensor, first: torch.Tensor, chunk_elements: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`log_softmax_gather` with ``in_row`` given as its first occurrences (``first``,
+    :func:`_first_of`), for a caller that also needs them."""
+    lead, j = logits.shape[:-1], index.shape[-1]
     flat, tail = _LogSoftmaxGatherTail.apply(
-        logits.reshape(-1, v), flat_index, in_row.reshape(flat_index.shape).bool(), rows
-    )
-    return flat.view(*lead, index.shape[-1]), tail.view(lead)
+        logits.reshape(-1, logits.shape[-1]), index.reshape(-1, j).long(),
+        first.reshape(-1, j), _chunk_rows(logits, chunk_elements),
+    )  # fmt: skip
+    return flat.view(*lead, j), tail.view(lead)
 
 
 @dataclass
@@ -632,10 +657,8 @@ def fusion_loss(
         # "decoupled" also flags the next token (column 0) where the row does not list it: the
         # tail is then the mass outside the row and y, and the row's tail adds q_y back.
         y_apart = clm_mask & ~hit.any(-1) if decoupled else torch.zeros_like(clm_mask)
-        flags = torch.cat([y_apart.unsqueeze(-1), in_row], dim=-1)
-        logp, log_rest = log_softmax_gather(
-            logits, index, in_row=flags, chunk_elements=chunk_elements
-        )
+        first = _first_of(index, torch.cat([y_apart.unsqueeze(-1), in_row], dim=-1))
+        logp, log_rest = _gather_with_tail(logits, index, first, chunk_elements)
         log_tail = log_rest
         if decoupled:
             log_tail = torch.where(y_apart, torch.logaddexp(log_rest, logp[..., 0]), log_rest)
@@ -657,7 +680,7 @@ def fusion_loss(
     if decoupled:
         nckd = _non_target_term(
             teacher_tail, distill_loss, sel_ids, in_row, hit, q, q_tail, logp, log_tail,
-            log_rest, flags, nxt,
+            log_rest, first[..., 1:], nxt,
         )  # fmt: skip
         closed = lm_w >= 1.0
         fuse_tok = torch.where(closed[:, None], nckd * m, fuse_tok)
@@ -796,21 +819,17 @@ def _non_target_term(
     logp: torch.Tensor,
     log_tail: torch.Tensor,
     log_rest: torch.Tensor,
-    flags: torch.Tensor,
+    first: torch.Tensor,
     nxt: torch.Tensor,
 ) -> torch.Tensor:
     """``[B, L]`` the non-target part of the fusion term (``combine="decoupled"``, module
     docstring): over the fused row's bins other than the one holding the next token, the
     teacher's masses against the student's, both renormalised without that bin. 0 where there is
     no next token or no row. ``log_rest``: the student's log-mass outside the row and, where the
-    row does not list it (``flags[..., 0]``), the next token; ``log_tail``: outside the row."""
+    row does not list it, the next token; ``log_tail``: outside the row; ``first``: the row's
+    entries that are the first of their id (AvgCE rows repeat ids)."""
     listed = hit.any(-1)
     has = (nxt != -100) & in_row.any(-1)
-    j = ids.shape[-1]
-    first = _first_in_row(
-        torch.cat([nxt.clamp_min(0).unsqueeze(-1), ids], -1).reshape(-1, j + 1),
-        flags.reshape(-1, j + 1),
-    ).reshape(flags.shape)[..., 1:]
     other = in_row & ~hit  # the row's entries that are not the next token
     lp_row = logp[..., 1:]
     # the student's log-mass outside the target bin: the row's other ids, and the rest (outside

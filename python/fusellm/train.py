@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments
@@ -47,7 +47,12 @@ from .fuse import (
     SELECTIONS,
     TEACHER_TAILS,
     TEACHERS,
+    Combine,
+    DistillLoss,
+    Fusion,
     FusionCollator,
+    Selection,
+    TeacherTail,
     check_candidate_name,
     check_choice,
     fusion_loss,
@@ -107,14 +112,14 @@ class FusionConfig(TrainingArguments):
             "when present in the data, replace empty source rows either way."
         },
     )
-    fusion: Literal["mince", "avgce"] = field(
+    fusion: Fusion = field(
         default="mince",
         metadata={
             "help": "How candidates are fused per block: 'mince' takes the candidate with the "
             "lowest score (ties go to ref), 'avgce' weights them by softmax(exp(-score))."
         },
     )
-    combine: Literal["hard", "hard_and_decay", "soft", "advantage", "gated", "decoupled"] = field(
+    combine: Combine = field(
         default="hard",
         metadata={
             "help": "How the CLM and fusion terms combine: 'hard' = lm_loss_weight * CLM + "
@@ -131,7 +136,7 @@ class FusionConfig(TrainingArguments):
             "tokens (each side renormalised without the true token; decoupled KD)."
         },
     )
-    distill_loss: Literal["ce", "kl"] = field(
+    distill_loss: DistillLoss = field(
         default="ce",
         metadata={
             "help": "Fusion term: cross-entropy against the fused target ('ce') or KL divergence "
@@ -160,7 +165,7 @@ class FusionConfig(TrainingArguments):
             "student does now."
         },
     )
-    teacher_tail: Literal["label", "bin"] = field(
+    teacher_tail: TeacherTail = field(
         default="label",
         metadata={
             "help": "Calibrated teacher: where the teacher's mass outside its row goes. 'label': "
@@ -169,7 +174,7 @@ class FusionConfig(TrainingArguments):
             "bin against the student's mass outside the row. No effect on renormalized rows."
         },
     )
-    selection: Literal["block", "token"] = field(
+    selection: Selection = field(
         default="block",
         metadata={
             "help": "Where candidates are compared: 'block' (the paper: one candidate per block "
